@@ -1,0 +1,252 @@
+"""One SAR acquisition as the pipeline sees it: :class:`Scene`, built from a STAC Item (DESIGN 3.1).
+
+A scene knows its item id, acquisition time (UTC), footprint (EPSG:4326), where each polarisation's pixels
+are (:class:`BandRef`), its CRS (``None`` for GCP-only rasters), platform and orbit direction, and how its
+values are scaled. Scenes are saved as stac-geoparquet (``scenes.parquet``) so that a run is reproducible.
+
+fusarbatch reads two optional, namespaced Item or Asset properties that override the catalog's defaults:
+``fusarbatch:scale`` (``db``/``power``/``amplitude``/``dn``) and ``fusarbatch:quantity``
+(``sigma0``/``gamma0``/``beta0``/``dn``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import shapely
+from shapely.geometry import shape
+from shapely.geometry.base import BaseGeometry
+
+from fusarbatch.catalog.spec import CatalogSpec
+from fusarbatch.errors import CatalogError
+
+#: Order in which polarisations are stored (``pol`` axis of the tile store).
+POL_ORDER: tuple[str, ...] = ("VV", "VH", "HH", "HV")
+_DB_UNITS = {"db", "decibel", "decibels"}
+_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True)
+class BandRef:
+    """Where one polarisation's pixels are: an asset href and a 1-based band index in it."""
+
+    href: str
+    """Absolute href: a local path, ``file://``, ``http(s)://`` or ``s3://`` URL (signed if needed)."""
+    band: int = 1
+    """1-based band index within the asset (GDAL convention)."""
+    nodata: float | None = None
+    """Nodata declared by the catalog (``raster:bands``); the raster's own nodata is used as well."""
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One acquisition with its polarisations; built by :meth:`from_item`."""
+
+    item_id: str
+    """STAC Item id."""
+    datetime: dt.datetime
+    """Acquisition time, timezone-aware UTC (the start of the range when the item has only a range)."""
+    footprint: BaseGeometry
+    """Item geometry, EPSG:4326 (lon, lat)."""
+    bands: dict[str, BandRef]
+    """Polarisation (``VV``, ``VH``, ``HH``, ``HV``) -> pixels, in :data:`POL_ORDER`."""
+    quantity: str = "sigma0"
+    """Backscatter quantity: ``sigma0`` (GRD), ``gamma0`` (RTC), ``beta0``, or ``dn`` (uncalibrated)."""
+    scale: str = "db"
+    """How values are scaled in the assets: ``db``, ``power``, ``amplitude`` or ``dn``."""
+    crs: str | None = None
+    """The assets' CRS as ``EPSG:n`` or WKT2 (``proj:code``/``proj:wkt2``); ``None`` when unknown or
+    GCP-only (the tiler then reads the raster itself)."""
+    collection: str | None = None
+    platform: str | None = None
+    orbit_direction: str | None = None
+    product_type: str | None = None
+    item: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """The STAC Item as a dict, with absolute asset hrefs."""
+
+    @property
+    def pols(self) -> tuple[str, ...]:
+        """Polarisations in storage order, e.g. ``("VV", "VH")``."""
+        return tuple(self.bands)
+
+    @property
+    def safe_id(self) -> str:
+        """:attr:`item_id` with characters outside ``[A-Za-z0-9._-]`` replaced by ``_`` (for file and group
+        names: item ids come from untrusted catalogs)."""
+        cleaned = _SAFE_ID.sub("_", self.item_id).lstrip(".")
+        return cleaned or "scene"
+
+    @classmethod
+    def from_item(cls, item: dict[str, Any], spec: CatalogSpec) -> Scene:
+        """Build a scene from a STAC Item dict whose asset hrefs are already absolute.
+
+        Polarisations are found per ``spec.assets`` (pol -> asset keys, first present wins, band 1), then in
+        any data asset whose ``sar:polarizations`` lists several polarisations (band i+1 holds the i-th).
+
+        :raises CatalogError: the item has no datetime or no asset for any polarisation.
+        """
+        props = item.get("properties") or {}
+        item_id = str(item.get("id", ""))
+        when = props.get("datetime") or props.get("start_datetime")
+        if not when:
+            raise CatalogError(f"item {item_id!r}: no datetime or start_datetime; fix the catalog")
+        acquired = _parse_datetime(when)
+        geometry = item.get("geometry")
+        if geometry:
+            footprint = shape(geometry)
+        elif item.get("bbox"):
+            footprint = shapely.box(
+                *item["bbox"][:2], *item["bbox"][-3:-1] if len(item["bbox"]) == 6 else item["bbox"][2:4]
+            )
+        else:
+            raise CatalogError(f"item {item_id!r}: no geometry or bbox; fix the catalog")
+        assets: dict[str, dict[str, Any]] = item.get("assets") or {}
+        signer = spec.signer()
+        bands: dict[str, BandRef] = {}
+        scales: list[str] = []
+        quantities: list[str] = []
+        for pol in POL_ORDER:
+            for key in spec.assets.get(pol, ()):
+                if key in assets and assets[key].get("href"):
+                    asset = assets[key]
+                    bands[pol] = BandRef(_sign(asset["href"], signer), 1, _nodata(asset, 0))
+                    scales.append(_asset_scale(asset, props))
+                    quantities.append(asset.get("fusarbatch:quantity", ""))
+                    break
+        if not bands:
+            for asset in assets.values():
+                asset_pols = [str(p).upper() for p in asset.get("sar:polarizations") or ()]
+                if len(asset_pols) > 1 and asset.get("href") and "data" in (asset.get("roles") or ["data"]):
+                    for i, pol in enumerate(asset_pols):
+                        bands[pol] = BandRef(_sign(asset["href"], signer), i + 1, _nodata(asset, i))
+                    scales.append(_asset_scale(asset, props))
+                    quantities.append(asset.get("fusarbatch:quantity", ""))
+                    break
+        if not bands:
+            raise CatalogError(
+                f"item {item_id!r}: no asset for any polarisation (looked for keys "
+                f"{sorted({k for keys in spec.assets.values() for k in keys})}); set `assets` in the catalog"
+            )
+        bands = {pol: bands[pol] for pol in POL_ORDER if pol in bands} | {
+            pol: ref for pol, ref in bands.items() if pol not in POL_ORDER
+        }
+        product_type = props.get("sar:product_type")
+        quantity = (
+            next((q for q in quantities if q), "")
+            or props.get("fusarbatch:quantity")
+            or ("gamma0" if str(product_type).upper() == "RTC" else spec.quantity)
+        )
+        scale = next((s for s in scales if s), "") or spec.scale
+        crs = None
+        if props.get("proj:code"):
+            crs = str(props["proj:code"])
+        elif props.get("proj:epsg"):
+            crs = f"EPSG:{int(props['proj:epsg'])}"
+        elif props.get("proj:wkt2"):
+            crs = str(props["proj:wkt2"])
+        return cls(
+            item_id=item_id,
+            datetime=acquired,
+            footprint=footprint,
+            bands=bands,
+            quantity=quantity,
+            scale=scale,
+            crs=crs,
+            collection=item.get("collection"),
+            platform=props.get("platform"),
+            orbit_direction=props.get("sat:orbit_state"),
+            product_type=product_type,
+            item=item,
+        )
+
+
+def _parse_datetime(value: str) -> dt.datetime:
+    parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.astimezone(dt.UTC)
+
+
+def _sign(href: str, signer: Any) -> str:
+    return signer(href) if signer is not None else href
+
+
+def _nodata(asset: dict[str, Any], index: int) -> float | None:
+    bands = asset.get("raster:bands") or asset.get("bands") or []
+    if index < len(bands) and isinstance(bands[index], dict):
+        value = bands[index].get("nodata", bands[index].get("raster:nodata"))
+        if isinstance(value, int | float):
+            return float(value)
+        if value == "nan":
+            return float("nan")
+    return None
+
+
+def _asset_scale(asset: dict[str, Any], props: dict[str, Any]) -> str:
+    explicit = asset.get("fusarbatch:scale") or props.get("fusarbatch:scale")
+    if explicit:
+        return str(explicit)
+    for band in asset.get("raster:bands") or asset.get("bands") or []:
+        unit = str(band.get("unit", band.get("raster:unit", ""))).lower() if isinstance(band, dict) else ""
+        if unit in _DB_UNITS:
+            return "db"
+    return ""
+
+
+def save_scenes(scenes: Sequence[Scene], path: str | Path) -> Path:
+    """Write scenes as stac-geoparquet (one row per Item), atomically (temporary name, then rename).
+
+    :returns: the path written.
+    """
+    import stac_geoparquet.arrow as sga
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if scenes:
+            table = sga.parse_stac_items_to_arrow([s.item for s in scenes])
+            sga.to_parquet(table, tmp)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({"id": pa.array([], pa.string())}), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_items_parquet(path: str | Path) -> list[dict[str, Any]]:
+    """Read STAC Item dicts back from a stac-geoparquet file written by :func:`save_scenes` or any
+    stac-geoparquet writer.
+
+    :raises CatalogError: the file is not readable stac-geoparquet.
+    """
+    import pyarrow.parquet as pq
+    import stac_geoparquet.arrow as sga
+
+    try:
+        table = pq.read_table(path)
+        if table.num_rows == 0:
+            return []
+        return list(sga.stac_table_to_items(table))
+    except Exception as exc:  # pyarrow and stac-geoparquet raise many types for a bad file
+        raise CatalogError(
+            f"{path}: not a readable stac-geoparquet file ({exc}); write it with --save"
+        ) from None
+
+
+def scenes_from_items(items: Iterable[dict[str, Any]], spec: CatalogSpec) -> list[Scene]:
+    """:meth:`Scene.from_item` over many items, sorted by (datetime, item id)."""
+    return sorted((Scene.from_item(i, spec) for i in items), key=lambda s: (s.datetime, s.item_id))

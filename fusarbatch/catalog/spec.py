@@ -1,0 +1,189 @@
+"""Named catalogs: ``catalogs/<name>.toml`` -> :class:`CatalogSpec` (DESIGN 3.1).
+
+A ``--catalog`` value is resolved in this order:
+
+1. a name of a file in the catalogs directory (``demo``, ``earth-search``, ``planetary-computer``);
+2. an ``http(s)://`` URL: a STAC API (a URL ending in ``.json`` is read as a static catalog);
+3. a local path: ``*.parquet`` is a stac-geoparquet file, a ``*.json`` file or a folder holding
+   ``catalog.json`` is a static catalog, a ``*.toml`` file is a catalog definition.
+
+The TOML keys are those of :class:`CatalogSpec`; unknown keys are an error that names the key.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fusarbatch.errors import CatalogError
+
+Kind = Literal["api", "static", "geoparquet"]
+Scale = Literal["db", "power", "amplitude", "dn"]
+Quantity = Literal["sigma0", "gamma0", "beta0", "dn"]
+
+#: Default polarisation -> candidate asset keys (first present wins).
+DEFAULT_ASSETS: dict[str, tuple[str, ...]] = {
+    "VV": ("vv", "VV"),
+    "VH": ("vh", "VH"),
+    "HH": ("hh", "HH"),
+    "HV": ("hv", "HV"),
+}
+
+#: Built-in href signers, by the name used in a catalog's ``sign`` key.
+BUILTIN_SIGNERS: dict[str, str] = {"planetary-computer": "planetary_computer:sign"}
+
+
+@dataclass(frozen=True)
+class CatalogSpec:
+    """Where scenes come from and how to read their assets.
+
+    :param name: short name shown in tables and logs.
+    :param kind: ``api`` (STAC API, searched server-side), ``static`` (a static catalog, walked and filtered
+        client-side) or ``geoparquet`` (a stac-geoparquet file, filtered client-side).
+    :param href: URL or absolute path of the API root, ``catalog.json`` or ``.parquet`` file.
+    :param collections: collection ids to search; empty means all.
+    :param assets: polarisation (``VV``, ``VH``, ``HH``, ``HV``) -> asset keys tried in order.
+    :param quantity: backscatter quantity of the assets when an item does not say (``sigma0`` for GRD,
+        ``gamma0`` for RTC, ``dn`` for uncalibrated digital numbers).
+    :param scale: how asset values are scaled when an item does not say: ``db``, ``power`` (linear
+        intensity), ``amplitude`` (linear, sqrt of power) or ``dn`` (kept as they are).
+    :param sign: href signer: empty for none, a built-in name (``planetary-computer``) or ``module:function``
+        taking and returning an href string.
+    :param timeout_s: seconds before a request to an API gives up.
+    """
+
+    name: str
+    kind: Kind
+    href: str
+    collections: tuple[str, ...] = ()
+    assets: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_ASSETS))
+    quantity: Quantity = "sigma0"
+    scale: Scale = "db"
+    sign: str = ""
+    timeout_s: float = 20.0
+    description: str = ""
+
+    def signer(self) -> Callable[[str], str] | None:
+        """The href signer named by :attr:`sign`, imported on first use.
+
+        :raises CatalogError: the signer's module is not installed or has no such function.
+        """
+        if not self.sign:
+            return None
+        target = BUILTIN_SIGNERS.get(self.sign, self.sign)
+        module_name, _, func_name = target.partition(":")
+        try:
+            func = getattr(importlib.import_module(module_name), func_name)
+        except (ImportError, AttributeError) as exc:
+            raise CatalogError(
+                f"catalog {self.name!r}: href signer {target!r} is not available ({exc}); "
+                f"install its package (e.g. `pip install planetary-computer`) or remove `sign`"
+            ) from None
+        return func
+
+
+def catalogs_dir() -> Path:
+    """The directory holding the named catalogs (``*.toml``) and ``demo/``.
+
+    ``$FUSARBATCH_CATALOGS`` wins; then the ``catalogs/`` folder of a source checkout; then the copy packed
+    into an installed wheel (``fusarbatch/_catalogs``).
+    """
+    env = os.environ.get("FUSARBATCH_CATALOGS")
+    if env:
+        return Path(env)
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package.parent / "catalogs", package / "_catalogs"):
+        if candidate.is_dir():
+            return candidate
+    return package.parent / "catalogs"
+
+
+def named_catalogs() -> list[str]:
+    """Names of the catalogs defined in :func:`catalogs_dir`, sorted."""
+    return sorted(p.stem for p in catalogs_dir().glob("*.toml"))
+
+
+_FIELDS = set(CatalogSpec.__dataclass_fields__)
+
+
+def load_spec_file(path: Path) -> CatalogSpec:
+    """Read one catalog definition; a relative ``href`` is taken relative to the TOML file.
+
+    :raises CatalogError: unreadable TOML, an unknown key, or a value of the wrong kind.
+    """
+    try:
+        raw: dict[str, Any] = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise CatalogError(f"catalog file {path}: cannot read it ({exc}); fix the TOML") from None
+    unknown = sorted(set(raw) - _FIELDS)
+    if unknown:
+        raise CatalogError(
+            f"catalog file {path}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(_FIELDS))}"
+        )
+    raw.setdefault("name", path.stem)
+    if "kind" not in raw or "href" not in raw:
+        raise CatalogError(f"catalog file {path}: `kind` and `href` are required")
+    if raw["kind"] not in ("api", "static", "geoparquet"):
+        raise CatalogError(f"catalog file {path}: kind {raw['kind']!r} must be api, static or geoparquet")
+    href = str(raw["href"])
+    if "://" not in href and not Path(href).is_absolute():
+        href = str((path.parent / href).resolve())
+    raw["href"] = href
+    raw["collections"] = tuple(raw.get("collections", ()))
+    if "assets" in raw:
+        assets = raw["assets"]
+        if not isinstance(assets, dict):
+            raise CatalogError(f"catalog file {path}: `assets` must be a table of polarisation = [keys]")
+        raw["assets"] = {
+            str(pol).upper(): (tuple(keys) if isinstance(keys, list) else (str(keys),))
+            for pol, keys in assets.items()
+        }
+    for key, allowed in (("scale", Scale.__args__), ("quantity", Quantity.__args__)):
+        if key in raw and raw[key] not in allowed:
+            raise CatalogError(f"catalog file {path}: {key} {raw[key]!r} must be one of {', '.join(allowed)}")
+    return CatalogSpec(**raw)
+
+
+def resolve_catalog(value: str | None, *, collections: tuple[str, ...] = ()) -> CatalogSpec:
+    """Turn a ``--catalog`` value (name, URL or path; ``None`` = ``demo``) into a :class:`CatalogSpec`.
+
+    :param collections: overrides the spec's collections when given (``--collection``).
+    :raises CatalogError: unknown name, missing path, or unrecognised file type; the message lists the
+        known names.
+    """
+    value = value or "demo"
+    named = catalogs_dir() / f"{value}.toml"
+    if "/" not in value and "\\" not in value and named.is_file():
+        spec = load_spec_file(named)
+    elif value.startswith(("http://", "https://")):
+        kind: Kind = "static" if value.endswith(".json") else "api"
+        spec = CatalogSpec(name=value, kind=kind, href=value)
+    else:
+        path = Path(value).expanduser()
+        if path.is_dir() and (path / "catalog.json").is_file():
+            path = path / "catalog.json"
+        if not path.exists():
+            known = ", ".join(named_catalogs()) or "none"
+            raise CatalogError(
+                f"--catalog {value!r}: no such catalog name, URL or path; known names: {known}; "
+                f"or give an http(s):// STAC API URL, a catalog.json or a stac-geoparquet file"
+            )
+        suffix = path.suffix.lower()
+        if suffix == ".toml":
+            spec = load_spec_file(path)
+        elif suffix in (".parquet", ".geoparquet"):
+            spec = CatalogSpec(name=path.stem, kind="geoparquet", href=str(path.resolve()))
+        elif suffix == ".json":
+            spec = CatalogSpec(name=path.parent.name, kind="static", href=str(path.resolve()))
+        else:
+            raise CatalogError(
+                f"--catalog {value!r}: not a catalog.json, .parquet or .toml file; give one of those"
+            )
+    if collections:
+        spec = CatalogSpec(**{**spec.__dict__, "collections": tuple(collections)})
+    return spec

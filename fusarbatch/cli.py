@@ -1,0 +1,137 @@
+"""The ``fusarbatch`` command line (Typer). Each command parses its arguments and calls one library
+function; no logic lives here. Errors a user can cause print one line and exit non-zero
+(:mod:`fusarbatch.errors`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from fusarbatch import __version__
+from fusarbatch.errors import FusarbatchError
+
+app = typer.Typer(
+    name="fusarbatch",
+    help="Batch FUSAR-GPT over SAR archives: STAC search -> Zarr tiles -> AlphaEarth anchors -> GeoParquet.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+# Options shared by several commands, defined once.
+AoiOpt = Annotated[
+    Path,
+    typer.Option("--aoi", help="AOI GeoJSON file: Feature, FeatureCollection or bare geometry, any CRS."),
+]
+StartOpt = Annotated[
+    str, typer.Option("--start", help="First day, UTC: YYYY-MM (whole month) or YYYY-MM-DD.")
+]
+EndOpt = Annotated[
+    str | None, typer.Option("--end", help="Last day, inclusive, UTC: YYYY-MM or YYYY-MM-DD. Default: open.")
+]
+CatalogOpt = Annotated[
+    str | None,
+    typer.Option("--catalog", help="Catalog name (catalogs/*.toml), STAC API URL, catalog.json or .parquet."),
+]
+CollectionOpt = Annotated[
+    list[str] | None, typer.Option("--collection", help="Collection id to search (repeatable).")
+]
+LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="At most this many scenes.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"fusarbatch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """fusarbatch: FUSAR-GPT batch inference over SAR archives."""
+
+
+@app.command()
+def search(
+    aoi: AoiOpt,
+    start: StartOpt,
+    end: EndOpt = None,
+    catalog: CatalogOpt = None,
+    collection: CollectionOpt = None,
+    limit: LimitOpt = None,
+    save: Annotated[
+        Path | None, typer.Option("--save", help="Write the scenes as stac-geoparquet to this file.")
+    ] = None,
+) -> None:
+    """Search a STAC catalog for SAR scenes over an AOI and print them."""
+    from fusarbatch.catalog import search_scenes
+    from fusarbatch.report import print_scenes
+
+    result = search_scenes(
+        aoi=aoi,
+        start=start,
+        end=end,
+        catalog=catalog,
+        collections=tuple(collection or ()),
+        limit=limit,
+        save=save,
+    )
+    print_scenes(console, result)
+
+
+@app.command()
+def tile(
+    aoi: AoiOpt,
+    start: StartOpt,
+    out: Annotated[Path, typer.Option("--out", help="Output folder: scenes.parquet and tiles.zarr go here.")],
+    end: EndOpt = None,
+    catalog: CatalogOpt = None,
+    collection: CollectionOpt = None,
+    limit: LimitOpt = None,
+    tile_size: Annotated[int, typer.Option("--tile-size", min=28, help="Tile edge in pixels.")] = 504,
+    overlap: Annotated[int, typer.Option("--overlap", min=0, help="Overlap between tiles in pixels.")] = 56,
+) -> None:
+    """Search, then tile every scene into <out>/tiles.zarr (DESIGN 3.2)."""
+    from fusarbatch.catalog import search_scenes
+    from fusarbatch.report import print_scenes, print_tiling
+    from fusarbatch.tiling import tile_scenes
+
+    result = search_scenes(
+        aoi=aoi,
+        start=start,
+        end=end,
+        catalog=catalog,
+        collections=tuple(collection or ()),
+        limit=limit,
+        save=out / "scenes.parquet",
+    )
+    print_scenes(console, result)
+    results = tile_scenes(result.scenes, out / "tiles.zarr", tile_size=tile_size, overlap=overlap)
+    print_tiling(console, results, out / "tiles.zarr")
+    if any(r.status == "failed" for r in results):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point: runs the app, turning :class:`FusarbatchError` into one line."""
+    try:
+        app()
+    except FusarbatchError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
