@@ -49,8 +49,8 @@ def footprint_of(path: Path) -> tuple[shapely.Polygon, dict]:
     """Footprint (EPSG:4326) and projection fields of a raster with a geotransform or GCPs."""
     with rasterio.open(path) as src:
         if src.crs is not None and not src.transform.is_identity:
-            l, b, r, t = src.bounds
-            ring = shapely.box(l, b, r, t).segmentize(max(src.res) * 64)
+            left, b, r, t = src.bounds
+            ring = shapely.box(left, b, r, t).segmentize(max(src.res) * 64)
             geom = shapely.geometry.shape(
                 transform_geom(src.crs, "EPSG:4326", shapely.geometry.mapping(ring))
             )
@@ -58,7 +58,7 @@ def footprint_of(path: Path) -> tuple[shapely.Polygon, dict]:
                 "proj:code": f"EPSG:{src.crs.to_epsg()}",
                 "proj:shape": [src.height, src.width],
                 "proj:transform": list(src.transform)[:6],
-                "proj:bbox": [l, b, r, t],
+                "proj:bbox": [left, b, r, t],
             }
             return geom, proj
         gcps, gcp_crs = src.gcps
