@@ -4,6 +4,7 @@ function; no logic lives here. Errors a user can cause print one line and exit n
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -123,6 +124,8 @@ def tile(
 
 def main() -> None:
     """Console-script entry point: runs the app, turning :class:`FusarbatchError` into one line."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.captureWarnings(True)
     try:
         app()
     except FusarbatchError as exc:

@@ -66,7 +66,9 @@ class Scene:
     GCP-only (the tiler then reads the raster itself)."""
     collection: str | None = None
     platform: str | None = None
+    """Lower case, e.g. ``sentinel-1a``."""
     orbit_direction: str | None = None
+    """``ascending`` or ``descending`` (``sat:orbit_state``), when the item says."""
     product_type: str | None = None
     item: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     """The STAC Item as a dict, with absolute asset hrefs."""
@@ -160,8 +162,8 @@ class Scene:
             scale=scale,
             crs=crs,
             collection=item.get("collection"),
-            platform=props.get("platform"),
-            orbit_direction=props.get("sat:orbit_state"),
+            platform=_lower(props.get("platform")),
+            orbit_direction=_lower(props.get("sat:orbit_state")),
             product_type=product_type,
             item=item,
         )
@@ -172,6 +174,11 @@ def _parse_datetime(value: str) -> dt.datetime:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.UTC)
     return parsed.astimezone(dt.UTC)
+
+
+def _lower(value: Any) -> str | None:
+    """STAC asks for lower-case platform and orbit names; some catalogs write ``SENTINEL-1A``."""
+    return (str(value).strip().lower() or None) if value else None
 
 
 def _sign(href: str, signer: Any) -> str:

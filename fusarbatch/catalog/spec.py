@@ -8,6 +8,10 @@ A ``--catalog`` value is resolved in this order:
    ``catalog.json`` is a static catalog, a ``*.toml`` file is a catalog definition.
 
 The TOML keys are those of :class:`CatalogSpec`; unknown keys are an error that names the key.
+
+``$FUSARBATCH_HTTP_TIMEOUT`` (seconds, > 0), when set, overrides ``timeout_s`` of every catalog read over
+HTTP (an API, or a static catalog at an ``http(s)://`` URL): e.g. ``FUSARBATCH_HTTP_TIMEOUT=5`` makes an
+unreachable or silent server fail after about 5 s instead of the default 20 s.
 """
 
 from __future__ import annotations
@@ -186,4 +190,26 @@ def resolve_catalog(value: str | None, *, collections: tuple[str, ...] = ()) -> 
             )
     if collections:
         spec = CatalogSpec(**{**spec.__dict__, "collections": tuple(collections)})
+    timeout = http_timeout_override()
+    if timeout is not None and "://" in spec.href:
+        spec = CatalogSpec(**{**spec.__dict__, "timeout_s": timeout})
     return spec
+
+
+def http_timeout_override() -> float | None:
+    """Seconds from ``$FUSARBATCH_HTTP_TIMEOUT``, or ``None`` when it is unset or empty.
+
+    :raises CatalogError: the variable is not a finite number of seconds > 0.
+    """
+    raw = os.environ.get("FUSARBATCH_HTTP_TIMEOUT", "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise CatalogError(
+            f"FUSARBATCH_HTTP_TIMEOUT={raw!r}: expected a number of seconds > 0; fix or unset it"
+        )
+    return value
