@@ -124,8 +124,10 @@ def tile(
 
 def main() -> None:
     """Console-script entry point: runs the app, turning :class:`FusarbatchError` into one line."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    logging.captureWarnings(True)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logging.getLogger("fusarbatch").addHandler(handler)
+    logging.getLogger("fusarbatch").setLevel(logging.INFO)
     try:
         app()
     except FusarbatchError as exc:

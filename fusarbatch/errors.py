@@ -37,3 +37,9 @@ class SceneError(FusarbatchError):
 
     Raised per scene: the pipeline records the scene as failed with this message and goes on.
     """
+
+
+class ModelError(FusarbatchError):
+    """A model, adapter or TLM directory is missing, incomplete or does not match (exit code 2)."""
+
+    exit_code = 2
