@@ -122,6 +122,93 @@ def tile(
         raise typer.Exit(1)
 
 
+@app.command()
+def run(
+    aoi: AoiOpt,
+    start: StartOpt,
+    end: EndOpt = None,
+    catalog: CatalogOpt = None,
+    collection: CollectionOpt = None,
+    limit: LimitOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("out"),
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Model directory (default: the packaged demo model).")
+    ] = None,
+    aef_index: Annotated[
+        str | None,
+        typer.Option("--aef-index", help="AlphaEarth index (GeoParquet/CSV), local or fsspec URL."),
+    ] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="Object label to detect (repeatable).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Tiles per generate call.")
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1)] = None,
+    scheduler: Annotated[
+        str | None, typer.Option("--scheduler", help="Dask scheduler address (default: a LocalCluster).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="cuda or cpu (default: cuda if present).")
+    ] = None,
+    require_gpu: Annotated[
+        bool, typer.Option("--require-gpu", help="Fail when no GPU is visible instead of using the CPU.")
+    ] = False,
+    tile_size: Annotated[int | None, typer.Option("--tile-size", min=28)] = None,
+    overlap: Annotated[int | None, typer.Option("--overlap", min=0)] = None,
+) -> None:
+    """Search, tile, attach AlphaEarth anchors, run FUSAR-GPT and write GeoParquet (DESIGN 1)."""
+    from fusarbatch.config import load_config
+    from fusarbatch.pipeline import run as run_pipeline
+    from fusarbatch.report import RunProgress, print_run_summary
+
+    cfg = load_config(
+        None,
+        {
+            "aoi": aoi,
+            "start": start,
+            "end": end,
+            "catalog": catalog,
+            "collections": tuple(collection) if collection else None,
+            "limit": limit,
+            "out": out,
+            "model": model,
+            "aef_index": aef_index,
+            "labels": tuple(label) if label else None,
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "scheduler": scheduler,
+            "device": device,
+            "require_gpu": require_gpu or None,
+            "tile_size": tile_size,
+            "overlap": overlap,
+        },
+    )
+    with RunProgress(console) as progress:
+        summary = run_pipeline(cfg, progress)
+    print_run_summary(console, summary)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def features(
+    out: Annotated[Path, typer.Option("--out", help="Output folder holding tiles.zarr.")],
+    aef_index: Annotated[
+        str | None,
+        typer.Option("--aef-index", help="AlphaEarth index (GeoParquet/CSV), local or fsspec URL."),
+    ] = None,
+    anchors: Annotated[int, typer.Option("--anchors", min=1, max=64, help="N for an N x N anchor grid.")] = 8,
+) -> None:
+    """Sample AlphaEarth anchors for every complete scene of <out>/tiles.zarr (DESIGN 3.3)."""
+    from fusarbatch.features import compute_features, open_source
+    from fusarbatch.pipeline import ANCHOR_GRID
+    from fusarbatch.report import print_features
+
+    results = compute_features(out / "tiles.zarr", open_source(aef_index), n=anchors, grid=ANCHOR_GRID)
+    print_features(console, results)
+
+
 def main() -> None:
     """Console-script entry point: runs the app, turning :class:`FusarbatchError` into one line."""
     handler = logging.StreamHandler()

@@ -31,7 +31,9 @@ class RunConfig(BaseModel):
     aef_index: str | None = Field(None, description="AlphaEarth index (GeoParquet/CSV) path or URL.")
     anchors: int = Field(8, ge=1, le=64, description="Anchor grid is anchors x anchors per tile.")
     labels: tuple[str, ...] = Field(("ship",), description="Object labels to detect.")
-    classify: bool = Field(True, description="Also ask the model for each tile's class.")
+    classes: tuple[str, ...] = Field(
+        (), description="Tile classes asked with the whole tile as the box; default: the labels + background."
+    )
     tile_size: int = Field(504, ge=28, description="Tile edge, pixels.")
     overlap: int = Field(56, ge=0, description="Overlap between tiles, pixels.")
     min_valid: float = Field(0.05, ge=0, le=1, description="Tiles with less valid data are not inferred.")

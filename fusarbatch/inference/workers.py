@@ -1,0 +1,250 @@
+"""Model inference on Dask workers (DESIGN 3.5).
+
+Each worker loads the model once (:func:`get_model`, cached per process and model) and answers batches of
+tiles read straight from the tile store, so only small task arguments and answers travel through the
+scheduler. Model tasks ask for the resource ``GPU=1``: a worker that declares ``GPU=1`` runs one at a time
+(CPU-only workers declare it too, so the same graph runs everywhere). Generation is greedy and batched with
+left padding; the vision tower runs once per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusarbatch.errors import FusarbatchError, UsageError
+
+log = logging.getLogger(__name__)
+
+GPU_RESOURCE = {"GPU": 1}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model a worker loads and how it generates."""
+
+    model_dir: str
+    adapter_dir: str | None = None
+    device: str | None = None
+    """``cuda``, ``cpu`` or None (CUDA when available, else CPU)."""
+    max_new_tokens: int = 128
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What to ask about every tile."""
+
+    labels: tuple[str, ...] = ("ship",)
+    """One detection prompt per label."""
+    classes: tuple[str, ...] = ()
+    """Choices of the tile classification prompt (whole tile as the box); empty: no classification."""
+    render_mode: str = "grey"
+
+
+@dataclass
+class TileAnswer:
+    """The parsed answers for one tile (boxes on the 504 input grid)."""
+
+    tile_id: int
+    boxes: list[Any] = field(default_factory=list)
+    """:class:`fusarbatch.model.prompts.Box` list, all labels."""
+    scores: list[float | None] = field(default_factory=list)
+    """Per box: probability of the whole generated answer it came from."""
+    scene_class: str | None = None
+    errors: list[str] = field(default_factory=list)
+    """Parse failures and truncations, ``"<task>: <reason>"``."""
+    raw: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class BatchResult:
+    """What one model task returns: the answers and how long ``generate`` took (seconds)."""
+
+    answers: list[TileAnswer]
+    generate_s: float
+    prompts: int
+
+
+_models: dict[ModelSpec, Any] = {}
+_models_lock = threading.Lock()
+
+
+def resolve_device(device: str | None, *, require_gpu: bool = False) -> str:
+    """``cuda`` when asked for (or by default) and present; CPU otherwise, with a warning if a GPU was asked.
+
+    :raises UsageError: ``require_gpu`` (``--require-gpu``) and no CUDA device is visible.
+    """
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if require_gpu and not has_cuda:
+        raise UsageError("--require-gpu: no CUDA device is visible; run on a GPU node or drop --require-gpu")
+    if device is None:
+        return "cuda" if has_cuda else "cpu"
+    if device.startswith("cuda") and not has_cuda:
+        log.warning("device %s asked for but no CUDA device is visible: running on CPU", device)
+        return "cpu"
+    return device
+
+
+def get_model(spec: ModelSpec) -> Any:
+    """The worker's :class:`~fusarbatch.model.FusarGPT` for ``spec``, loaded on first use and kept."""
+    with _models_lock:
+        model = _models.get(spec)
+        if model is None:
+            from transformers.utils import logging as hf_logging
+
+            from fusarbatch.model.fusar_gpt import FusarGPT
+
+            hf_logging.disable_progress_bar()
+            model = FusarGPT.from_pretrained(spec.model_dir, adapter_dir=spec.adapter_dir, device=spec.device)
+            _models[spec] = model
+        return model
+
+
+def _read_tiles(store: str, group: str, tile_ids: Sequence[int]) -> dict[str, Any]:
+    import zarr
+
+    g = zarr.open_group(str(Path(store) / group), mode="r", zarr_format=3)
+    ids = np.asarray(tile_ids)
+    out: dict[str, Any] = {
+        "backscatter": g["backscatter"].get_orthogonal_selection(
+            (ids, slice(None), slice(None), slice(None))
+        ),
+        "pols": list(g.attrs["pols"]),
+        "units": str(g.attrs.get("units", "dB")),
+    }
+    names = set(g.array_keys())
+    if g.attrs.get("aef_complete") and {"aef_features", "aef_positions", "aef_mask"} <= names:
+        out["aef"] = tuple(
+            g[n].get_orthogonal_selection((ids,)) for n in ("aef_features", "aef_positions", "aef_mask")
+        )
+    return out
+
+
+def infer_tiles(
+    model_spec: ModelSpec, task: TaskSpec, store: str, group: str, tile_ids: Sequence[int]
+) -> BatchResult:
+    """Run every task on the given tiles of one scene group; never raises on model output.
+
+    Reads ``backscatter`` and, when complete, ``aef_*`` of the tiles from ``<store>/<group>``, renders them
+    (:func:`fusarbatch.render.render`), asks one detection prompt per label and, if ``task.classes``, one
+    classification prompt with the whole tile as the box.
+    """
+    from fusarbatch.model.prompts import (
+        GRID,
+        classification_prompt,
+        detection_prompt,
+        parse_class,
+        parse_detection,
+    )
+    from fusarbatch.model.tlm import Anchors
+    from fusarbatch.render import render
+
+    model = get_model(model_spec)
+    data = _read_tiles(store, group, tile_ids)
+    images = [
+        render(t, data["pols"], units=data["units"], mode=task.render_mode) for t in data["backscatter"]
+    ]  # type: ignore[arg-type]
+    if "aef" in data:
+        feats, pos, mask = data["aef"]
+        anchors = [Anchors.of(feats[i].astype(np.float32), pos[i], mask[i]) for i in range(len(tile_ids))]
+    else:
+        anchors = [None] * len(tile_ids)
+    answers = [TileAnswer(tile_id=int(t)) for t in tile_ids]
+    jobs: list[tuple[int, str, str]] = [
+        (i, f"detect:{label}", detection_prompt(label)) for label in task.labels for i in range(len(tile_ids))
+    ]
+    if task.classes:
+        prompt = classification_prompt([0, 0, GRID, GRID], task.classes)
+        jobs += [(i, "classify", prompt) for i in range(len(tile_ids))]
+    bs = model_spec.batch_size
+    generate_s = 0.0
+    for start in range(0, len(jobs), bs):
+        chunk = jobs[start : start + bs]
+        t0 = time.perf_counter()
+        gens = model.generate_detailed(
+            [images[i] for i, _, _ in chunk],
+            [p for _, _, p in chunk],
+            [anchors[i] for i, _, _ in chunk],
+            max_new_tokens=model_spec.max_new_tokens,
+        )
+        generate_s += time.perf_counter() - t0
+        for (i, kind, _), gen in zip(chunk, gens, strict=True):
+            ans = answers[i]
+            ans.raw[kind] = gen.text[:2000]
+            if not gen.finished:
+                ans.errors.append(f"{kind}: answer cut at max_new_tokens={model_spec.max_new_tokens}")
+            if kind == "classify":
+                res = parse_class(gen.text, task.classes)
+                ans.scene_class = res.value
+            else:
+                label = kind.split(":", 1)[1]
+                res = parse_detection(gen.text, default_label=label)
+                score = float(np.exp(gen.logprob)) if np.isfinite(gen.logprob) else None
+                for box in res.value:
+                    ans.boxes.append(box)
+                    ans.scores.append(score)
+            if not res.ok:
+                ans.errors.append(f"{kind}: {res.error}")
+    return BatchResult(answers, generate_s, len(jobs))
+
+
+def start_client(
+    scheduler: str | None, *, workers: int = 1, connect_timeout_s: float = 20.0
+) -> tuple[Any, Any]:
+    """A Dask client: joins ``scheduler`` (``tcp://host:port``) or starts a LocalCluster.
+
+    The LocalCluster has ``workers`` worker(s) declaring ``GPU=1`` (one per GPU; with dask-cuda installed and
+    several GPUs visible, a ``LocalCUDACluster`` with one worker per GPU). Threads, not processes, so that
+    start-up is quick and the model stays in this process on a single node.
+
+    :returns: ``(client, cluster)``; ``cluster`` is None when joining an existing scheduler.
+    :raises FusarbatchError: the scheduler cannot be reached within ``connect_timeout_s``, or it has no
+        worker with the ``GPU`` resource.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout=f"{connect_timeout_s}s")
+        except (OSError, TimeoutError) as exc:
+            raise FusarbatchError(
+                f"--scheduler {scheduler}: cannot connect within {connect_timeout_s:.0f} s "
+                f"({type(exc).__name__}); check the address and that `dask scheduler` is running"
+            ) from None
+        workers_info = client.scheduler_info().get("workers", {})
+        if not any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers_info.values()):
+            client.close()
+            raise FusarbatchError(
+                f"--scheduler {scheduler}: no worker declares the GPU resource; start workers with "
+                "`dask worker ADDRESS --resources GPU=1` (CPU-only workers too)"
+            )
+        return client, None
+    cluster = None
+    try:
+        import torch
+
+        if torch.cuda.device_count() > 1:
+            from dask_cuda import LocalCUDACluster  # type: ignore[import-not-found]
+
+            cluster = LocalCUDACluster(resources=GPU_RESOURCE, dashboard_address=None, threads_per_worker=2)
+    except ImportError:
+        cluster = None
+    if cluster is None:
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=2,
+            processes=False,
+            resources=GPU_RESOURCE,
+            dashboard_address=None,
+        )
+    return Client(cluster), cluster
