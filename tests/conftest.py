@@ -266,3 +266,19 @@ def run_cli(
     return subprocess.run(
         [*command, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+# ----------------------------------------------------------------------------------------- run / pipeline
+
+
+@pytest.fixture(scope="session")
+def generated_demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default demo model directory (tiny, random weights: generated), built once in a temporary cache.
+
+    ``FUSARBATCH_CACHE`` points there for the whole session, so runs without ``--model`` find it.
+    """
+    cache = tmp_path_factory.mktemp("fusarbatch_cache")
+    os.environ["FUSARBATCH_CACHE"] = str(cache)
+    from fusarbatch.model.demo import demo_model_dir
+
+    return demo_model_dir()

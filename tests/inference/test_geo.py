@@ -111,3 +111,20 @@ def test_deduplicate_prefers_higher_score():
     )
     assert len(dets) == 1 and dets[0].score == pytest.approx(0.9)
     assert deduplicate([]) == []
+
+
+def test_known_answer_text_gives_expected_lonlat_polygons():
+    from fusarbatch.model.prompts import parse_detection
+
+    text = 'Sure.\n```json\n[{"bbox_2d": [100, 50, 140, 90], "label": "ship"}, {"bbox_2d": [400, 300, 430, 3'
+    parsed = parse_detection(text, default_label="ship")
+    assert len(parsed.value) == 1  # the truncated second object is dropped
+    tile = tile_at(1000, 2000, size=504, res=10.0)
+    [det] = scene_detections("S1", UTM31, [tile], [parsed.value])
+    xs = [600000 + 10 * (2000 + c) for c in (100, 140, 140, 100)]
+    ys = [4830000 - 10 * (1000 + r) for r in (50, 50, 90, 90)]
+    lon, lat = Transformer.from_crs(UTM31, "EPSG:4326", always_xy=True).transform(xs, ys)
+    np.testing.assert_allclose(
+        np.asarray(det.geometry.exterior.coords)[:4], np.c_[lon, lat], atol=1e-7, rtol=0
+    )
+    assert 3.0 < det.geometry.centroid.x < 5.0 and 43.0 < det.geometry.centroid.y < 44.0
