@@ -16,7 +16,7 @@ $(STAMP): requirements.lock pyproject.toml
 venv: $(STAMP)  ## create .venv and install the pinned stack (requirements.lock) and fusarbatch
 
 demo: venv  ## run the main job on the embedded demo catalog
-	HF_HUB_OFFLINE=1 $(BIN)/fusarbatch tile --aoi catalogs/demo/aois/demo_all.geojson --start 2015-01 --out $(OUT)
+	HF_HUB_OFFLINE=1 $(BIN)/fusarbatch run --aoi catalogs/demo/aois/demo_all.geojson --start 2015-01 --out $(OUT)
 
 test: venv  ## the test suite (what CI runs after lint)
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
