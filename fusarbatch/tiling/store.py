@@ -1,0 +1,493 @@
+"""The Zarr v3 tile store (DESIGN 3.2): scenes -> ``<out>/tiles.zarr/<Scene.safe_id>/``.
+
+One group per scene, named :attr:`Scene.safe_id`, holding (``n`` tiles, ``p`` polarisations, ``T`` tile
+size):
+
+============== ==================== ======= =========================================================
+array          dims                 dtype   content
+============== ==================== ======= =========================================================
+backscatter    (tile, pol, y, x)    float32 backscatter in dB (``units`` attr; ``dn`` for uncalibrated
+                                            scenes), NaN = nodata or padding; chunks ``(1, p, T, T)``
+transform      (tile, coef)         float64 tile affine ``(a, b, c, d, e, f)`` in the scene CRS:
+                                            ``x = a*col + b*row + c``, ``y = d*col + e*row + f``
+row_off        (tile,)              int64   first row of the tile in the scene grid
+col_off        (tile,)              int64   first column of the tile in the scene grid
+valid_fraction (tile,)              float32 share of the T x T pixels where every polarisation is finite
+============== ==================== ======= =========================================================
+
+Tiles are row-major (see :mod:`fusarbatch.tiling.grid`). Group attributes: ``crs`` (WKT2), ``item_id``,
+``datetime`` (ISO 8601, UTC), ``pols``, ``quantity``, ``scale_in``, ``units``, ``tile_size``,
+``overlap``, ``min_valid``, ``n_tiles``, ``n_inferable``, ``source_hrefs``, ``scene_shape`` ``[H, W]``,
+``scene_transform`` (6 floats), ``warp`` (``null`` or how GCP-only / off-grid files were warped),
+``status`` and ``complete``. ``xarray.open_zarr(store, group=safe_id, consolidated=False)`` opens a group.
+
+**Crash safety.** A scene is written to ``tiles.zarr/.<safe_id>.partial-<pid>``; ``complete`` is set to
+true last; then the directory is renamed to ``<safe_id>``, replacing an older group (the older one is first
+renamed aside, then deleted). Readers only trust groups with ``complete == true``. A scene that fails
+leaves no partial group; its group becomes a marker with no arrays and attributes ``{"complete": false,
+"status": "failed", "error": ...}`` (the store thus always reflects the last attempt at each scene).
+Leftovers of a killed run (``.<safe_id>.partial-<pid>`` / ``.<safe_id>.old-<pid>-<n>`` of a dead process)
+are removed the next time that scene is tiled.
+
+**Memory.** The work is one dask graph per scene with one independent task per group of neighbouring
+tiles of a tile row (:func:`build_tiles`): read the group's window, convert to dB, cut the tiles; then
+the Zarr write and the valid fractions, computed in the same pass. The tasks do not depend on each
+other, so dask runs them in tile order and frees each group once written: peak memory is a few windows
+per thread plus GDAL's block cache (capped at :data:`GDAL_CACHE_BYTES` while a scene is read), whatever
+the scene size. (A graph of shared block-aligned read chunks, one task per tile, decoded each block once
+but dask ordered it so that chunk rows piled up: peak memory grew with the scene, 0.68 -> 1.64 GB from a
+10k to a 20k px scene.) The threaded scheduler (:data:`THREADS`) is used unless a ``dask.distributed``
+client is active.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import dask
+import dask.array as da
+import numpy as np
+import rasterio
+import zarr
+from dask.highlevelgraph import HighLevelGraph
+from dask.task_spec import DataNode, Task, TaskRef
+from pyproj import CRS as ProjCRS
+
+from fusarbatch import __version__
+from fusarbatch.catalog.scene import Scene
+from fusarbatch.errors import FusarbatchError, SceneError
+from fusarbatch.tiling.grid import (
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE_SIZE,
+    TileGrid,
+    tile_grid,
+    tile_transforms,
+    validate_tiling,
+)
+from fusarbatch.tiling.scaling import check_scale, output_units, to_db
+from fusarbatch.tiling.source import SourceRaster, WindowReader, open_scene
+
+log = logging.getLogger(__name__)
+
+#: Default ``min_valid``: tiles with a smaller valid fraction are stored but not inferred.
+DEFAULT_MIN_VALID = 0.05
+#: Compression of ``backscatter`` chunks: none. SAR float32 barely compresses (speckle fills the mantissa):
+#: on the benchmark scene zstd level 1 saves 21% of the bytes and blosc-lz4 with byte shuffle 28%, at 25%
+#: and 12% less throughput (benchmarks/RESULTS.md, "Tiling (issue 2)"). Set e.g.
+#: ``zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")`` where disk space matters more.
+BACKSCATTER_COMPRESSORS: Any = None
+#: Threads of the threaded scheduler; ``None`` = one per CPU (2, 3 and 4 threads on 2 cores measured the
+#: same: reads of a file are serialised, the rest is CPU-bound). ``dask.config.set(num_workers=n)`` wins.
+THREADS: int | None = None
+#: GDAL block cache while a scene is read, in bytes (GDAL reads values >= 100000 as bytes).
+GDAL_CACHE_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class TileResult:
+    """What tiling one scene did (printed by :func:`fusarbatch.report.print_tiling`)."""
+
+    scene_id: str
+    """The scene's STAC item id."""
+    status: Literal["ok", "failed"]
+    n_tiles: int
+    """Tiles stored (0 when failed)."""
+    n_inferable: int
+    """Tiles with ``valid_fraction >= min_valid`` (those the model will see)."""
+    error: str | None
+    """One-line reason when failed, else ``None``."""
+    group: str
+    """Path of the scene's group inside the store (= :attr:`Scene.safe_id`), for
+    ``xarray.open_zarr(store, group=group)``."""
+    seconds: float
+    """Wall time spent on the scene."""
+
+
+def tile_scenes(scenes: Iterable[Scene], store: Path | str, **kwargs: Any) -> list[TileResult]:
+    """Tile scenes one after the other into ``store`` (``<out>/tiles.zarr``); see :func:`tile_scene`.
+
+    A scene that fails is recorded as failed and the others go on. Two different item ids that map to the
+    same group name (:attr:`Scene.safe_id`) would overwrite each other: the second one fails instead.
+
+    :param kwargs: ``tile_size``, ``overlap``, ``min_valid``, passed to :func:`tile_scene`.
+    :returns: one :class:`TileResult` per scene, in input order.
+    :raises ValueError: invalid ``tile_size`` / ``overlap`` / ``min_valid`` (before any scene is read).
+    """
+    _check_params(
+        kwargs.get("tile_size", DEFAULT_TILE_SIZE),
+        kwargs.get("overlap", DEFAULT_OVERLAP),
+        kwargs.get("min_valid", DEFAULT_MIN_VALID),
+    )
+    results: list[TileResult] = []
+    owners: dict[str, str] = {}
+    for scene in scenes:
+        owner = owners.setdefault(scene.safe_id, scene.item_id)
+        if owner != scene.item_id:
+            results.append(
+                TileResult(
+                    scene_id=scene.item_id,
+                    status="failed",
+                    n_tiles=0,
+                    n_inferable=0,
+                    error=f"group name {scene.safe_id!r} is already used by scene {owner!r} in this run",
+                    group=scene.safe_id,
+                    seconds=0.0,
+                )
+            )
+            continue
+        results.append(tile_scene(scene, store, **kwargs))
+    return results
+
+
+def tile_scene(
+    scene: Scene,
+    store: Path | str,
+    *,
+    tile_size: int = DEFAULT_TILE_SIZE,
+    overlap: int = DEFAULT_OVERLAP,
+    min_valid: float = DEFAULT_MIN_VALID,
+) -> TileResult:
+    """Tile one scene into the group ``<store>/<scene.safe_id>`` (layout: module docstring).
+
+    :param store: the ``tiles.zarr`` directory (created as a Zarr v3 group if missing).
+    :param tile_size: tile edge ``T`` in pixels.
+    :param overlap: minimum overlap between neighbouring tiles in pixels.
+    :param min_valid: tiles with ``valid_fraction >= min_valid`` count as inferable.
+    :returns: a :class:`TileResult`; ``status="failed"`` with a one-line ``error`` when the scene cannot
+        be read or written (nothing is raised for per-scene problems).
+    :raises ValueError: invalid ``tile_size`` / ``overlap`` / ``min_valid``.
+    """
+    _check_params(tile_size, overlap, min_valid)
+    started = time.perf_counter()
+    store = Path(store)
+    name = scene.safe_id
+    partial = f".{name}.partial-{os.getpid()}"
+    try:
+        root = _open_root(store)
+        _remove_stale(store, name)
+        n_tiles, n_inferable = _write_scene(root, partial, scene, tile_size, overlap, min_valid)
+        _publish(store, partial, name)
+    except Exception as exc:
+        shutil.rmtree(store / partial, ignore_errors=True)
+        error = _error_line(exc, scene)
+        if not isinstance(exc, FusarbatchError):
+            log.debug("scene %s failed", scene.item_id, exc_info=True)
+        with contextlib.suppress(Exception):
+            _write_failure(store, scene, error)
+        return TileResult(
+            scene_id=scene.item_id,
+            status="failed",
+            n_tiles=0,
+            n_inferable=0,
+            error=error,
+            group=name,
+            seconds=time.perf_counter() - started,
+        )
+    return TileResult(
+        scene_id=scene.item_id,
+        status="ok",
+        n_tiles=n_tiles,
+        n_inferable=n_inferable,
+        error=None,
+        group=name,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def build_tiles(source: SourceRaster, grid: TileGrid, scale: str) -> da.Array:
+    """The tiles of a scene as a lazy ``(tile, pol, T, T)`` float32 dask array of backscatter in dB.
+
+    Tiles are processed in groups of neighbours of one tile row: each group is one task that reads the
+    window covering its tiles (``T`` rows, about ``source.chunks[1]`` columns) in one call per file,
+    converts it to dB and cuts the tiles out (NaN past the scene edge). Tasks do not depend on each other,
+    so dask runs them in tile order and each group's memory is freed once stored: the peak memory is a
+    few windows per thread, whatever the scene size. Overlapping rows and columns are read again by the
+    next group; GDAL's block cache (see :func:`tile_scene`) serves them without decoding twice.
+
+    :param source: the opened scene (:func:`~fusarbatch.tiling.source.open_scene`).
+    :param grid: tile grid of ``source`` (``grid.height, grid.width == source.height, source.width``).
+    :param scale: scale of the stored values (``db``, ``power``, ``amplitude``, ``dn``).
+    :returns: ``(grid.n_tiles, pol, T, T)`` float32, row-major tile order, one chunk per group along
+        ``tile``.
+    """
+    if (source.height, source.width) != (grid.height, grid.width):
+        raise ValueError(f"source shape {(source.height, source.width)} does not match the grid")
+    scale = check_scale(scale)
+    size = grid.tile_size
+    npol = len(source.pols)
+    stride = size - grid.overlap
+    per_group = max(1, round((source.chunks[1] - grid.overlap) / stride))
+    name = f"fusarbatch-tiles-{uuid.uuid4().hex}"
+    reader_key = f"fusarbatch-reader-{uuid.uuid4().hex}"
+    dsk: dict[Any, Any] = {reader_key: DataNode(reader_key, source.reader)}
+    sizes = []
+    for row in grid.rows:
+        n_groups = math.ceil(len(grid.cols) / per_group)
+        for cols in np.array_split(np.asarray(grid.cols), n_groups):
+            key = (name, len(sizes), 0, 0, 0)
+            dsk[key] = Task(key, _read_group, TaskRef(reader_key), row, tuple(cols.tolist()), size, scale)
+            sizes.append(len(cols))
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
+    return da.Array(graph, name, chunks=(tuple(sizes), (npol,), (size,), (size,)), dtype=np.float32)
+
+
+def valid_fractions(tiles: da.Array) -> da.Array:
+    """``(tile,)`` float32: per tile, the share of its ``y x x`` pixels where every pol is finite.
+
+    :param tiles: ``(tile, pol, y, x)`` dask array, any chunks along ``tile``, one along the others.
+    """
+    return tiles.map_blocks(_valid_fraction_block, drop_axis=[1, 2, 3], dtype=np.float32)
+
+
+def _read_group(reader: WindowReader, row: int, cols: tuple[int, ...], size: int, scale: str) -> np.ndarray:
+    """Tiles at ``(row, c) for c in cols`` as ``(len(cols), pol, size, size)`` float32 dB, NaN-padded."""
+    height, width = reader.shape[1:]
+    row1 = min(row + size, height)
+    col0, col1 = cols[0], min(cols[-1] + size, width)
+    window = to_db(reader.read(row, row1, col0, col1), scale, overwrite=True)
+    out = np.full((len(cols), window.shape[0], size, size), np.nan, dtype=np.float32)
+    for t, col in enumerate(cols):
+        w = min(size, width - col)
+        out[t, :, : row1 - row, :w] = window[:, :, col - col0 : col - col0 + w]
+    return out
+
+
+def _valid_fraction_block(block: np.ndarray) -> np.ndarray:
+    valid = np.isfinite(block).all(axis=1)
+    pixels = valid.shape[1] * valid.shape[2]
+    return (np.count_nonzero(valid.reshape(valid.shape[0], -1), axis=1) / pixels).astype(np.float32)
+
+
+def _check_params(tile_size: int, overlap: int, min_valid: float) -> None:
+    validate_tiling(tile_size, overlap)
+    if not 0.0 <= float(min_valid) <= 1.0:
+        raise ValueError(f"min_valid must be within [0, 1], got {min_valid!r}")
+
+
+def _scheduler() -> dict[str, Any]:
+    """``dask.compute`` arguments: the active ``dask.distributed`` client, else the threaded scheduler
+    with :data:`THREADS` workers (``dask.config`` ``num_workers`` wins when set)."""
+    try:
+        from distributed import default_client
+
+        return {"scheduler": default_client()}
+    except (ImportError, ValueError):
+        pass
+    workers = dask.config.get("num_workers", None) or THREADS or os.cpu_count() or 1
+    return {"scheduler": "threads", "num_workers": int(workers)}
+
+
+def _gdal_env() -> rasterio.Env:
+    """GDAL settings for the read: a bounded block cache (:data:`GDAL_CACHE_BYTES`) unless the user set
+    ``GDAL_CACHEMAX`` in the environment. The cache must hold the blocks that overlapping windows share
+    (about one block row across the scene: 80 MB for a 20,000 px wide dual-pol float32 scene); GDAL's
+    default (5% of RAM, 1.2 GB here) only adds to the peak memory. GDAL's cache is process-wide: the
+    setting applies while a scene is computed and is restored afterwards. Distributed workers keep their
+    own settings."""
+    if "GDAL_CACHEMAX" in os.environ:
+        return rasterio.Env()
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES)
+
+
+def _open_root(store: Path) -> zarr.Group:
+    try:
+        return zarr.open_group(str(store), mode="a", zarr_format=3)
+    except Exception as exc:
+        raise FusarbatchError(
+            f"{store}: cannot open or create the tile store ({' '.join(str(exc).split())})"
+        ) from None
+
+
+def _scene_attrs(scene: Scene) -> dict[str, Any]:
+    when = scene.datetime.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+    return {
+        "item_id": scene.item_id,
+        "datetime": when,
+        "pols": list(scene.pols),
+        "quantity": scene.quantity,
+        "scale_in": scene.scale,
+        "fusarbatch_version": __version__,
+    }
+
+
+def _write_scene(
+    root: zarr.Group, partial: str, scene: Scene, tile_size: int, overlap: int, min_valid: float
+) -> tuple[int, int]:
+    try:
+        scale = check_scale(scene.scale)
+    except ValueError as exc:
+        raise SceneError(f"scene {scene.item_id!r}: {exc}") from None
+    source = open_scene(scene, tile_size=tile_size)
+    grid = tile_grid(source.height, source.width, tile_size, overlap)
+    tiles = build_tiles(source, grid, scale)
+    fractions = valid_fractions(tiles)
+    npol = len(source.pols)
+    n = grid.n_tiles
+    attrs = {
+        **_scene_attrs(scene),
+        "pols": list(source.pols),
+        "units": output_units(scale),
+        "crs": ProjCRS.from_user_input(source.crs.to_wkt()).to_wkt(),
+        "tile_size": tile_size,
+        "overlap": overlap,
+        "min_valid": float(min_valid),
+        "n_tiles": n,
+        "source_hrefs": list(source.hrefs),
+        "scene_shape": [source.height, source.width],
+        "scene_transform": list(tuple(source.transform)[:6]),
+        "transform_order": "a,b,c,d,e,f (affine/rasterio): x = a*col + b*row + c, y = d*col + e*row + f",
+        "warp": source.warp,
+        "status": "running",
+        "complete": False,
+    }
+    group = root.create_group(partial, attributes=attrs, overwrite=True)
+    backscatter = group.create_array(
+        "backscatter",
+        shape=(n, npol, tile_size, tile_size),
+        chunks=(1, npol, tile_size, tile_size),
+        dtype="float32",
+        fill_value=np.float32(np.nan),
+        compressors=BACKSCATTER_COMPRESSORS,
+        dimension_names=["tile", "pol", "y", "x"],
+        attributes={
+            "units": attrs["units"],
+            "long_name": f"{scene.quantity} backscatter" + ("" if attrs["units"] == "dn" else " (dB)"),
+            "pols": list(source.pols),
+        },
+    )
+    transforms = tile_transforms(source.transform, grid.row_offsets, grid.col_offsets)
+    small = {
+        "transform": (transforms, ["tile", "coef"], {"order": attrs["transform_order"]}),
+        "row_off": (grid.row_offsets, ["tile"], {"units": "pixel"}),
+        "col_off": (grid.col_offsets, ["tile"], {"units": "pixel"}),
+    }
+    for array_name, (values, dims, array_attrs) in small.items():
+        group.create_array(
+            array_name,
+            data=np.ascontiguousarray(values),
+            chunks=values.shape,
+            dimension_names=dims,
+            attributes=array_attrs,
+            compressors=None,
+        )
+    stored = da.store(tiles, backscatter, lock=False, compute=False)
+    with _gdal_env():
+        _, vf = dask.compute(stored, fractions, **_scheduler())
+    vf = np.asarray(vf, dtype=np.float32)
+    group.create_array(
+        "valid_fraction",
+        data=vf,
+        chunks=vf.shape,
+        dimension_names=["tile"],
+        attributes={"units": "1", "min_valid": float(min_valid)},
+        compressors=None,
+    )
+    n_inferable = int(np.count_nonzero(vf >= min_valid))
+    group.attrs.update({"n_inferable": n_inferable, "status": "ok"})
+    group.attrs.update({"complete": True})  # last: the group is finished
+    return n, n_inferable
+
+
+def _publish(store: Path, partial: str, name: str) -> None:
+    """Rename ``partial`` to ``name``, replacing an older ``name`` (moved aside, then deleted)."""
+    final = store / name
+    moved_aside: list[Path] = []
+    for attempt in range(5):
+        if final.exists():
+            old = store / f".{name}.old-{os.getpid()}-{attempt}"
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(final, old)
+                moved_aside.append(old)
+        try:
+            os.replace(store / partial, final)
+            break
+        except OSError:  # another process published meanwhile: move it aside and retry
+            continue
+    else:
+        raise FusarbatchError(f"{final}: could not replace the scene group (is another run writing it?)")
+    for old in moved_aside:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale(store: Path, name: str) -> None:
+    """Delete ``.<name>.partial-<pid>`` / ``.<name>.old-<pid>-<n>`` left by processes that are gone (or by
+    this one)."""
+    for kind in ("partial", "old"):
+        prefix = f".{name}.{kind}-"
+        for path in store.glob(f"{_glob_escape(prefix)}*"):
+            pid = path.name[len(prefix) :].split("-")[0]
+            if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"[{ch}]" if ch in "*?[" else ch for ch in text)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _error_line(exc: BaseException, scene: Scene) -> str:
+    """One line: the message and the new detail of its causes (GDAL's detail is often a cause), then the
+    file(s) concerned when the message does not give their full href."""
+    if isinstance(exc, FusarbatchError):
+        return " ".join(str(exc).split()) or type(exc).__name__
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        message = " ".join(str(current).split())
+        if message and not any(message in part for part in parts):
+            # keep the outermost message; drop inner ones this more detailed message repeats
+            parts = [part for i, part in enumerate(parts) if i == 0 or part not in message]
+            parts.append(message)
+        current = current.__cause__ or current.__context__
+    text = f"{type(exc).__name__}: " + (" <- ".join(parts) or "no message")
+    hrefs = list(dict.fromkeys(ref.href for ref in scene.bands.values()))
+    if not any(h in text for h in hrefs):
+        named = [h for h in hrefs if os.path.basename(h) and os.path.basename(h) in text]
+        text = f"{text} (reading {', '.join(named or hrefs)})"
+    return text
+
+
+def _write_failure(store: Path, scene: Scene, error: str) -> None:
+    """Replace the scene's group with a marker: no arrays, ``complete: false``, ``status: failed``."""
+    root = _open_root(store)
+    marker = f".{scene.safe_id}.partial-{os.getpid()}"
+    root.create_group(
+        marker,
+        attributes={**_scene_attrs(scene), "status": "failed", "error": error, "complete": False},
+        overwrite=True,
+    )
+    _publish(store, marker, scene.safe_id)
+
+
+def scene_groups(store: Path | str) -> Sequence[str]:
+    """Names of the scene groups in a tile store (finished or failed; partial ones excluded), sorted."""
+    store = Path(store)
+    if not store.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in store.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p / "zarr.json").exists()
+    )
