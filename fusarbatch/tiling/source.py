@@ -318,7 +318,7 @@ def _scene_grid(first: _FileInfo, scene: Scene) -> _Grid:
         lon, lat = gcp_centre_lonlat(first.gcps, first.gcps_crs)
         dst = utm_crs(lon, lat)
         try:
-            with rasterio.open(first.href) as src, WarpedVRT(src, **_gcp_warp_kwargs(first, dst)) as vrt:
+            with rasterio.open(first.href) as src, WarpedVRT(src, **_warp_kwargs(first, dst)) as vrt:
                 return _Grid(dst, vrt.transform, vrt.height, vrt.width)
         except rasterio.errors.RasterioError as exc:
             raise SceneError(f"{first.href}: cannot warp its GCPs to {dst} ({_one_line(exc)})") from None
@@ -329,10 +329,11 @@ def _scene_grid(first: _FileInfo, scene: Scene) -> _Grid:
     )
 
 
-def _gcp_warp_kwargs(info: _FileInfo, dst: CRS, src_nodata: float | None = None) -> dict[str, Any]:
-    """WarpedVRT arguments for a GCP-only file. rasterio 1.4 can only warp GCPs to the grid GDAL suggests
-    (``GDALAutoCreateWarpedVRT``): an explicit destination transform makes it use the (identity)
-    geotransform instead of the GCPs, so no ``transform``/``width``/``height`` here."""
+def _warp_kwargs(info: _FileInfo, dst: CRS, src_nodata: float | None = None) -> dict[str, Any]:
+    """WarpedVRT arguments common to every warp. For a GCP-only file they are all: rasterio 1.4 can only
+    warp GCPs onto the grid GDAL suggests (``GDALAutoCreateWarpedVRT``); with an explicit destination
+    transform it uses the (identity) geotransform instead of the GCPs and fails. Aligning a georeferenced
+    file adds ``transform``/``width``/``height``."""
     return {
         "crs": dst,
         "resampling": WARP_RESAMPLING,
@@ -410,13 +411,13 @@ def _open_run(
                 gcp_only = bool(info.gcps) and not info.has_geotransform
                 warp = {"from": "gcps" if gcp_only else "grid"}
                 if gcp_only:
-                    kwargs = _gcp_warp_kwargs(info, grid.crs, src_nodata)
+                    kwargs = _warp_kwargs(info, grid.crs, src_nodata)
                 else:
                     src_crs = None
                     if info.crs is None and info.has_geotransform and scene.crs:
                         src_crs = CRS.from_user_input(scene.crs)
                     kwargs = {
-                        **_gcp_warp_kwargs(info, grid.crs, src_nodata),
+                        **_warp_kwargs(info, grid.crs, src_nodata),
                         "src_crs": src_crs,
                         "transform": grid.transform,
                         "width": grid.width,

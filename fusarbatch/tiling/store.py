@@ -26,8 +26,8 @@ true last; then the directory is renamed to ``<safe_id>``, replacing an older gr
 renamed aside, then deleted). Readers only trust groups with ``complete == true``. A scene that fails
 leaves no partial group; its group becomes a marker with no arrays and attributes ``{"complete": false,
 "status": "failed", "error": ...}`` (the store thus always reflects the last attempt at each scene).
-Leftovers of a killed run (``.<safe_id>.partial-<pid>`` / ``.<safe_id>.old-<pid>-<n>`` of a dead process)
-are removed the next time that scene is tiled.
+Leftovers of a killed run (``.<safe_id>.partial-<pid>`` / ``.<safe_id>.old-<pid>`` of a dead process) are
+removed the next time that scene is tiled.
 
 **Memory.** The work is one dask graph per scene with one independent task per group of neighbouring
 tiles of a tile row (:func:`build_tiles`): read the group's window, convert to dB, cut the tiles; then
@@ -83,12 +83,13 @@ log = logging.getLogger(__name__)
 #: Default ``min_valid``: tiles with a smaller valid fraction are stored but not inferred.
 DEFAULT_MIN_VALID = 0.05
 #: Compression of ``backscatter`` chunks: none. SAR float32 barely compresses (speckle fills the mantissa):
-#: on the benchmark scene zstd level 1 saves 21% of the bytes and blosc-lz4 with byte shuffle 28%, at 25%
-#: and 12% less throughput (benchmarks/RESULTS.md, "Tiling (issue 2)"). Set e.g.
+#: on the benchmark scene zstd level 1 saves 21% of the bytes and blosc-lz4 with byte shuffle 28%, and both
+#: cost 5-30% of the throughput on 2 cores (benchmarks/RESULTS.md, "Tiling (issue 2)"). Set e.g.
 #: ``zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")`` where disk space matters more.
 BACKSCATTER_COMPRESSORS: Any = None
-#: Threads of the threaded scheduler; ``None`` = one per CPU (2, 3 and 4 threads on 2 cores measured the
-#: same: reads of a file are serialised, the rest is CPU-bound). ``dask.config.set(num_workers=n)`` wins.
+#: Threads of the threaded scheduler; ``None`` = one per CPU plus one: reads of a file are serialised on
+#: its handle, and the extra thread keeps the CPUs busy while one waits (on 2 cores, 3 threads were 5-10%
+#: faster than 2, and 4 no faster than 3). ``dask.config.set(num_workers=n)`` wins.
 THREADS: int | None = None
 #: GDAL block cache while a scene is read, in bytes (GDAL reads values >= 100000 as bytes).
 GDAL_CACHE_BYTES = 256 * 2**20
@@ -245,9 +246,17 @@ def build_tiles(source: SourceRaster, grid: TileGrid, scale: str) -> da.Array:
 def valid_fractions(tiles: da.Array) -> da.Array:
     """``(tile,)`` float32: per tile, the share of its ``y x x`` pixels where every pol is finite.
 
-    :param tiles: ``(tile, pol, y, x)`` dask array, any chunks along ``tile``, one along the others.
+    :param tiles: ``(tile, pol, y, x)`` dask array, any chunks along ``tile``, one chunk along the others.
     """
-    return tiles.map_blocks(_valid_fraction_block, drop_axis=[1, 2, 3], dtype=np.float32)
+    if any(len(c) != 1 for c in tiles.chunks[1:]):
+        raise ValueError("valid_fractions needs one chunk along pol, y and x")
+    # One task per block (map_blocks with drop_axis would first concatenate, i.e. copy, every block).
+    name = f"fusarbatch-valid-fraction-{uuid.uuid4().hex}"
+    dsk = {}
+    for i in range(len(tiles.chunks[0])):
+        dsk[(name, i)] = Task((name, i), _valid_fraction_block, TaskRef((tiles.name, i, 0, 0, 0)))
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[tiles])
+    return da.Array(graph, name, chunks=(tiles.chunks[0],), dtype=np.float32)
 
 
 def _read_group(reader: WindowReader, row: int, cols: tuple[int, ...], size: int, scale: str) -> np.ndarray:
@@ -256,10 +265,13 @@ def _read_group(reader: WindowReader, row: int, cols: tuple[int, ...], size: int
     row1 = min(row + size, height)
     col0, col1 = cols[0], min(cols[-1] + size, width)
     window = to_db(reader.read(row, row1, col0, col1), scale, overwrite=True)
-    out = np.full((len(cols), window.shape[0], size, size), np.nan, dtype=np.float32)
+    h = row1 - row
+    out = np.empty((len(cols), window.shape[0], size, size), dtype=np.float32)
     for t, col in enumerate(cols):
         w = min(size, width - col)
-        out[t, :, : row1 - row, :w] = window[:, :, col - col0 : col - col0 + w]
+        out[t, :, :h, :w] = window[:, :, col - col0 : col - col0 + w]
+        out[t, :, h:, :] = np.nan  # padding past the scene edge (no-op inside the scene)
+        out[t, :, :h, w:] = np.nan
     return out
 
 
@@ -284,7 +296,7 @@ def _scheduler() -> dict[str, Any]:
         return {"scheduler": default_client()}
     except (ImportError, ValueError):
         pass
-    workers = dask.config.get("num_workers", None) or THREADS or os.cpu_count() or 1
+    workers = dask.config.get("num_workers", None) or THREADS or (os.cpu_count() or 1) + 1
     return {"scheduler": "threads", "num_workers": int(workers)}
 
 
@@ -400,15 +412,15 @@ def _write_scene(
 
 
 def _publish(store: Path, partial: str, name: str) -> None:
-    """Rename ``partial`` to ``name``, replacing an older ``name`` (moved aside, then deleted)."""
+    """Rename ``partial`` to ``name``, replacing an older ``name`` (moved aside to ``.<name>.old-<pid>``,
+    then deleted)."""
     final = store / name
-    moved_aside: list[Path] = []
-    for attempt in range(5):
+    old = store / f".{name}.old-{os.getpid()}"
+    for _ in range(5):
         if final.exists():
-            old = store / f".{name}.old-{os.getpid()}-{attempt}"
+            shutil.rmtree(old, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 os.replace(final, old)
-                moved_aside.append(old)
         try:
             os.replace(store / partial, final)
             break
@@ -416,17 +428,16 @@ def _publish(store: Path, partial: str, name: str) -> None:
             continue
     else:
         raise FusarbatchError(f"{final}: could not replace the scene group (is another run writing it?)")
-    for old in moved_aside:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_stale(store: Path, name: str) -> None:
-    """Delete ``.<name>.partial-<pid>`` / ``.<name>.old-<pid>-<n>`` left by processes that are gone (or by
+    """Delete ``.<name>.partial-<pid>`` / ``.<name>.old-<pid>`` left by processes that are gone (or by
     this one)."""
     for kind in ("partial", "old"):
         prefix = f".{name}.{kind}-"
         for path in store.glob(f"{_glob_escape(prefix)}*"):
-            pid = path.name[len(prefix) :].split("-")[0]
+            pid = path.name[len(prefix) :]
             if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
                 shutil.rmtree(path, ignore_errors=True)
 

@@ -96,7 +96,7 @@ def test_stale_partial_of_a_dead_process_is_removed_and_complete_is_false_there(
         except ProcessLookupError:
             break
     shutil.copytree(store / scene.safe_id, store / f".{scene.safe_id}.partial-{dead}")
-    shutil.copytree(store / scene.safe_id, store / f".{scene.safe_id}.old-{dead}-0")
+    shutil.copytree(store / scene.safe_id, store / f".{scene.safe_id}.old-{dead}")
     shutil.copytree(store / scene.safe_id, store / f".other.partial-{os.getpid()}")  # another scene's: kept
     zarr.open_group(str(store), path=f".{scene.safe_id}.partial-{dead}", mode="a").attrs["complete"] = False
     assert scene_groups(store) == [scene.safe_id]  # partial groups are not listed
@@ -228,7 +228,7 @@ def test_runs_on_an_active_distributed_client(tmp_path, demo_scenes):
     scene = demo_scenes["sen12ms"]
     with (
         distributed.LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
         ) as cluster,
         distributed.Client(cluster),
     ):
