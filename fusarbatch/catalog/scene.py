@@ -12,6 +12,7 @@ fusarbatch reads two optional, namespaced Item or Asset properties that override
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import re
 import tempfile
@@ -25,12 +26,13 @@ from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
 from fusarbatch.catalog.spec import CatalogSpec
-from fusarbatch.errors import CatalogError
+from fusarbatch.errors import CatalogError, UsageError
 
 #: Order in which polarisations are stored (``pol`` axis of the tile store).
 POL_ORDER: tuple[str, ...] = ("VV", "VH", "HH", "HV")
 _DB_UNITS = {"db", "decibel", "decibels"}
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
+_RESERVED = {"zarr.json", "c", "scenes.parquet"}
 
 
 @dataclass(frozen=True)
@@ -80,10 +82,19 @@ class Scene:
 
     @property
     def safe_id(self) -> str:
-        """:attr:`item_id` with characters outside ``[A-Za-z0-9._-]`` replaced by ``_`` (for file and group
-        names: item ids come from untrusted catalogs)."""
+        """:attr:`item_id` as a file and Zarr group name (item ids come from untrusted catalogs).
+
+        Characters outside ``[A-Za-z0-9._-]`` become ``_`` and leading dots go. When that changed the id,
+        or the result is empty, longer than 120 characters, or a name the Zarr store reserves
+        (``zarr.json``, ``c``), the first 8 hex digits of the id's SHA-1 are appended, so that different
+        ids never share a name.
+        """
         cleaned = _SAFE_ID.sub("_", self.item_id).lstrip(".")
-        return cleaned or "scene"
+        reserved = cleaned.lower() in _RESERVED or cleaned.lower().startswith("zarr.")
+        if cleaned == self.item_id and cleaned and len(cleaned) <= 120 and not reserved:
+            return cleaned
+        digest = hashlib.sha1(self.item_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        return f"{cleaned[:120] or 'scene'}-{digest}"
 
     @classmethod
     def from_item(cls, item: dict[str, Any], spec: CatalogSpec) -> Scene:
@@ -215,8 +226,13 @@ def save_scenes(scenes: Sequence[Scene], path: str | Path) -> Path:
     import stac_geoparquet.arrow as sga
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise UsageError(f"--save {path}: is a directory; give a file name such as scenes.parquet")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UsageError(f"--save {path}: cannot write there ({exc.strerror}); choose another path") from None
     os.close(fd)
     try:
         if scenes:

@@ -100,6 +100,7 @@ def search(
             f"catalog {_label(spec)}: unknown kind {spec.kind!r}; use api, static or geoparquet"
         )
 
+    spec.signer()  # a missing signer is the catalog's error, not every item's
     stream = spec.kind == "api"
     scenes: list[Scene] = []
     coverage: dict[str, float] = {}
@@ -232,30 +233,75 @@ def _walk_static(spec: CatalogSpec) -> list[dict[str, Any]]:
             f"catalog {spec.name!r}: {spec.href} is a STAC {type(root).__name__}, not a Catalog or "
             f"Collection; give the catalog.json"
         )
-    items: list[dict[str, Any]] = []
     try:
         sources: list[pystac.Catalog] = [root]
         if spec.collections:
             wanted = set(spec.collections)
             sources = [root] if isinstance(root, pystac.Collection) and root.id in wanted else []
-            sources += [c for c in root.get_all_collections() if c.id in wanted]
+            sources += [c for c in _children(root) if c.id in wanted]
             found = {c.id for c in sources}
             if not found:
-                available = sorted(c.id for c in root.get_all_collections()) or ["none"]
+                available = sorted(c.id for c in _children(root)) or ["none"]
                 raise CatalogError(
                     f"catalog {_label(spec)}: no collection {', '.join(sorted(wanted))}; "
                     f"available: {', '.join(available)}"
                 )
             for missing in sorted(wanted - found):
                 log.warning("catalog %r: no collection %r", spec.name, missing)
-        for source in sources:
-            for item in source.get_items(recursive=True):
-                item.make_asset_hrefs_absolute()
-                items.append(item.to_dict(include_self_link=False, transform_hrefs=False))
     except CatalogError:
         raise
     except Exception as exc:
-        raise _catalog_error(spec, exc, "cannot read an item or child of it") from None
+        raise _catalog_error(spec, exc, "cannot read a child of it") from None
+    items: list[dict[str, Any]] = []
+    visited: set[str] = set()
+    for source in sources:
+        items.extend(_linked_items(source, visited))
+    return items
+
+
+def _children(catalog: Any, visited: set[str] | None = None) -> list[Any]:
+    """Every Catalog/Collection below ``catalog`` (recursively); an unreadable child is skipped with a
+    warning, and a link cycle is followed once."""
+    import pystac
+
+    visited = set() if visited is None else visited
+    out = []
+    for link in catalog.get_links("child"):
+        href = link.get_absolute_href() or str(link.href)
+        if href in visited:
+            continue
+        visited.add(href)
+        try:
+            child = link.resolve_stac_object(root=catalog.get_root()).target
+        except Exception as exc:  # untrusted catalog: pystac raises many types
+            log.warning("skipped: child %s of catalog %r (%s)", href, catalog.id, _one_line(exc))
+            continue
+        if isinstance(child, pystac.Catalog):
+            out.append(child)
+            out.extend(_children(child, visited))
+    return out
+
+
+def _linked_items(catalog: Any, visited: set[str]) -> list[dict[str, Any]]:
+    """Item dicts (absolute asset hrefs) linked from ``catalog`` and its children. An item that cannot be
+    read (missing file, bad JSON, bad datetime, not an Item) is skipped with a warning naming it."""
+    import pystac
+
+    items = []
+    for source in [catalog, *_children(catalog, set())]:
+        for link in source.get_links("item"):
+            href = link.get_absolute_href() or str(link.href)
+            if href in visited:
+                continue
+            visited.add(href)
+            try:
+                item = link.resolve_stac_object(root=source.get_root()).target
+                if not isinstance(item, pystac.Item):
+                    raise TypeError(f"a STAC {type(item).__name__}, not an Item")
+                item.make_asset_hrefs_absolute()
+                items.append(item.to_dict(include_self_link=False, transform_hrefs=False))
+            except Exception as exc:  # untrusted catalog: pystac raises many types
+                log.warning("skipped: item %s (%s)", href, _one_line(exc))
     return items
 
 

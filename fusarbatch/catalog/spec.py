@@ -130,6 +130,27 @@ def load_spec_file(path: Path) -> CatalogSpec:
             f"catalog file {path}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(_FIELDS))}"
         )
     raw.setdefault("name", path.stem)
+    types = {
+        "name": str,
+        "kind": str,
+        "href": str,
+        "sign": str,
+        "description": str,
+        "quantity": str,
+        "scale": str,
+    }
+    for key, kind in types.items():
+        if key in raw and not isinstance(raw[key], kind):
+            raise CatalogError(f"catalog file {path}: `{key}` must be a string, got {raw[key]!r}")
+    if "timeout_s" in raw and (
+        isinstance(raw["timeout_s"], bool)
+        or not isinstance(raw["timeout_s"], int | float)
+        or raw["timeout_s"] <= 0
+    ):
+        raise CatalogError(f"catalog file {path}: `timeout_s` must be a number of seconds > 0")
+    collections = raw.get("collections", [])
+    if not isinstance(collections, list) or not all(isinstance(c, str) for c in collections):
+        raise CatalogError(f"catalog file {path}: `collections` must be a list of strings")
     if "kind" not in raw or "href" not in raw:
         raise CatalogError(f"catalog file {path}: `kind` and `href` are required")
     if raw["kind"] not in ("api", "static", "geoparquet"):

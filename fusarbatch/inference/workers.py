@@ -214,6 +214,16 @@ def start_client(
     from distributed import Client, LocalCluster
 
     if scheduler:
+        from distributed.comm.addressing import parse_address, parse_host_port
+
+        try:
+            scheme, location = parse_address(scheduler)
+            if scheme in ("tcp", "tls"):
+                parse_host_port(location)
+        except ValueError as exc:
+            raise UsageError(
+                f"--scheduler {scheduler!r}: not a scheduler address ({exc}); give e.g. tcp://host:8786"
+            ) from None
         try:
             client = Client(scheduler, timeout=f"{connect_timeout_s}s")
         except (OSError, TimeoutError) as exc:

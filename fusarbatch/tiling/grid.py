@@ -25,23 +25,39 @@ from dataclasses import dataclass
 import numpy as np
 from affine import Affine
 
+from fusarbatch.errors import UsageError
+
 #: Default tile edge in pixels: 504 = 18 x 28 (the FUSAR-GPT training size: 324 visual tokens).
 DEFAULT_TILE_SIZE = 504
 #: Default minimum overlap between neighbouring tiles, in pixels.
 DEFAULT_OVERLAP = 56
 
 
+#: Largest tile edge accepted (pixels): one tile of 4 polarisations is then 1 GiB of float32.
+MAX_TILE_SIZE = 8192
+
+
+class TilingParameterError(UsageError, ValueError):
+    """Invalid ``--tile-size`` / ``--overlap`` (a usage error, exit code 2; also a ValueError)."""
+
+
 def validate_tiling(tile_size: int, overlap: int) -> None:
     """Check a tile size and overlap.
 
-    :raises ValueError: unless ``tile_size > overlap >= 0`` (both integers).
+    :raises TilingParameterError: unless ``MAX_TILE_SIZE >= tile_size > overlap >= 0`` (integers).
     """
     if not isinstance(tile_size, int | np.integer) or not isinstance(overlap, int | np.integer):
-        raise ValueError(f"tile size and overlap must be integers, got {tile_size!r} and {overlap!r}")
+        raise TilingParameterError(
+            f"--tile-size and --overlap must be integers, got {tile_size!r} and {overlap!r}"
+        )
     if overlap < 0:
-        raise ValueError(f"overlap must be >= 0 pixels, got {overlap}")
+        raise TilingParameterError(f"--overlap {overlap}: must be >= 0 pixels")
     if tile_size <= overlap:
-        raise ValueError(f"tile size ({tile_size} px) must be larger than the overlap ({overlap} px)")
+        raise TilingParameterError(
+            f"--overlap {overlap} must be smaller than --tile-size {tile_size}; lower the overlap"
+        )
+    if tile_size > MAX_TILE_SIZE:
+        raise TilingParameterError(f"--tile-size {tile_size}: at most {MAX_TILE_SIZE} pixels")
 
 
 def tile_origins(

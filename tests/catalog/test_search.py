@@ -416,3 +416,44 @@ def test_static_catalog_over_http(demo_over_http):
     assert result.scenes[0].bands["VV"].href == (
         demo_over_http + "data/camargue/S1A__IW___A_20150309T173017_VV_grd_mli_geo_norm_db.tif"
     )
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_static_catalog_skips_unreadable_items_and_keeps_the_rest(tmp_path, caplog):
+    import shutil
+
+    from fusarbatch.catalog import search_scenes
+
+    demo = REPO / "catalogs" / "demo"
+    copy = tmp_path / "demo"
+    shutil.copytree(demo, copy, ignore=shutil.ignore_patterns("data"))
+    (copy / "data").symlink_to(demo / "data")
+    items = sorted((copy / "fusarbatch-demo-s1").glob("*/*.json"))
+    bad_datetime, not_json = items[0], items[1]
+    doc = json.loads(bad_datetime.read_text())
+    doc["properties"]["datetime"] = "not-a-date"
+    bad_datetime.write_text(json.dumps(doc))
+    not_json.write_text("{ this is not json")
+    with caplog.at_level("WARNING", logger="fusarbatch.catalog"):
+        result = search_scenes(
+            aoi=REPO / "catalogs/demo/aois/demo_all.geojson", start="2015-01", end=None, catalog=str(copy)
+        )
+    assert len(result.scenes) == 1
+    assert result.scenes[0].item_id == items[2].stem
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 2 and any(bad_datetime.name in m for m in skipped)
+
+
+def test_broken_signer_is_reported_as_the_catalogs_error(tmp_path):
+    from fusarbatch.catalog import search_scenes
+
+    toml = tmp_path / "signed.toml"
+    toml.write_text(
+        f'kind = "static"\nhref = "{REPO / "catalogs/demo/catalog.json"}"\nsign = "no_such_module_xyz:sign"\n'
+    )
+    with pytest.raises(CatalogError, match="no_such_module_xyz"):
+        search_scenes(
+            aoi=REPO / "catalogs/demo/aois/camargue.geojson", start="2015-01", end=None, catalog=str(toml)
+        )

@@ -46,3 +46,11 @@ def test_resolve_device_on_a_cpu_machine():
     assert resolve_device("cuda") == "cpu"
     with pytest.raises(FusarbatchError, match="--require-gpu"):
         resolve_device(None, require_gpu=True)
+
+
+@pytest.mark.parametrize("address", ["garbage", "tcp://127.0.0.1", "tcp://:x"])
+def test_malformed_scheduler_address_is_a_usage_error(address):
+    from fusarbatch.errors import UsageError
+
+    with pytest.raises(UsageError, match="not a scheduler address"):
+        start_client(address, connect_timeout_s=2)

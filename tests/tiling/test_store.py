@@ -203,20 +203,24 @@ def test_not_georeferenced_fails(tmp_path, make_scene):
     assert result.status == "failed" and "not georeferenced" in result.error and str(path) in result.error
 
 
-def test_group_name_collision_fails_the_second_scene(tmp_path, make_scene, write_generated_tif):
+def test_ids_that_sanitise_alike_get_distinct_groups(tmp_path, make_scene, write_generated_tif):
     path = write_generated_tif("generated_collision.tif", np.zeros((1, 40, 40), dtype=np.float32))
     a = make_scene("S1/abc", {"VV": path})
     b = make_scene("S1:abc", {"VV": path})
-    assert a.safe_id == b.safe_id == "S1_abc"
-    results = tile_scenes([a, b], tmp_path / "tiles.zarr", tile_size=32, overlap=4)
-    assert [r.status for r in results] == ["ok", "failed"]
-    assert "already used by scene 'S1/abc'" in results[1].error
-    g = zarr.open_group(str(tmp_path / "tiles.zarr"), path="S1_abc", mode="r")
-    assert g.attrs["item_id"] == "S1/abc" and g.attrs["complete"] is True
+    reserved = make_scene("zarr.json", {"VV": path})
+    assert a.safe_id != b.safe_id and a.safe_id.startswith("S1_abc-") and b.safe_id.startswith("S1_abc-")
+    assert reserved.safe_id.startswith("zarr.json-")
+    results = tile_scenes([a, b, reserved], tmp_path / "tiles.zarr", tile_size=32, overlap=4)
+    assert [r.status for r in results] == ["ok", "ok", "ok"]
+    for scene in (a, b, reserved):
+        g = zarr.open_group(str(tmp_path / "tiles.zarr"), path=scene.safe_id, mode="r")
+        assert g.attrs["item_id"] == scene.item_id and g.attrs["complete"] is True
+    # the store's own metadata survived the item called "zarr.json"
+    assert zarr.open_group(str(tmp_path / "tiles.zarr"), mode="r") is not None
 
 
 def test_invalid_parameters_raise(tmp_path, demo_scenes):
-    with pytest.raises(ValueError, match="larger than the overlap"):
+    with pytest.raises(ValueError, match="must be smaller than --tile-size 32"):
         tile_scenes([demo_scenes["camargue"]], tmp_path / "tiles.zarr", tile_size=32, overlap=32)
     with pytest.raises(ValueError, match="min_valid"):
         tile_scene(demo_scenes["camargue"], tmp_path / "tiles.zarr", min_valid=1.5)
