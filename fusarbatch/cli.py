@@ -103,8 +103,13 @@ def tile(
 ) -> None:
     """Search, then tile every scene into <out>/tiles.zarr (DESIGN 3.2)."""
     from fusarbatch.catalog import search_scenes
+    from fusarbatch.outputs import ensure_writable_dir
     from fusarbatch.report import print_scenes, print_tiling
     from fusarbatch.tiling import tile_scenes
+    from fusarbatch.tiling.grid import validate_tiling
+
+    validate_tiling(tile_size, overlap)
+    ensure_writable_dir(out)
 
     result = search_scenes(
         aoi=aoi,
@@ -122,15 +127,40 @@ def tile(
         raise typer.Exit(1)
 
 
+# `run` takes every RunConfig field as a flag (tests/test_ops.py checks it); None = not given, so that
+# --config FILE values and the defaults apply (flags > file > defaults).
+_RUN_FLAG_FIELDS = {"collection": "collections", "label": "labels", "class_": "classes"}
+
+
+def _run_overrides(params: dict[str, object]) -> dict[str, object]:
+    """``run`` parameters -> RunConfig overrides (lists to tuples, empty lists to not given)."""
+    overrides: dict[str, object] = {}
+    for name, value in params.items():
+        if name == "config":
+            continue
+        if isinstance(value, list | tuple):  # typer gives lists, a bare click context tuples
+            value = tuple(value) or None
+        overrides[_RUN_FLAG_FIELDS.get(name, name)] = value
+    return overrides
+
+
 @app.command()
 def run(
-    aoi: AoiOpt,
-    start: StartOpt,
-    end: EndOpt = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML file with any of these options (flags win).")
+    ] = None,
+    aoi: Annotated[
+        Path | None, typer.Option("--aoi", help="AOI GeoJSON file: Feature, FeatureCollection or geometry.")
+    ] = None,
+    start: Annotated[
+        str | None,
+        typer.Option("--start", help="First day, UTC: YYYY-MM, YYYY-MM-DD, or back from now: -P2D, -PT36H."),
+    ] = None,
+    end: Annotated[str | None, typer.Option("--end", help="Last day, inclusive (same forms).")] = None,
     catalog: CatalogOpt = None,
     collection: CollectionOpt = None,
     limit: LimitOpt = None,
-    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("out"),
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: out).")] = None,
     model: Annotated[
         Path | None, typer.Option("--model", help="Model directory (default: the packaged demo model).")
     ] = None,
@@ -138,57 +168,135 @@ def run(
         str | None,
         typer.Option("--aef-index", help="AlphaEarth index (GeoParquet/CSV), local or fsspec URL."),
     ] = None,
+    anchors: Annotated[int | None, typer.Option("--anchors", help="N for an N x N anchor grid (8).")] = None,
     label: Annotated[
         list[str] | None, typer.Option("--label", help="Object label to detect (repeatable).")
     ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", min=1, help="Tiles per generate call.")
+    class_: Annotated[
+        list[str] | None, typer.Option("--class", help="Tile class to ask about (repeatable).")
     ] = None,
-    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1)] = None,
+    tile_size: Annotated[int | None, typer.Option("--tile-size", help="Tile edge, pixels (504).")] = None,
+    overlap: Annotated[int | None, typer.Option("--overlap", help="Tile overlap, pixels (56).")] = None,
+    min_valid: Annotated[
+        float | None, typer.Option("--min-valid", help="Tiles with less valid data are not inferred.")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Tiles per generate call (8).")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", help="Generation budget per prompt (128).")
+    ] = None,
+    iou_threshold: Annotated[float | None, typer.Option("--iou-threshold", help="Cross-tile NMS.")] = None,
     scheduler: Annotated[
         str | None, typer.Option("--scheduler", help="Dask scheduler address (default: a LocalCluster).")
+    ] = None,
+    scheduler_timeout_s: Annotated[
+        float | None, typer.Option("--scheduler-timeout", help="Seconds to reach --scheduler (20).")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="LocalCluster model workers, one per GPU (1).")
     ] = None,
     device: Annotated[
         str | None, typer.Option("--device", help="cuda or cpu (default: cuda if present).")
     ] = None,
     require_gpu: Annotated[
-        bool, typer.Option("--require-gpu", help="Fail when no GPU is visible instead of using the CPU.")
-    ] = False,
-    tile_size: Annotated[int | None, typer.Option("--tile-size", min=28)] = None,
-    overlap: Annotated[int | None, typer.Option("--overlap", min=0)] = None,
+        bool | None,
+        typer.Option("--require-gpu", help="Fail when no GPU is visible instead of using the CPU."),
+    ] = None,
+    task_timeout_s: Annotated[
+        float | None, typer.Option("--task-timeout", help="Seconds before one batch counts as hung.")
+    ] = None,
+    quicklooks: Annotated[
+        bool | None, typer.Option("--quicklooks/--no-quicklooks", help="PNG per scene (on).")
+    ] = None,
+    since_last_run: Annotated[
+        bool | None,
+        typer.Option("--since-last-run", help="Search from the last finished run on (--start: first run)."),
+    ] = None,
+    since_margin: Annotated[
+        str | None, typer.Option("--since-margin", help="Searched again before the last run (P1D).")
+    ] = None,
+    retry_failed: Annotated[
+        bool | None, typer.Option("--retry-failed", help="Only retry the ledger's failed scenes.")
+    ] = None,
+    force: Annotated[bool | None, typer.Option("--force", help="Redo scenes even when done.")] = None,
+    wait: Annotated[
+        bool | None, typer.Option("--wait", help="Wait for a run holding --out instead of exiting 75.")
+    ] = None,
+    log_file: Annotated[Path | None, typer.Option("--log-file", help="Append JSON-lines logs here.")] = None,
 ) -> None:
-    """Search, tile, attach AlphaEarth anchors, run FUSAR-GPT and write GeoParquet (DESIGN 1)."""
-    from fusarbatch.config import load_config
-    from fusarbatch.pipeline import run as run_pipeline
-    from fusarbatch.report import RunProgress, print_run_summary
+    """Search, tile, attach AlphaEarth anchors, run FUSAR-GPT and write GeoParquet (DESIGN 1, 3.7).
 
-    cfg = load_config(
-        None,
-        {
-            "aoi": aoi,
-            "start": start,
-            "end": end,
-            "catalog": catalog,
-            "collections": tuple(collection) if collection else None,
-            "limit": limit,
-            "out": out,
-            "model": model,
-            "aef_index": aef_index,
-            "labels": tuple(label) if label else None,
-            "batch_size": batch_size,
-            "max_new_tokens": max_new_tokens,
-            "scheduler": scheduler,
-            "device": device,
-            "require_gpu": require_gpu or None,
-            "tile_size": tile_size,
-            "overlap": overlap,
-        },
-    )
-    with RunProgress(console) as progress:
-        summary = run_pipeline(cfg, progress)
+    Skips scenes done with the same configuration and model (ledger.sqlite); exit codes: 0 all done,
+    1 some scenes failed, 2 usage error, 75 --out locked by another run.
+    """
+    params = dict(locals())  # first: the options only
+    import signal
+
+    from fusarbatch.config import load_config
+    from fusarbatch.outputs.ledger import RunLock, new_run_id, prepare_out
+    from fusarbatch.report import set_log_context, setup_run_logging
+
+    cfg = load_config(config, _run_overrides(params))
+    setup_run_logging(json_lines=not err_console.is_terminal, log_file=cfg.log_file)
+    run_id = new_run_id()
+    set_log_context(run_id=run_id)
+    prepare_out(cfg.out)
+    lock = RunLock(cfg.out).acquire(wait=cfg.wait, run_id=run_id)  # before the heavy imports: exit 75 at once
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # systemd/cron stop: the ledger records the run as interrupted
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        from fusarbatch.pipeline import run as run_pipeline
+        from fusarbatch.report import RunProgress, print_run_summary, route_library_logs
+
+        route_library_logs()
+        with RunProgress(console) as progress:
+            summary = run_pipeline(cfg, progress, lock=lock, run_id=run_id)
+    finally:
+        lock.release()
     print_run_summary(console, summary)
     if summary.failed:
         raise typer.Exit(1)
+
+
+config_app = typer.Typer(help="The configuration of `fusarbatch run`.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def config_show(ctx: typer.Context) -> None:
+    """Print, as TOML, the configuration `fusarbatch run` would use with the same options (every `run`
+    option is accepted: defaults <- --config FILE <- flags). The output reads back with --config."""
+    from fusarbatch.config import load_config, to_toml
+
+    command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+    with command.make_context("fusarbatch config show", list(ctx.args)) as sub:
+        params = dict(sub.params)
+    cfg = load_config(params.pop("config"), _run_overrides(params))
+    sys.stdout.write(to_toml(cfg))
+
+
+@app.command()
+def status(
+    out: Annotated[Path, typer.Option("--out", help="Output folder of `fusarbatch run`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="How many recent runs to list.")] = 5,
+) -> None:
+    """Ledger of an output folder: scenes per stage and status, failures with reasons, last runs, the lock,
+    and the outputs on disk (checked against the ledger)."""
+    import json
+
+    from fusarbatch.outputs.ledger import collect_status
+    from fusarbatch.report import print_status
+
+    info = collect_status(out, runs=runs)
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
+    else:
+        print_status(console, info)
 
 
 @app.command()
@@ -209,6 +317,120 @@ def features(
     print_features(console, results)
 
 
+DataOpt = Annotated[list[Path], typer.Option("--data", help="Triplet manifest (JSON Lines; repeatable).")]
+
+
+@app.command()
+def train(
+    stage: Annotated[
+        int, typer.Option("--stage", min=1, max=2, help="1: captions, TLM (+LoRA); 2: tasks, LoRA.")
+    ],
+    data: DataOpt,
+    base_model: Annotated[Path, typer.Option("--base-model", help="Qwen2.5-VL model directory (frozen).")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Output folder: checkpoints, final model, log, loss.png.")
+    ],
+    init: Annotated[
+        Path | None, typer.Option("--init", help="Stage-1 output to start from (required for stage 2).")
+    ] = None,
+    stage1_lora: Annotated[
+        bool,
+        typer.Option("--stage1-lora/--no-stage1-lora", help="Stage 1 also trains LoRA (official code)."),
+    ] = True,
+    epochs: Annotated[
+        float | None, typer.Option("--epochs", help="Default: 30 (stage 1), 5 (stage 2).")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Overrides --epochs.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Default: 1e-4 (stage 1), 1e-5 (stage 2).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 1,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1)] = 4,
+    warmup: Annotated[float, typer.Option("--warmup", help="Warm-up share of the steps.")] = 0.05,
+    save_steps: Annotated[int, typer.Option("--save-steps", min=0, help="Checkpoint every N steps.")] = 500,
+    log_steps: Annotated[int, typer.Option("--log-steps", min=1)] = 10,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 42,
+    lora_r: Annotated[int, typer.Option("--lora-r", min=1)] = 8,
+    max_length: Annotated[int, typer.Option("--max-length", min=16)] = 2048,
+    no_tlm: Annotated[bool, typer.Option("--no-tlm", help="Train without the TLM (no anchors).")] = False,
+    tlm_zero_init: Annotated[
+        bool, typer.Option("--tlm-zero-init", help="A new TLM starts as the identity (last layer zeroed).")
+    ] = False,
+    device: Annotated[str | None, typer.Option("--device", help="cuda or cpu.")] = None,
+) -> None:
+    """Train FUSAR-GPT stage 1 or 2 on triplet manifests (DESIGN 4)."""
+    from training.train import TrainConfig
+    from training.train import train as run_training
+
+    result = run_training(
+        TrainConfig(
+            stage=stage,
+            data=list(data),
+            base_model=base_model,
+            out=out,
+            init=init,
+            stage1_lora=stage1_lora,
+            epochs=epochs,
+            max_steps=max_steps,
+            lr=lr,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            warmup=warmup,
+            save_steps=save_steps,
+            log_steps=log_steps,
+            resume=resume,
+            seed=seed,
+            lora_r=lora_r,
+            max_length=max_length,
+            no_tlm=no_tlm,
+            tlm_zero_init=tlm_zero_init,
+            device=device,
+        )
+    )
+    console.print(
+        f"stage {stage}: {result.steps} steps on {result.records} records in {result.wall_s:.0f} s, "
+        f"final loss {result.final_loss}; model in {result.out}",
+        highlight=False,
+    )
+
+
+@app.command(name="eval")
+def evaluate(
+    model: Annotated[Path, typer.Option("--model", help="Training output or full model directory.")],
+    data: DataOpt,
+    out: Annotated[Path | None, typer.Option("--out", help="Default: <model>/eval (eval_no_tlm).")] = None,
+    base_model: Annotated[
+        Path | None, typer.Option("--base-model", help="Base model (default: recorded by training).")
+    ] = None,
+    no_tlm: Annotated[bool, typer.Option("--no-tlm", help="Switch the TLM off (ablation).")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1)] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most N records per task.")] = None,
+    task: Annotated[list[str] | None, typer.Option("--task", help="Only this task (repeatable).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cuda or cpu.")] = None,
+) -> None:
+    """Score a model on a triplet manifest with the paper's metrics; writes metrics.json and metrics.md."""
+    from training.evaluate import EvalConfig, evaluate_and_report
+
+    console.print(
+        evaluate_and_report(
+            EvalConfig(
+                model=model,
+                data=list(data),
+                out=out,
+                base_model=base_model,
+                no_tlm=no_tlm,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                limit=limit,
+                tasks=task,
+                device=device,
+            )
+        ),
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 def main() -> None:
     """Console-script entry point: runs the app, turning :class:`FusarbatchError` into one line."""
     handler = logging.StreamHandler()
@@ -218,7 +440,9 @@ def main() -> None:
     try:
         app()
     except FusarbatchError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        from fusarbatch.report import print_error
+
+        print_error(err_console, exc, exc.exit_code)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -1,32 +1,72 @@
 """Typed run configuration (pydantic): what ``fusarbatch run`` does, validated before anything runs.
 
-Values come from the defaults here, then an optional TOML file, then command-line flags (flags win). Unknown
-keys and wrong types are errors that name the key.
+Values come from the defaults here, then an optional TOML file (``--config run.toml``), then command-line
+flags (flags win). Every field is also a flag of ``fusarbatch run`` (``--tile-size`` for ``tile_size``;
+list fields are repeatable flags: ``--label``, ``--collection``, ``--class``). Unknown keys and wrong
+types are errors that name the key. In the file, keys may be written with ``_`` or ``-``; relative paths
+of the path fields (``aoi``, ``out``, ``model``, ``log_file``) are relative to the file's folder.
+``fusarbatch config show`` prints the effective configuration as TOML (:func:`to_toml`), which reads back
+to the same configuration.
+
+Two hashes (:meth:`RunConfig.output_hash`, :meth:`RunConfig.stage_hash`) cover exactly the fields that
+change what a scene's outputs contain: the ledger (:mod:`fusarbatch.outputs.ledger`) redoes a done scene
+when they change, and only then.
 """
 
 from __future__ import annotations
 
+import difflib
+import hashlib
+import json
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fusarbatch.errors import UsageError
 
+#: Bumped when a code change alters what a scene's outputs contain (part of every output hash), so that
+#: reruns redo scenes made by older code.
+OUTPUTS_VERSION = 1
+
+#: Fields that decide the tiles, the anchors, the answers and the tables of a scene. Everything else
+#: (where to search, where to run, batch size, timeouts, locking, logging) does not change a scene's
+#: outputs and does not cause a redo.
+OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
+    "tile": ("tile_size", "overlap", "min_valid"),
+    "features": ("tile_size", "overlap", "min_valid", "anchors", "aef_index"),
+    "outputs": (
+        "tile_size",
+        "overlap",
+        "min_valid",
+        "anchors",
+        "aef_index",
+        "labels",
+        "classes",
+        "max_new_tokens",
+        "iou_threshold",
+        "quicklooks",
+    ),
+}
+_PATH_FIELDS = ("aoi", "out", "model", "log_file")
+
 
 class RunConfig(BaseModel):
-    """Configuration of one ``fusarbatch run`` (DESIGN 1 and 3)."""
+    """Configuration of one ``fusarbatch run`` (DESIGN 1, 3 and 3.7)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    aoi: Path = Field(description="AOI GeoJSON file (any CRS; reprojected to EPSG:4326).")
-    start: str = Field(description="First day, UTC: YYYY-MM or YYYY-MM-DD.")
-    end: str | None = Field(None, description="Last day, inclusive, UTC.")
+    aoi: Path | None = Field(None, description="AOI GeoJSON file (any CRS; reprojected to EPSG:4326).")
+    start: str | None = Field(
+        None,
+        description="First day, UTC: YYYY-MM or YYYY-MM-DD; or a rolling window back from now: -P2D, -PT36H.",
+    )
+    end: str | None = Field(None, description="Last day, inclusive, UTC (same forms as start).")
     catalog: str | None = Field(None, description="Catalog name, STAC API URL, catalog.json or .parquet.")
     collections: tuple[str, ...] = Field((), description="Collections to search; empty: the catalog's.")
     limit: int | None = Field(None, ge=1, description="At most this many scenes.")
-    out: Path = Field(Path("out"), description="Output folder.")
+    out: Path = Field(Path("out"), description="Output folder (ledger.sqlite, tiles.zarr, GeoParquet).")
     model: Path | None = Field(None, description="Model directory; default: the packaged demo model.")
     aef_index: str | None = Field(None, description="AlphaEarth index (GeoParquet/CSV) path or URL.")
     anchors: int = Field(8, ge=1, le=64, description="Anchor grid is anchors x anchors per tile.")
@@ -41,11 +81,27 @@ class RunConfig(BaseModel):
     max_new_tokens: int = Field(128, ge=1, le=4096, description="Generation budget per prompt.")
     iou_threshold: float = Field(0.5, gt=0, le=1, description="Cross-tile NMS IoU threshold.")
     scheduler: str | None = Field(None, description="Dask scheduler address; default: a LocalCluster.")
+    scheduler_timeout_s: float = Field(
+        20.0, gt=0, description="Seconds to reach --scheduler before giving up."
+    )
     workers: int = Field(1, ge=1, description="Model workers of the LocalCluster (one per GPU).")
     device: str | None = Field(None, description="cuda, cpu or None (cuda when available).")
     require_gpu: bool = Field(False, description="Fail instead of falling back to CPU.")
     task_timeout_s: float = Field(1800.0, gt=0, description="Seconds before one batch counts as hung.")
     quicklooks: bool = Field(True, description="Write a PNG per scene with the detections drawn.")
+    since_last_run: bool = Field(
+        False,
+        description="Search from the last finished run's search time minus since_margin (first run: start).",
+    )
+    since_margin: str = Field(
+        "P1D", description="ISO-8601 duration searched again before the last run (late-published scenes)."
+    )
+    retry_failed: bool = Field(
+        False, description="Only retry the scenes the ledger records as failed or interrupted (no search)."
+    )
+    force: bool = Field(False, description="Redo every scene found, even those done with the same hashes.")
+    wait: bool = Field(False, description="Wait for another run on the same --out instead of exiting 75.")
+    log_file: Path | None = Field(None, description="Also append JSON-lines logs to this file.")
 
     @field_validator("labels")
     @classmethod
@@ -55,23 +111,129 @@ class RunConfig(BaseModel):
             raise ValueError("give at least one label")
         return cleaned
 
+    @field_validator("since_margin")
+    @classmethod
+    def _margin_is_a_duration(cls, v: str) -> str:
+        from fusarbatch.catalog.dates import parse_duration
+
+        try:
+            months, delta = parse_duration(v, what="since_margin")
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
+        if months < 0 or delta.total_seconds() < 0:
+            raise ValueError("since_margin is a positive duration, e.g. P1D")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _required_and_period(self) -> RunConfig:
+        if self.retry_failed:
+            return self
+        if self.aoi is None:
+            raise ValueError("aoi: required: give --aoi, or `aoi = ...` in --config")
+        if self.start is None and not self.since_last_run:
+            raise ValueError(
+                "start: required: give --start (or --since-last-run), or `start = ...` in --config"
+            )
+        from fusarbatch.catalog.dates import parse_period
+
+        if self.start is not None:
+            try:
+                parse_period(self.start, self.end)
+            except UsageError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+    def stage_hash(self, stage: str) -> str:
+        """Hash of the fields that decide ``stage`` (``tile``, ``features`` or ``outputs``): 16 hex digits."""
+        values = {name: _jsonable(getattr(self, name)) for name in OUTPUT_FIELDS[stage]}
+        text = json.dumps({"v": OUTPUTS_VERSION, "stage": stage, **values}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def output_hash(self) -> str:
+        """The config hash the ledger records per scene (:meth:`stage_hash` of ``outputs``)."""
+        return self.stage_hash("outputs")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The TOML file as config keys (``-`` -> ``_``; relative path fields resolved against its folder).
+
+    :raises UsageError: unreadable file or TOML, a table where a value is expected.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"--config {path}: cannot read it ({exc}); fix the TOML") from None
+    data: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if isinstance(value, dict):
+            raise UsageError(f"--config {path}: {key}: a table is not a setting; write `key = value` lines")
+        if name in _PATH_FIELDS and isinstance(value, str) and value and not Path(value).is_absolute():
+            value = str((path.parent / value).resolve())
+        data[name] = value
+    return data
+
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> RunConfig:
     """Defaults <- TOML file <- ``overrides`` (flags given on the command line; ``None`` values ignored).
 
-    :raises UsageError: unreadable TOML, unknown key, wrong type or value; the message names the key.
+    :raises UsageError: unreadable TOML, unknown key, wrong type or value, a missing required value; the
+        message names the key.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise UsageError(f"--config {path}: cannot read it ({exc}); fix the TOML") from None
+    data = read_config_file(path) if path is not None else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
+    where = f"--config {path}" if path is not None else "options"
+    unknown = sorted(set(data) - set(RunConfig.model_fields))
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, list(RunConfig.model_fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"{where}: unknown key {key!r}{hint}; `fusarbatch config show` lists the keys")
     try:
         return RunConfig(**data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "?"
-        where = f"--config {path}" if path is not None else "options"
-        raise UsageError(f"{where}: {key}: {err['msg']}") from None
+        key = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if not key:  # a model-level check: its message starts with the key
+            raise UsageError(f"{where}: {msg}") from None
+        if key.split(".")[0] in data and err["type"] not in ("value_error",):
+            msg = f"{msg} (got {data[key.split('.')[0]]!r})"
+        raise UsageError(f"{where}: {key}: {msg}") from None
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The configuration as a TOML document with one commented key per field (unset ones commented out).
+
+    Path fields are written absolute, so the file reads back to the same configuration from anywhere.
+    """
+    lines = ["# fusarbatch run configuration: defaults <- --config FILE <- flags (fusarbatch config show)"]
+    for name, field in RunConfig.model_fields.items():
+        value = getattr(cfg, name)
+        lines.append(f"# {field.description}")
+        if value is None:
+            lines.append(f"# {name} =")
+            continue
+        if isinstance(value, Path):
+            value = value.absolute()
+        lines.append(f"{name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)  # JSON string escapes are valid TOML basic strings

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+
+from fusarbatch.errors import UsageError
 
 log = logging.getLogger("fusarbatch")
 
@@ -88,7 +92,7 @@ def print_features(console: Console, results: Sequence[Any]) -> None:
 
 
 def print_run_summary(console: Console, summary: RunSummary) -> None:
-    """End-of-run summary: scenes, tiles, detections per label, failures, output paths."""
+    """End-of-run summary: scenes, tiles, detections per label, failures, skipped scenes, output paths."""
     rows = [
         (
             s.scene_id,
@@ -107,21 +111,266 @@ def print_run_summary(console: Console, summary: RunSummary) -> None:
     outside = 1 - summary.generate_seconds / summary.seconds if summary.seconds else 0.0
     n_tiles = sum(s.tiles for s in summary.scenes)
     n_inferred = sum(s.tiles_inferred for s in summary.scenes)
+    first, last = summary.window
+    window = (
+        "ledger (--retry-failed)"
+        if summary.mode == "retry-failed"
+        else f"{_when(first)} .. {_when(last) if last else 'now'} ({summary.mode})"
+    )
     lines = [
-        f"scenes: {len(summary.scenes)} ({len(summary.failed)} failed); "
-        f"tiles: {n_tiles} ({n_inferred} inferred)",
+        f"scenes: {len(summary.scenes)} processed ({len(summary.failed)} failed), "
+        f"{len(summary.skipped)} skipped as done; tiles: {n_tiles} ({n_inferred} inferred); window {window}",
         f"detections per label: {per_label}",
         f"wall time {summary.seconds:.1f} s, generate {summary.generate_seconds:.1f} s "
         f"({summary.prompts} prompts; {100 * outside:.0f}% of the time outside generate)",
         f"outputs: {summary.out}/detections, {summary.out}/tiles, {summary.out}/counts (GeoParquet), "
-        f"{summary.out}/quicklooks (PNG), {summary.out}/tiles.zarr, {summary.out}/scenes.parquet",
+        f"{summary.out}/quicklooks (PNG), {summary.out}/tiles.zarr, {summary.out}/scenes.parquet; "
+        f"ledger {summary.out}/ledger.sqlite (fusarbatch status --out {summary.out})",
     ]
     for line in lines:
         console.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
+def _when(value: Any) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else "-"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def print_status(console: Console, status: dict[str, Any]) -> None:
+    """``fusarbatch status``: lock, scenes per status and stage, stages, failures, runs, outputs on disk."""
+    lock = status["lock"]
+    holder = lock["holder"] or {}
+    who = f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started_at')}"
+    if lock["held"]:
+        lock_line = f"lock: held by a running run ({who}, run {holder.get('run_id')})"
+    elif lock["stale"]:
+        lock_line = f"lock: free; left by a run that died ({who}): the next run takes it over"
+    else:
+        lock_line = "lock: free"
+    console.print(
+        f"{status['ledger']}: {status['scenes_total']} scene(s); {lock_line}",
+        highlight=False,
+        soft_wrap=True,
+        markup=False,
+    )
+    if status.get("running_without_run"):
+        console.print(
+            f"{status['running_without_run']} scene(s) marked running, but no run holds the lock: their run "
+            "died (interrupted); the next run redoes them",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
+    print_table(
+        console,
+        "scenes by status and stage",
+        ("status", "stage", "scenes"),
+        [(r["status"], r["stage"] or "-", str(r["n"])) for r in status["scenes"]],
+    )
+    stages: dict[str, dict[str, int]] = {}
+    for r in status["stages"]:
+        stages.setdefault(r["stage"], {})[r["status"]] = r["n"]
+    order = ("tile", "features", "infer", "write")
+    kinds = ("done", "failed", "running", "interrupted")
+    print_table(
+        console,
+        "stages (last attempt per scene)",
+        ("stage", *kinds),
+        [(st, *(str(stages.get(st, {}).get(k, 0)) for k in kinds)) for st in order],
+    )
+    print_table(
+        console,
+        f"failures ({len(status['failures'])})",
+        ("scene", "status", "stage", "attempts", "last tried", "reason"),
+        [
+            (
+                f["scene_id"],
+                f["status"],
+                f["stage"] or "-",
+                str(f["attempts"]),
+                f["updated_at"],
+                f["reason"] or "",
+            )
+            for f in status["failures"]
+        ],
+    )
+    print_table(
+        console,
+        "last runs",
+        ("run", "started", "finished", "status", "exit", "found", "skipped", "done", "failed", "window"),
+        [
+            (
+                r["run_id"],
+                r["started_at"] or "-",
+                r["finished_at"] or "-",
+                r["status"],
+                "-" if r["exit_code"] is None else str(r["exit_code"]),
+                *("-" if r[k] is None else str(r[k]) for k in ("scenes_found", "scenes_skipped")),
+                *("-" if r[k] is None else str(r[k]) for k in ("scenes_done", "scenes_failed")),
+                f"{r['window_start'] or '-'} .. {r['window_end'] or 'now'} ({r['mode']})",
+            )
+            for r in status["runs"]
+        ],
+    )
+    disk = status["disk"]
+    rows = [
+        (kind, str(d["files"]), str(d.get("dates", "-")), _size(d["bytes"]))
+        for kind, d in disk.items()
+        if kind != "tiles.zarr"
+    ]
+    print_table(console, f"outputs on disk under {status['out']}", ("kind", "files", "dates", "size"), rows)
+    z = disk["tiles.zarr"]
+    lines = [
+        f"tiles.zarr: {z['complete']} complete scene group(s), {z['failed']} failure marker(s), "
+        f"{z['incomplete']} incomplete",
+        f"done scenes with missing output files: {len(status['missing_outputs'])}"
+        + (
+            f" (e.g. {status['missing_outputs'][0]['path']}; the next run redoes them)"
+            if status["missing_outputs"]
+            else ""
+        ),
+        f"leftovers of killed runs: {len(status['leftovers'])}"
+        + (" (removed by the next run)" if status["leftovers"] else ""),
+    ]
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
+# ------------------------------------------------------------------------------------------------ logging
+
+_STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+_context: dict[str, Any] = {}
+_json_handlers: list[logging.Handler] = []
+_json_errors = False
+
+
+class JsonLinesFormatter(logging.Formatter):
+    """One JSON object per record: ``time`` (UTC), ``level``, ``logger``, ``message``, the run id, and any
+    ``extra`` fields (``event``, ``scene``, ``stage``, ``status``, ``error``, ``seconds`` ...)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        created = dt.datetime.fromtimestamp(record.created, dt.UTC)
+        data: dict[str, Any] = {
+            "time": created.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **_context,
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_") and value is not None:
+                data[key] = value
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str, ensure_ascii=False)
+
+
+def _not_an_event(record: logging.LogRecord) -> bool:
+    """On a terminal the progress bar shows the events: the stream handler drops them (not warnings)."""
+    return getattr(record, "event", None) is None or record.levelno >= logging.WARNING
+
+
+def setup_run_logging(*, json_lines: bool, log_file: Path | None = None) -> None:
+    """Logging of ``fusarbatch run``: JSON lines on stderr when ``json_lines`` (no terminal: cron), human
+    lines without the per-scene events otherwise (the progress bar shows them); ``log_file`` (appended)
+    always gets JSON lines with every event. Python warnings are logged the same way.
+
+    :raises UsageError: ``log_file`` cannot be opened for appending.
+    """
+    global _json_errors
+    logger = logging.getLogger("fusarbatch")
+    logger.setLevel(logging.INFO)
+    streams = [h for h in logger.handlers if type(h) is logging.StreamHandler]
+    for handler in streams:
+        if json_lines:
+            handler.setFormatter(JsonLinesFormatter())
+        else:
+            handler.addFilter(_not_an_event)
+    _json_errors = json_lines and bool(streams)
+    handlers = list(streams) if json_lines else []
+    _json_handlers[:] = handlers
+    if log_file is not None:
+        try:
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+            file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"--log-file {log_file}: cannot open it ({exc.strerror})") from None
+        file_handler.setFormatter(JsonLinesFormatter())
+        logger.addHandler(file_handler)
+        handlers.append(file_handler)
+        _json_handlers.append(file_handler)
+    if handlers:
+        logging.captureWarnings(True)
+        warnings_logger = logging.getLogger("py.warnings")
+        warnings_logger.propagate = False
+        for handler in handlers:
+            warnings_logger.addHandler(handler)
+
+
+class _Forward(logging.Handler):
+    """Hands records on to other handlers. Libraries get this, not the run's handlers themselves:
+    ``distributed`` re-levels every ``StreamHandler`` on its loggers (``silence_logs``)."""
+
+    def __init__(self, targets: Sequence[logging.Handler], level: int) -> None:
+        super().__init__(level)
+        self.targets = list(targets)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for handler in self.targets:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+
+def route_library_logs(names: Sequence[str] = ("distributed", "tornado")) -> None:
+    """After the libraries are imported (they install their own stderr handlers, with multi-line
+    tracebacks): send their warnings and errors through the run's JSON handlers instead, one line each.
+    Nothing changes on a terminal without ``--log-file``."""
+    if not _json_handlers:
+        return
+    forward = _Forward(_json_handlers, logging.WARNING)
+    for name in names:
+        lib = logging.getLogger(name)
+        if _json_errors:  # stderr is JSON: drop the library's own stderr handlers
+            for handler in list(lib.handlers):
+                if type(handler) is logging.StreamHandler:
+                    lib.removeHandler(handler)
+        lib.addHandler(forward)
+        lib.propagate = False
+
+
+def set_log_context(**fields: Any) -> None:
+    """Fields added to every JSON log line (e.g. ``run_id``)."""
+    _context.update({k: v for k, v in fields.items() if v is not None})
+
+
+def print_error(console: Console, exc: BaseException, exit_code: int) -> None:
+    """The one line a failing command ends with: a JSON log line when the run logs JSON, else text."""
+    if _json_errors:
+        record = logging.LogRecord("fusarbatch", logging.ERROR, "", 0, str(exc), None, None)
+        record.event = "error"
+        record.exit_code = exit_code
+        for handler in logging.getLogger("fusarbatch").handlers:
+            handler.handle(record)
+        return
+    # markup=False: the message holds user input (paths, ids) that may look like rich markup
+    console.print(f"error: {exc}", style="bold red", highlight=False, soft_wrap=True, markup=False)
+    for handler in logging.getLogger("fusarbatch").handlers:
+        if isinstance(handler, logging.FileHandler):
+            record = logging.LogRecord("fusarbatch", logging.ERROR, "", 0, str(exc), None, None)
+            record.event, record.exit_code = "error", exit_code
+            handler.handle(record)
+
+
 class RunProgress:
-    """Progress of ``run``: a rich progress bar over scenes on a terminal, one log line per event otherwise.
+    """Progress of ``run``: a rich progress bar over scenes on a terminal; one log record per event (JSON
+    lines off a terminal, see :func:`setup_run_logging`), with the scene id in the ``scene`` field.
 
     Call it as ``progress(event, fields)`` (:data:`fusarbatch.pipeline.Progress`).
     """
@@ -153,12 +402,13 @@ class RunProgress:
     def __call__(self, event: str, fields: dict[str, Any]) -> None:
         if self._progress is not None:
             if event == "scenes":
-                self._task = self._progress.add_task("scenes", total=fields["total"])
+                self._task = self._progress.add_task("scenes", total=fields.get("to_do", fields["total"]))
             elif event == "stage" and self._task is not None:
                 self._progress.update(self._task, description=f"{fields['stage']}: {fields['scene'][:48]}")
             elif event == "scene_done" and self._task is not None:
                 self._progress.advance(self._task)
-            return
         details = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None and k != "scene")
         scene = fields.get("scene", "")
-        log.info("%s %s %s", event, scene, details)
+        level = logging.WARNING if event == "scene_done" and fields.get("status") != "ok" else logging.INFO
+        extra = {"event": event, **{k: v for k, v in fields.items() if k not in _STANDARD_ATTRS}}
+        log.log(level, "%s %s %s", event, scene, details, extra=extra)

@@ -1,7 +1,10 @@
 """``fusarbatch run`` end to end on the embedded demo catalog with the tiny model (real STAC, GeoTIFFs,
 Zarr, Dask LocalCluster, Qwen2.5-VL + TLM, GeoParquet)."""
 
+import copy
+import datetime as dt
 import json
+import shutil
 from pathlib import Path
 
 import geopandas as gpd
@@ -12,12 +15,15 @@ import zarr
 from PIL import Image
 
 from fusarbatch.config import RunConfig, load_config
-from fusarbatch.errors import UsageError
+from fusarbatch.errors import AOIError, UsageError
 from fusarbatch.outputs.geoparquet import read_dataset
+from fusarbatch.outputs.ledger import Ledger
 from fusarbatch.pipeline import run
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, demo_items_absolute, run_cli
 
 AOIS = REPO / "catalogs" / "demo" / "aois"
+CAMARGUE = "S1A_IW_GRD_20150309T173017_VV_camargue"
+SEN12MS = "SEN12MS_ROIs1158_spring_s1_1_p30"
 DEMO_IDS = {
     "S1A_IW_GRD_20150309T173017_VV_camargue",
     "SEN12MS_ROIs1158_spring_s1_1_p30",
@@ -89,18 +95,152 @@ def test_counts_and_progress_events(demo_run):
         assert int(counts[counts.scene_id == sid]["count"].iloc[0]) == int(
             (detections.get("scene_id", []) == sid).sum()
         )
-    assert events[0] == ("scenes", {"total": 3})
+    assert events[0] == ("scenes", {"total": 3, "to_do": 3, "skipped": 0})
     assert [e for e, _ in events].count("scene_done") == 3
     assert summary.prompts == 2 * sum(s.tiles_inferred for s in summary.scenes)  # detection + class per tile
 
 
-def test_rerun_replaces_files_without_duplicates(demo_run, generated_demo_model):
-    out, _, _ = demo_run
-    cfg = RunConfig(aoi=AOIS / "camargue.geojson", start="2015-01", out=out, max_new_tokens=12, device="cpu")
-    run(cfg)
+def test_forced_rerun_replaces_files_without_duplicates(demo_run, generated_demo_model):
+    out, first, _ = demo_run
+    cfg = RunConfig(
+        aoi=AOIS / "camargue.geojson", start="2015-01", out=out, max_new_tokens=12, device="cpu", force=True
+    )
+    summary = run(cfg)
+    assert [s.scene_id for s in summary.scenes] == [CAMARGUE] and summary.skipped == []
     tiles = read_dataset(out, "tiles")
-    assert len(tiles[tiles.scene_id == "S1A_IW_GRD_20150309T173017_VV_camargue"]) == 1
+    camargue = tiles[tiles.scene_id == CAMARGUE]
+    assert len(camargue) == 1 and set(camargue.run_id) == {summary.run_id} != {first.run_id}
     assert len(sorted((out / "tiles").glob("date=*/*.parquet"))) == 3
+
+
+# ------------------------------------------------------------------------------------ ledger and reruns
+
+
+def _copy_of(demo_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(demo_run[0], out)
+    return out
+
+
+def test_rerun_skips_done_scenes_and_redoes_changed_or_missing(demo_run, tmp_path):
+    out = _copy_of(demo_run, tmp_path)
+    base = {"aoi": AOIS / "demo_all.geojson", "start": "2015-01", "out": out, "device": "cpu"}
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/date=*/*.parquet")}
+    # same configuration as demo_run except the batch size, which does not change the outputs
+    again = run(RunConfig(**base, max_new_tokens=12, batch_size=2))
+    assert again.scenes == [] and sorted(again.skipped) == sorted(DEMO_IDS) and again.exit_code == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/date=*/*.parquet")} == mtimes
+    # a changed generation budget redoes every scene, reusing tiles and anchors (same tiling hash)
+    changed = run(RunConfig(**base, max_new_tokens=9))
+    assert sorted(s.scene_id for s in changed.scenes) == sorted(DEMO_IDS) and changed.skipped == []
+    assert all(s.reused == ["tile", "features"] and s.status == "ok" for s in changed.scenes)
+    ledger = Ledger.open(out)
+    try:
+        hashes = {r.config_hash for r in ledger.scenes()}
+        assert hashes == {RunConfig(**base, max_new_tokens=9).output_hash()}
+        assert all(r.run_id == changed.run_id and r.attempts >= 2 for r in ledger.scenes())
+    finally:
+        ledger.close()
+    # a done scene whose files are gone is redone
+    next((out / "counts").glob(f"date=*/{SEN12MS}.parquet")).unlink()
+    redone = run(RunConfig(**base, max_new_tokens=9))
+    assert [s.scene_id for s in redone.scenes] == [SEN12MS] and len(redone.skipped) == 2
+    assert len(read_dataset(out, "counts")) == 3
+
+
+def _parquet_catalog(path, items):
+    import stac_geoparquet.arrow as sga
+
+    sga.to_parquet(sga.parse_stac_items_to_arrow(items), path)
+    return path
+
+
+def _sen12ms_copies(when_by_id):
+    """Copies of the (small, one-tile) SEN12MS demo item with other ids and datetimes."""
+    item = next(i for i in demo_items_absolute() if i["id"] == SEN12MS)
+    copies = []
+    for item_id, when in when_by_id.items():
+        c = copy.deepcopy(item)
+        c["id"] = item_id
+        c["properties"].pop("start_datetime", None)
+        c["properties"].pop("end_datetime", None)
+        c["properties"]["datetime"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+        copies.append(c)
+    return copies
+
+
+def test_since_last_run_and_rolling_windows(tmp_path, generated_demo_model):
+    now = dt.datetime.now(dt.UTC)
+    catalog = tmp_path / "catalog.parquet"
+    when = {"gen-a": now - dt.timedelta(days=3), "gen-b": now - dt.timedelta(hours=2)}
+    _parquet_catalog(catalog, _sen12ms_copies(when))
+    base = {
+        "aoi": AOIS / "sen12ms.geojson",
+        "catalog": str(catalog),
+        "out": tmp_path / "out",
+        "max_new_tokens": 8,
+        "device": "cpu",
+    }
+    # first run: no earlier run, so --since-last-run starts at --start
+    first = run(RunConfig(**base, since_last_run=True, start="-P5D"))
+    assert sorted(s.scene_id for s in first.scenes) == ["gen-a", "gen-b"] and first.exit_code == 0
+    assert abs((first.window[0] - (now - dt.timedelta(days=5))).total_seconds()) < 60
+    # a new scene appears; one acquired long ago is published late (outside the margin: not searched)
+    when |= {"gen-c": now - dt.timedelta(hours=1), "gen-old": now - dt.timedelta(days=10)}
+    _parquet_catalog(catalog, _sen12ms_copies(when))
+    second = run(RunConfig(**base, since_last_run=True))
+    assert [s.scene_id for s in second.scenes] == ["gen-c"] and second.skipped == ["gen-b"]
+    ledger = Ledger.open(base["out"])
+    try:
+        searched = [r["searched_at"] for r in ledger.runs()]
+    finally:
+        ledger.close()
+    last = dt.datetime.fromisoformat(searched[1].replace("Z", "+00:00"))
+    assert second.window[0] == last - dt.timedelta(days=1) and second.mode == "since-last-run"
+    # a rolling window: the last two days, all done
+    rolling = run(RunConfig(**base, start="-P2D"))
+    assert rolling.scenes == [] and sorted(rolling.skipped) == ["gen-b", "gen-c"] and rolling.exit_code == 0
+    # nothing new in an incremental window is not an error
+    empty = run(RunConfig(**base, since_last_run=True, since_margin="PT1M"))
+    assert empty.scenes == [] and empty.skipped == [] and empty.exit_code == 0
+    # ... but an explicit window over nothing still is
+    with pytest.raises(AOIError, match="overlaps no scene"):
+        run(RunConfig(**base, start="2030-01"))
+
+
+def test_failed_scenes_are_retried_and_retry_failed_needs_no_search(tmp_path, generated_demo_model):
+    items = demo_items_absolute()
+    raster = tmp_path / "moved" / "camargue.tif"
+    camargue = next(i for i in items if i["id"] == CAMARGUE)
+    original = next(iter(camargue["assets"].values()))["href"]
+    for asset in camargue["assets"].values():
+        asset["href"] = str(raster)
+    catalog = _parquet_catalog(tmp_path / "catalog.parquet", items)
+    cfg = {"catalog": str(catalog), "out": tmp_path / "out", "max_new_tokens": 8, "device": "cpu"}
+    first = run(RunConfig(aoi=AOIS / "demo_all.geojson", start="2015-01", **cfg))
+    assert [s.scene_id for s in first.failed] == [CAMARGUE] and first.exit_code == 1
+    assert first.failed[0].stage == "tile" and "camargue.tif" in first.failed[0].error
+    # a plain rerun redoes what failed (still failing) and skips the rest
+    second = run(RunConfig(aoi=AOIS / "demo_all.geojson", start="2015-01", **cfg))
+    assert [s.scene_id for s in second.scenes] == [CAMARGUE] and len(second.skipped) == 2
+    ledger = Ledger.open(cfg["out"])
+    try:
+        rec = ledger.scene(CAMARGUE)
+        assert (rec.status, rec.stage, rec.attempts) == ("failed", "tile", 2)
+    finally:
+        ledger.close()
+    # the raster is back; --retry-failed works from the ledger: no AOI, no period, no search
+    raster.parent.mkdir()
+    shutil.copy(original, raster)
+    (tmp_path / "out" / "scenes.parquet").unlink()
+    # (without --catalog: each scene is rebuilt with the catalog it was found with, recorded in the ledger)
+    retried = run(RunConfig(retry_failed=True, out=cfg["out"], max_new_tokens=8, device="cpu"))
+    assert [(s.scene_id, s.status) for s in retried.scenes] == [(CAMARGUE, "ok")]
+    assert retried.mode == "retry-failed" and retried.exit_code == 0
+    assert not (tmp_path / "out" / "scenes.parquet").exists()
+    assert len(read_dataset(tmp_path / "out", "tiles")) == 4
+    nothing = run(RunConfig(retry_failed=True, **cfg))
+    assert nothing.scenes == [] and nothing.exit_code == 0
 
 
 def test_config_rejects_unknown_keys_and_bad_types(tmp_path):

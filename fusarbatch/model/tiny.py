@@ -91,7 +91,22 @@ _LABELS = (
     "dredger",
     "passenger",
     "tug",
+    "vehicle",
 )
+# MSTAR SOC classes (the trained demo model's classification vocabulary) and what they are.
+_MSTAR = {
+    "2S1": "self-propelled howitzer",
+    "BMP2": "infantry fighting vehicle",
+    "BRDM2": "armoured reconnaissance vehicle",
+    "BTR60": "armoured personnel carrier",
+    "BTR70": "armoured personnel carrier",
+    "D7": "bulldozer",
+    "T62": "main battle tank",
+    "T72": "main battle tank",
+    "ZIL131": "military truck",
+    "ZSU234": "self-propelled anti-aircraft gun",
+}
+_CELLS = ("top left", "top centre", "top right", "centre left", "centre", "centre right", "bottom left")
 _CAPTIONS = (
     "The SAR image shows an airport with a long runway, taxiways and several parked planes by the terminal.",
     "A harbor with bright ships moored along the piers; dark calm water covers the lower left of the scene.",
@@ -123,12 +138,28 @@ def _corpus() -> list[str]:
             + label
             + '"}\n]\n```'
         )
+    names = list(_MSTAR)
+    for i, (name, kind) in enumerate(_MSTAR.items()):
+        cell = _CELLS[i % len(_CELLS)]
+        box = Box(name, 40 + 9 * i, 30 + 7 * i, 95 + 11 * i, 80 + 13 * i)
+        lines += [
+            name,
+            f"a {name} {kind} in the {cell}",
+            f"An X-band SAR chip of a single {name}, a {kind}, in the centre of the image on flat ground.",
+            classification_prompt(box, choices=names),
+            format_detection_answer([Box("vehicle", box.x1, box.y1, box.x2, box.y2)]),
+        ]
+    lines += [
+        "An X-band SAR scene of ground clutter with three vehicles: one in the top left, two in the centre.",
+        "A Sentinel-1 SAR image in VV polarisation of the sea with two ships, bright points on dark water.",
+        "A Gaofen-3 SAR image in HH polarisation showing five ships at sea (two in the bottom right).",
+    ]
     lines.append("You are a helpful assistant.")
     lines.append("".join(chr(c) for c in range(32, 127)))
     return lines
 
 
-def _train_tokenizer() -> object:
+def _train_tokenizer(vocab_size: int = _VOCAB_SIZE) -> object:
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
@@ -142,7 +173,7 @@ def _train_tokenizer() -> object:
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -151,7 +182,23 @@ def _train_tokenizer() -> object:
     return tok
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_model(
+    out_dir: str | Path,
+    seed: int = 0,
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vision_hidden_size: int = 32,
+    vision_intermediate_size: int = 64,
+    vision_depth: int = 2,
+    vision_heads: int = 4,
+    init_std: float = _INIT_STD,
+    vocab_size: int = _VOCAB_SIZE,
+    embed_std: float | None = None,
+) -> Path:
     """Write a tiny Qwen2.5-VL model directory to ``out_dir`` and return it.
 
     Architecture (STACK.md section 2): text hidden 64, intermediate 128, 2 layers, 4 heads, 2 KV heads,
@@ -165,18 +212,35 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
 
     Deterministic: the same ``seed`` writes identical weights and tokenizer. Takes about a second on CPU.
 
+    The keyword arguments size other tiny configurations (the trained demo model of ``training/`` uses a
+    larger one and Qwen's init std 0.02); the defaults are the configuration above. ``mrope_section`` is
+    Qwen's 1/4, 3/8, 3/8 split of ``head_dim / 2``.
+
     :param out_dir: directory to create (or overwrite files in).
     :param seed: seed for the random weights.
     :returns: ``Path(out_dir)``.
+    ``embed_std`` re-draws the (tied) token embeddings with that std: with Qwen's 0.02 everywhere, the frozen
+    final norm and tied embeddings cap the logits of a LoRA-trained model at about ``0.02 * hidden`` (too flat
+    to ever be confident), so the demo base uses larger embeddings.
+
+    :raises ValueError: a head size that is not a multiple of 8 (M-RoPE sections).
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from fusarbatch.model.fusar_gpt import ImageOnlyQwen2_5_VLProcessor
 
+    head_dim, rem = divmod(hidden_size, num_heads)
+    if rem or head_dim % 8 or vision_hidden_size % vision_heads:
+        raise ValueError(
+            f"hidden {hidden_size} / {num_heads} heads must give a head size that is a multiple of 8; "
+            f"vision hidden {vision_hidden_size} must be a multiple of {vision_heads} heads"
+        )
+    quarter = head_dim // 8  # head_dim / 2 split as 1/4, 3/8, 3/8 (Qwen: 16, 24, 24 for head_dim 128)
+    mrope_section = [quarter, 3 * quarter // 2, head_dim // 2 - quarter - 3 * quarter // 2]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    trained = _train_tokenizer()
+    trained = _train_tokenizer(vocab_size)
     model_json = json.loads(trained.to_str())["model"]  # type: ignore[attr-defined]
     tokenizer = Qwen2Tokenizer(
         vocab=model_json["vocab"],
@@ -194,30 +258,30 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
+            "hidden_size": hidden_size,
+            "intermediate_size": intermediate_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": num_kv_heads,
             "max_position_embeddings": 2048,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope_section},
             "bos_token_id": None,
             "eos_token_id": tid("<|im_end|>"),
             "pad_token_id": tid("<|endoftext|>"),
-            "initializer_range": _INIT_STD,
+            "initializer_range": init_std,
         },
         vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 4,
+            "depth": vision_depth,
+            "hidden_size": vision_hidden_size,
+            "intermediate_size": vision_intermediate_size,
+            "num_heads": vision_heads,
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
             "window_size": 112,
-            "fullatt_block_indexes": [1],
-            "out_hidden_size": 64,
-            "initializer_range": _INIT_STD,
+            "fullatt_block_indexes": [vision_depth - 1],
+            "out_hidden_size": hidden_size,
+            "initializer_range": init_std,
         },
         image_token_id=tid("<|image_pad|>"),
         video_token_id=tid("<|video_pad|>"),
@@ -228,6 +292,9 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
+        if embed_std is not None:
+            with torch.no_grad():
+                model.get_input_embeddings().weight.normal_(0.0, embed_std)
     model.generation_config.eos_token_id = [tid("<|im_end|>"), tid("<|endoftext|>")]
     model.generation_config.pad_token_id = tid("<|endoftext|>")
     model.generation_config.bos_token_id = None

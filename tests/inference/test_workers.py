@@ -22,7 +22,7 @@ def test_local_cluster_declares_the_gpu_resource():
 
 
 def test_scheduler_without_gpu_workers_is_rejected():
-    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None)
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0")
     try:
         with pytest.raises(FusarbatchError, match="GPU resource"):
             start_client(cluster.scheduler_address)

@@ -1,0 +1,194 @@
+"""Dataset builders: real VOC ship chips, generated VOC scenes (boxes past the edge), generated class
+folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fusarbatch.errors import UsageError
+from fusarbatch.model import parse_detection, parse_grounding
+from fusarbatch.model.prompts import Box, grounding_cells
+from fusarbatch.render import render
+from training.builders import build_dataset, caption_for, dihedral, read_voc, scan_voc
+from training.manifest import read_manifest
+
+SHIP_CHIPS = Path(__file__).resolve().parents[1] / "data" / "ship_chips"  # 3 real chips, see SOURCE.txt
+
+
+def _voc_xml(width, height, objects):
+    objs = "".join(
+        f"<object><name>{n}</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax><ymax>{d}</ymax>"
+        "</bndbox></object>"
+        for n, a, b, c, d in objects
+    )
+    size = f"<size><width>{width}</width><height>{height}</height><depth>1</depth></size>"
+    return f"<annotation>{size}{objs}</annotation>"
+
+
+@pytest.fixture
+def generated_voc(tmp_path):
+    """A VOC2007-style folder (JPEGImages, Annotations, ImageSets) of 3 generated 120 x 100 scenes whose boxes
+    use class indices and one runs past the bottom-right edge."""
+    root = tmp_path / "generated_voc"
+    for d in ("JPEGImages", "Annotations", "ImageSets"):
+        (root / d).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    scenes = {
+        "000001": [("0", 10, 10, 40, 30), ("1", 90, 80, 130, 112)],  # second box past the edge (120 x 100)
+        "000002": [("1", 50, 40, 70, 60)],
+        "000003": [("0", 0, 0, 20, 20)],
+    }
+    for name, objects in scenes.items():
+        Image.fromarray(rng.integers(0, 255, (100, 120), dtype=np.uint8)).convert("RGB").save(
+            root / "JPEGImages" / f"{name}.jpg"
+        )
+        (root / "Annotations" / f"{name}.xml").write_text(_voc_xml(120, 100, objects))
+    (root / "ImageSets" / "train.txt").write_text("000001\n000002\n")
+    (root / "ImageSets" / "val.txt").write_text("000003")
+    (root / "classes.json").write_text(json.dumps({"folder_to_class": {"0": "T72", "1": "BMP2"}}))
+    return root
+
+
+def test_real_ship_chips_every_task(tmp_path):
+    summary = build_dataset(SHIP_CHIPS, tmp_path / "out", val_fraction=0.34)
+    assert summary.images == 3
+    train = read_manifest(tmp_path / "out" / "stage2_train.jsonl")
+    val = read_manifest(tmp_path / "out" / "stage2_val.jsonl")
+    captions = read_manifest(tmp_path / "out" / "stage1_train.jsonl")
+    captions += read_manifest(tmp_path / "out" / "stage1_val.jsonl")
+    assert len(val) == 3 and len(train) == 6  # 1 val chip (round(3 * 0.34)), 3 tasks per chip
+    assert {r.task for r in train} == {"counting", "grounding", "detection"}  # one class: no classification
+    assert all(r.task == "caption" and r.meta["caption"] == "template" for r in captions)
+    assert all(r.aef is None and r.coordinate_size == 504 for r in train + val)
+    by_id = {r.id: r for r in train + val + captions}
+    vv = "ship_chips/Sen_ship_vv_02017091501054029"
+    width, height, boxes = read_voc(SHIP_CHIPS / "Sen_ship_vv_02017091501054029.xml")
+    assert (width, height, len(boxes)) == (256, 256, 2)
+    detected = parse_detection(by_id[f"{vv}/detect"].answer).value
+    expected = [[round(v * 504 / 256) for v in b.as_list()] for b in boxes]
+    assert [b.as_list() for b in detected] == expected
+    assert by_id[f"{vv}/count"].answer == "2"
+    cells = parse_grounding(by_id[f"{vv}/ground"].answer).value
+    assert list(cells) == grounding_cells([Box("ship", *e) for e in expected])
+    assert "two ships" in by_id[f"{vv}/caption"].answer and "Sentinel-1" in by_id[f"{vv}/caption"].answer
+    # the stored image is exactly the inference renderer's output
+    with Image.open(SHIP_CHIPS / "Sen_ship_vv_02017091501054029.jpg") as im:
+        values = np.asarray(im.convert("L"), dtype=np.float32)
+    stored = np.asarray(Image.open(by_id[f"{vv}/detect"].image).convert("RGB"))
+    assert np.array_equal(stored, np.asarray(render(values, ["VV"], units="dn")))
+
+
+def test_split_is_deterministic_and_augmentation_only_in_train(tmp_path):
+    a = build_dataset(SHIP_CHIPS, tmp_path / "a", val_fraction=0.34, augment="dihedral", tasks=("counting",))
+    b = build_dataset(SHIP_CHIPS, tmp_path / "b", val_fraction=0.34, augment="dihedral", tasks=("counting",))
+    assert (
+        a.manifests
+        == b.manifests
+        == {"stage2_train.jsonl": {"counting": 16}, "stage2_val.jsonl": {"counting": 1}}
+    )
+    ids_a = [r.id for r in read_manifest(tmp_path / "a" / "stage2_val.jsonl")]
+    assert ids_a == [r.id for r in read_manifest(tmp_path / "b" / "stage2_val.jsonl")]
+    assert "~" not in ids_a[0]
+
+
+def test_generated_voc_scene_boxes_clipped_and_class_names(generated_voc, tmp_path):
+    build_dataset(generated_voc, tmp_path / "out", class_map=generated_voc / "classes.json", name="comp")
+    train = {r.id: r for r in read_manifest(tmp_path / "out" / "stage2_train.jsonl")}
+    det = parse_detection(train["comp/000001/detect"].answer).value
+    # (90, 80, 130, 112) clipped to 120 x 100 -> (90, 80, 120, 100) -> 504 grid: x * 4.2, y * 5.04
+    assert [b.as_list() for b in det] == [[42, 50, 168, 151], [378, 403, 504, 504]]
+    assert all(b.label == "vehicle" for b in det)
+    cls = [r for r in train.values() if r.task == "classification"]
+    assert sorted(r.answer for r in cls) == ["BMP2", "BMP2", "T72"]
+    assert "Choose one of: BMP2, T72." in cls[0].question
+    assert train["comp/000001/count"].answer == "2"
+    val = read_manifest(tmp_path / "out" / "stage2_val.jsonl")
+    assert {r.id.split("/")[1] for r in val} == {"000003"}
+    caption = read_manifest(tmp_path / "out" / "stage1_train.jsonl")[0].answer
+    assert "T72 main battle tank" in caption and "BMP2 infantry fighting vehicle" in caption
+
+
+def test_generated_class_folders_whole_chip_classification(tmp_path):
+    root = tmp_path / "generated_folders"
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 3), ("val", 2)):
+        for k in ("0", "1"):
+            (root / split / k).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(
+                    root / split / k / f"{i}.jpeg"
+                )
+    (root / "classes.json").write_text(json.dumps({"folder_to_class": {"0": "2S1", "1": "ZSU234"}}))
+    summary = build_dataset(root, tmp_path / "out", name="mstar_gen", max_per_class=2)
+    assert summary.manifests["stage2_train.jsonl"] == {"classification": 4}
+    recs = read_manifest(tmp_path / "out" / "stage2_val.jsonl")
+    assert sorted(r.answer for r in recs) == ["2S1", "2S1", "ZSU234", "ZSU234"]
+    assert all("[0, 0, 504, 504]" in r.question and r.meta["depression_deg"] == 15 for r in recs)
+    assert Image.open(recs[0].image).size == (504, 504)
+    cap = read_manifest(tmp_path / "out" / "stage1_val.jsonl")[0]
+    assert cap.meta["caption"] == "template" and "centre" in cap.answer
+    assert "2S1" in cap.answer or "ZSU234" in cap.answer
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_dihedral_moves_boxes_with_pixels(k):
+    arr = np.zeros((20, 30), dtype=np.float32)
+    arr[2:7, 5:14] = 1.0  # box x 5..14, y 2..7 (edges)
+    out, (box,) = dihedral(arr, [Box("t", 5, 2, 14, 7)], k)
+    ys, xs = np.nonzero(out)
+    assert (box.x1, box.y1, box.x2, box.y2) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+
+
+def test_bad_inputs(tmp_path, generated_voc):
+    with pytest.raises(UsageError, match="folder missing"):
+        build_dataset(tmp_path / "none", tmp_path / "out")
+    with pytest.raises(UsageError, match="unknown task"):
+        build_dataset(generated_voc, tmp_path / "out", tasks=("vqa",))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UsageError, match="no annotated image"):
+        scan_voc(empty)
+    bad = tmp_path / "badvoc"
+    shutil.copytree(generated_voc, bad)
+    (bad / "Annotations" / "000002.xml").write_text("<annotation><size>")
+    with pytest.raises(UsageError, match=r"000002\.xml: unreadable"):
+        build_dataset(bad, tmp_path / "out2")
+
+
+def test_caption_counts_and_cells():
+    from training.builders import Chip
+
+    chip = Chip(
+        id="x/1", path=SHIP_CHIPS, split="train", coarse="ship", meta={"sensor": "Sentinel-1"}, pol="VV"
+    )
+    boxes = [Box("ship", 10, 10, 20, 20), Box("ship", 30, 30, 40, 40), Box("ship", 400, 400, 420, 420)]
+    text = caption_for(chip, boxes)
+    assert "three ships" in text.replace("three bright ships", "three ships")
+    assert "two in the top left" in text and "one in the bottom right" in text
+
+
+def test_training_cli_build_generated_and_base(tmp_path):
+    from typer.testing import CliRunner
+
+    from training.__main__ import app
+
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["build", str(SHIP_CHIPS), "--out", str(tmp_path / "ships"), "--task", "counting"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "3 image(s) rendered" in res.output and "stage2_train.jsonl" in res.output
+    res = runner.invoke(app, ["generated", "--out", str(tmp_path / "gen"), "--n-train", "2", "--n-val", "2"])
+    assert res.exit_code == 0, res.output
+    assert len(read_manifest(tmp_path / "gen" / "generated_val.jsonl")) == 2
+    res = runner.invoke(app, ["base", "--out", str(tmp_path / "base"), "--preset", "test"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "base" / "fusarbatch_base.json").read_text())["preset"] == "test"
+    res = runner.invoke(app, ["base", "--out", str(tmp_path / "b2"), "--preset", "huge"])
+    assert res.exit_code != 0

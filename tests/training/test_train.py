@@ -1,0 +1,183 @@
+"""Two-stage training on generated manifests: the loss falls, outputs load, stage 2 freezes the TLM, --resume
+gives the same weights as an uninterrupted run; the CLI commands drive it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fusarbatch.cli import app
+from fusarbatch.errors import UsageError
+from fusarbatch.model import FusarGPT
+from training.data import Collator, TripletDataset
+from training.manifest import read_manifest
+from training.synthetic import build_generated_anchor_task
+from training.train import TrainConfig, train
+
+
+def _config(base, data, out, **kw):
+    defaults = {"batch_size": 4, "grad_accum": 1, "lr": 3e-3, "max_steps": 8, "save_steps": 0, "log_steps": 1}
+    return TrainConfig(stage=kw.pop("stage", 1), data=[data], base_model=base, out=out, **{**defaults, **kw})
+
+
+@torch.no_grad()
+def _mean_loss(fusar, manifest):
+    records = read_manifest(manifest)
+    ds = TripletDataset(records)
+    batch = Collator(fusar.processor)([ds[i] for i in range(len(ds))])
+    anchors = batch.pop("anchors")
+    fusar.eval()
+    return float(fusar(anchors, **batch).loss)
+
+
+def _weights(directory):
+    out = {f"tlm.{k}": v for k, v in load_file(str(directory / "tlm.safetensors")).items()}
+    if (directory / "adapter_model.safetensors").is_file():
+        out.update(
+            {f"lora.{k}": v for k, v in load_file(str(directory / "adapter_model.safetensors")).items()}
+        )
+    return out
+
+
+def test_cli_stage1_then_stage2_and_eval(generated_base_model, generated_counting_manifest, tmp_path):
+    data = generated_counting_manifest(n=8)
+    runner = CliRunner()
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    common = ["--data", str(data), "--base-model", str(generated_base_model), "--batch-size", "4"]
+    common += ["--grad-accum", "1", "--max-steps", "10", "--log-steps", "1", "--save-steps", "5"]
+    res = runner.invoke(app, ["train", "--stage", "1", "--out", str(s1), "--lr", "3e-3", *common])
+    assert res.exit_code == 0, res.output
+    assert "stage 1: 10 steps on 8 records" in res.output
+    # release layout: peft adapter (LLM projections only) + TLM + processor; checkpoints, log and curve
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tlm.safetensors",
+        "tlm_config.json",
+        "tokenizer.json",
+        "processor_config.json",
+        "fusarbatch_train.json",
+        "train_log.jsonl",
+        "loss.png",
+    ):
+        assert (s1 / name).is_file(), name
+    assert sorted(p.name for p in s1.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+    assert json.loads((s1 / "tlm_config.json").read_text())["format"] == "tlm_original_train_patch_resize_v1"
+    lora_keys = load_file(str(s1 / "adapter_model.safetensors")).keys()
+    assert lora_keys and all("language_model" in k and "visual" not in k for k in lora_keys)
+    log = [json.loads(x) for x in (s1 / "train_log.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in log if "loss" in row]
+    assert steps == list(range(1, 11))
+    assert all(row["samples_per_s"] is None or row["samples_per_s"] > 0 for row in log)
+    with Image.open(s1 / "loss.png") as im:
+        assert im.format == "PNG" and im.size == (900, 520)
+    info = json.loads((s1 / "fusarbatch_train.json").read_text())
+    assert (
+        info["stage"] == 1 and info["trains"] == {"tlm": True, "lora": True} and info["precision"] == "fp32"
+    )
+    # the final model and the last checkpoint hold the same weights
+    final, last = _weights(s1), _weights(s1 / "checkpoint-10")
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+
+    # the loss fell: the trained model fits the records better than the base (LoRA starts at zero, and the
+    # records have no anchors, so an untrained model is the base model)
+    base = FusarGPT.from_pretrained(generated_base_model, init_tlm=True, device="cpu")
+    trained = FusarGPT.from_pretrained(generated_base_model, adapter_dir=s1, device="cpu")
+    before, after = _mean_loss(base, data), _mean_loss(trained, data)
+    assert after < 0.8 * before, (before, after)
+
+    res = runner.invoke(
+        app, ["train", "--stage", "2", "--out", str(s2), "--init", str(s1), "--lr", "1e-3", *common]
+    )
+    assert res.exit_code == 0, res.output
+    w1, w2 = _weights(s1), _weights(s2)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1 if k.startswith("tlm."))  # TLM frozen
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1 if k.startswith("lora."))  # same adapter, trained on
+    assert json.loads((s2 / "fusarbatch_train.json").read_text())["trains"] == {"tlm": False, "lora": True}
+
+    res = runner.invoke(app, ["eval", "--model", str(s2), "--data", str(data), "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((s2 / "eval" / "metrics.json").read_text())
+    assert metrics["records"] == 8 and metrics["tasks"]["counting"]["n"] == 8
+    assert "| counting | 8 | accuracy |" in res.output
+    assert len((s2 / "eval" / "predictions.jsonl").read_text().splitlines()) == 8
+
+    # export: LoRA merged into a self-contained model folder that answers like the adapter model
+    from training.__main__ import app as training_app
+
+    full = tmp_path / "full"
+    res = runner.invoke(training_app, ["export", "--model", str(s2), "--out", str(full)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(
+        app, ["eval", "--model", str(full), "--data", str(data), "--out", str(tmp_path / "e")]
+    )
+    assert res.exit_code == 0, res.output
+    merged = [
+        json.loads(x)["prediction"] for x in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()
+    ]
+    adapter = [
+        json.loads(x)["prediction"] for x in (s2 / "eval" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert merged == adapter
+
+
+def test_resume_gives_the_same_weights(generated_base_model, generated_counting_manifest, tmp_path):
+    data = generated_counting_manifest(n=8, seed=1)
+    # 8 records, batch 2 x accumulation 2 -> 2 steps per epoch; checkpoint-3 sits inside the second epoch
+    kw = {"batch_size": 2, "grad_accum": 2, "max_steps": 5, "save_steps": 3, "save_total_limit": None}
+    full = train(_config(generated_base_model, data, tmp_path / "full", **kw))
+    assert full.steps == 5
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", resumed_dir / "checkpoint-3")
+    resumed = train(_config(generated_base_model, data, resumed_dir, resume=True, **kw))
+    assert resumed.steps == 5
+    a, b = _weights(tmp_path / "full"), _weights(resumed_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    # the log of the resumed run holds steps 4..5 once each
+    steps = [json.loads(x)["step"] for x in (resumed_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s > 3] == [4, 5, 5] or [s for s in steps if s > 3][:2] == [4, 5]
+
+
+def test_stage1_without_lora_trains_only_the_tlm(generated_base_model, generated_counting_manifest, tmp_path):
+    with pytest.raises(UsageError, match="no record has anchors"):
+        train(
+            _config(generated_base_model, generated_counting_manifest(n=4), tmp_path / "x", stage1_lora=False)
+        )
+    data = build_generated_anchor_task(tmp_path / "generated_anchor_task", n_train=4, n_val=1, image_size=56)[
+        "train"
+    ]
+    res = train(_config(generated_base_model, data, tmp_path / "s1", stage1_lora=False, max_steps=2))
+    assert not (tmp_path / "s1" / "adapter_model.safetensors").exists()
+    assert res.trainable_params == sum(
+        p.numel()
+        for p in FusarGPT.from_pretrained(generated_base_model, init_tlm=True, device="cpu").tlm.parameters()
+    )
+    # stage 2 from it adds a new LoRA adapter
+    train(_config(generated_base_model, data, tmp_path / "s2", stage=2, init=tmp_path / "s1", max_steps=2))
+    assert (tmp_path / "s2" / "adapter_model.safetensors").is_file()
+
+
+def test_usage_errors(generated_base_model, generated_counting_manifest, tmp_path):
+    data = generated_counting_manifest(n=4)
+    with pytest.raises(UsageError, match="needs --init"):
+        train(_config(generated_base_model, data, tmp_path / "x", stage=2))
+    with pytest.raises(UsageError, match="no checkpoint"):
+        train(_config(generated_base_model, data, tmp_path / "y", resume=True))
+    (tmp_path / "z" / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(UsageError, match="pass --resume"):
+        train(_config(generated_base_model, data, tmp_path / "z"))
+    with pytest.raises(UsageError, match="folder missing"):
+        train(_config(generated_base_model, data, tmp_path / "w", stage=2, init=tmp_path / "none"))
+    res = CliRunner().invoke(
+        app, ["train", "--stage", "3", "--data", str(data), "--base-model", "b", "--out", "o"]
+    )
+    assert res.exit_code == 2

@@ -1,0 +1,19 @@
+"""Training for FUSAR-GPT (DESIGN 4): triplet manifests, dataset builders, collator, two-stage SFT, eval.
+
+Its own package: it imports :mod:`fusarbatch.model` (one model definition for training and inference), and
+nothing in :mod:`fusarbatch` imports it except the ``train`` and ``eval`` commands, lazily. Submodules:
+
+- :mod:`training.manifest` -- the triplet manifest (JSON Lines) reader and writer;
+- :mod:`training.builders` -- labelled chips (Pascal VOC, class folders) -> triplets for every task;
+- :mod:`training.synthetic` -- generated data whose answer depends only on the anchors (TLM checks);
+- :mod:`training.data` -- dataset, seeded sampler, collator with answer-only labels;
+- :mod:`training.train` -- stage 1 / stage 2 with the Hugging Face Trainer, checkpoints and resume;
+- :mod:`training.metrics`, :mod:`training.evaluate` -- the paper's metrics and ``fusarbatch eval``;
+- :mod:`training.plot` -- loss curves (PNG, Pillow);
+- ``python -m training`` -- ``build`` (datasets), ``generated`` (anchor task), ``base`` (a tiny base model),
+  ``export`` (a merged model folder).
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []

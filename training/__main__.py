@@ -1,0 +1,173 @@
+"""``python -m training``: dataset building, tiny base models and model export (the helpers around
+``fusarbatch train`` / ``fusarbatch eval``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fusarbatch.errors import FusarbatchError
+
+app = typer.Typer(
+    name="training",
+    help="FUSAR-GPT training helpers: build triplet datasets, a tiny base model, export a merged model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+BASE_PRESETS: dict[str, dict[str, Any]] = {
+    # the tests' tiny model (STACK section 2): 0.26 M parameters
+    "test": {},
+    # the shipped demo model: sized so that stages 1 + 2 fit in ~30 min on 2 CPU cores (training/RESULTS.md)
+    "demo": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_layers": 4,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "vision_hidden_size": 64,
+        "vision_intermediate_size": 128,
+        "vision_depth": 4,
+        "vision_heads": 4,
+        "init_std": 0.02,
+        "embed_std": 0.15,
+        "vocab_size": 1000,
+    },
+}
+"""Tiny Qwen2.5-VL configurations for :func:`fusarbatch.model.build_tiny_model`."""
+
+
+@app.command()
+def build(
+    source: Annotated[Path, typer.Argument(help="Labelled chips: a Pascal VOC folder or class folders.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (images/, stage*_<split>.jsonl).")],
+    kind: Annotated[str, typer.Option("--kind", help="voc, folders or auto.")] = "auto",
+    name: Annotated[str | None, typer.Option("--name", help="Source name in ids (default: folder).")] = None,
+    task: Annotated[
+        list[str] | None,
+        typer.Option("--task", help="caption, counting, grounding, classification, detection (repeatable)."),
+    ] = None,
+    class_map: Annotated[
+        Path | None, typer.Option("--class-map", help="classes.json: VOC/folder names -> class names.")
+    ] = None,
+    coarse: Annotated[str | None, typer.Option("--coarse", help="Category for detection/counting.")] = None,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=1.0)] = 0.2,
+    augment: Annotated[str, typer.Option("--augment", help="none or dihedral (train split).")] = "none",
+    max_per_class: Annotated[int | None, typer.Option("--max-per-class", min=1)] = None,
+    split: Annotated[list[str] | None, typer.Option("--split", help="train and/or val (repeatable).")] = None,
+) -> None:
+    """Render labelled chips and write triplet manifests for every task (training/builders.py)."""
+    from training.builders import TASK_NAMES, build_dataset
+
+    summary = build_dataset(
+        source,
+        out,
+        kind=kind,
+        name=name,
+        tasks=tuple(task) if task else ("caption", *TASK_NAMES),
+        class_map=class_map,
+        coarse=coarse,
+        val_fraction=val_fraction,
+        augment=augment,
+        max_per_class=max_per_class,
+        splits=tuple(split) if split else ("train", "val"),
+    )
+    typer.echo(f"{summary.images} image(s) rendered into {summary.out}")
+    for fname, counts in summary.manifests.items():
+        typer.echo(f"  {fname}: {sum(counts.values())} records {counts}")
+
+
+@app.command()
+def generated(
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    n_train: Annotated[int, typer.Option("--n-train", min=1)] = 256,
+    n_val: Annotated[int, typer.Option("--n-val", min=1)] = 128,
+    image_size: Annotated[int, typer.Option("--image-size", min=28)] = 504,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Write a generated task whose answer depends only on the anchors (training/synthetic.py)."""
+    from training.synthetic import build_generated_anchor_task
+
+    paths = build_generated_anchor_task(out, n_train=n_train, n_val=n_val, image_size=image_size, seed=seed)
+    for split, path in paths.items():
+        typer.echo(f"{split}: {path}")
+
+
+@app.command()
+def base(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the base model.")],
+    preset: Annotated[str, typer.Option("--preset", help="demo or test.")] = "demo",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Write a tiny, randomly initialised Qwen2.5-VL base model (offline; fusarbatch/model/tiny.py)."""
+    from fusarbatch.errors import UsageError
+    from fusarbatch.model.tiny import build_tiny_model
+
+    if preset not in BASE_PRESETS:
+        raise UsageError(f"--preset {preset!r}: choose {', '.join(BASE_PRESETS)}")
+    d = build_tiny_model(out, seed=seed, **BASE_PRESETS[preset])
+    (d / "fusarbatch_base.json").write_text(
+        json.dumps(
+            {
+                "builder": "fusarbatch.model.tiny.build_tiny_model",
+                "preset": preset,
+                "seed": seed,
+                "kwargs": BASE_PRESETS[preset],
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    cfg = json.loads((d / "config.json").read_text())
+    typer.echo(f"tiny base model ({preset}, seed {seed}, vocab {cfg['text_config']['vocab_size']}) in {d}")
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option("--model", help="Training output (LoRA adapter + TLM).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the merged, self-contained model.")],
+    base_model: Annotated[Path | None, typer.Option("--base-model")] = None,
+    card: Annotated[
+        Path | None, typer.Option("--card", help="Markdown model card copied as README.md.")
+    ] = None,
+) -> None:
+    """Merge the LoRA adapter into the base model and write a self-contained model folder (base weights,
+    processor, TLM): what ``fusarbatch run --model`` and the packaged demo model use."""
+    from training.evaluate import load_model_for_eval
+
+    fusar = load_model_for_eval(model, base_model, "cpu")
+    fusar.merge_lora()
+    if out.exists():
+        shutil.rmtree(out)
+    fusar.save_full(out)
+    info = model / "fusarbatch_train.json"
+    if info.is_file():
+        shutil.copy2(info, out / "fusarbatch_train.json")
+    if card is not None:
+        shutil.copy2(card, out / "README.md")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    typer.echo(f"merged model written to {out} ({size / 1e6:.1f} MB)")
+
+
+def main() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logging.getLogger("fusarbatch").addHandler(handler)  # training logs as fusarbatch.training.*
+    logging.getLogger("fusarbatch").setLevel(logging.INFO)
+    try:
+        app()
+    except FusarbatchError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,658 @@
+"""Labelled SAR chips -> triplet manifests for every task (DESIGN 4, issue 4).
+
+Sources (``/work/shared/data`` layout, see its README):
+
+- ``voc``: Pascal VOC boxes -- ``ship_chips`` (``images/*.jpg`` + ``*.xml`` side by side, one class ``ship``,
+  no official split) and ``mstar_composite_detection`` (``JPEGImages/``, ``Annotations/``,
+  ``ImageSets/{train,val}.txt``; ``<name>`` is a class index mapped by ``classes.json``);
+- ``folders``: class folders -- ``mstar_soc10`` (``{train,val}/<k>/*.jpeg``, ``classes.json`` maps ``k`` to
+  the class name; ``val`` is the standard SOC test set at 15 degrees depression).
+
+Every chip is rendered by :func:`fusarbatch.render.render` -- the function that renders tiles at inference --
+with ``units="dn"`` (8-bit magnitude chips), resized to 504 x 504 (bicubic). Boxes are clipped to the chip
+(some ground-truth boxes run past the edge) and scaled per axis to the 504 grid. Rendered images are stored as
+lossless PNG (grey ``L`` when the three channels are equal, which is always the case for grey rendering).
+
+Tasks (prompts and answer formats: :mod:`fusarbatch.model.prompts`):
+
+- ``caption`` (stage 1): generated from the labels by templates (:func:`caption_for`) -- there is no SAR
+  caption corpus for these chips; every caption record says so in ``meta.caption``;
+- ``counting``, ``grounding`` (3 x 3 cells), ``detection`` of the coarse category (``ship``, ``vehicle``): on
+  box-labelled chips;
+- ``classification`` of a given box among the dataset's fine classes: each box of a multi-class VOC scene,
+  and the whole chip (box ``[0, 0, 504, 504]``, as ``fusarbatch run`` asks it) for class folders.
+
+Splits are deterministic: the dataset's own (ImageSets, train/val folders) or, without one, the chips sorted
+by the SHA-1 of their id with the first ``round(n * val_fraction)`` going to ``val``. Augmentation
+(``dihedral``: the 8 flips/rotations, boxes transformed with the pixels) applies to the train split only.
+
+The chips carry no geolocation, so records have no AlphaEarth anchors (``aef: null``: the TLM then leaves the
+tokens unmodulated).
+
+Outputs in ``out``: ``images/*.png``, ``stage1_<split>.jsonl`` (captions), ``stage2_<split>.jsonl`` (tasks),
+``README.md`` (what was built, from what, and that captions are template-generated).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from fusarbatch.errors import UsageError
+from fusarbatch.model.prompts import (
+    GRID,
+    Box,
+    caption_prompt,
+    classification_prompt,
+    counting_prompt,
+    detection_prompt,
+    format_class_answer,
+    format_count_answer,
+    format_detection_answer,
+    format_grounding_answer,
+    grounding_cell,
+    grounding_cells,
+    grounding_prompt,
+)
+from fusarbatch.render import render
+from training.manifest import Triplet, write_manifest
+
+__all__ = [
+    "CELL_NAMES",
+    "MSTAR_KINDS",
+    "Chip",
+    "build_dataset",
+    "caption_for",
+    "chip_records",
+    "dihedral",
+    "load_class_map",
+    "read_voc",
+    "render_chip",
+    "scan_class_folders",
+    "scan_voc",
+]
+
+log = logging.getLogger(f"fusarbatch.{__name__}")  # shown by the fusarbatch CLI
+
+CELL_NAMES = {
+    1: "top left",
+    2: "top centre",
+    3: "top right",
+    4: "centre left",
+    5: "centre",
+    6: "centre right",
+    7: "bottom left",
+    8: "bottom centre",
+    9: "bottom right",
+}
+"""Names of the 3 x 3 grounding cells, used by the caption templates."""
+
+MSTAR_KINDS = {
+    "2S1": "self-propelled howitzer",
+    "BMP2": "infantry fighting vehicle",
+    "BRDM2": "armoured reconnaissance vehicle",
+    "BTR60": "armoured personnel carrier",
+    "BTR70": "armoured personnel carrier",
+    "D7": "bulldozer",
+    "T62": "main battle tank",
+    "T72": "main battle tank",
+    "ZIL131": "military truck",
+    "ZSU234": "self-propelled anti-aircraft gun",
+}
+"""What each MSTAR SOC class is (for captions)."""
+
+_NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+TASK_NAMES = ("counting", "grounding", "classification", "detection")
+
+
+# --------------------------------------------------------------------------------------------- chips
+@dataclass(frozen=True)
+class Chip:
+    """One labelled chip before rendering.
+
+    :ivar id: unique id within the build (``<source>/<name>``, plus ``~<aug>`` for augmented copies).
+    :ivar path: the image file.
+    :ivar split: ``train`` or ``val``.
+    :ivar coarse: the coarse category asked in detection/counting/grounding (``ship``, ``vehicle``).
+    :ivar boxes: labelled boxes in chip pixels (fine class names), before clipping; empty for class folders.
+    :ivar label: the chip's class for class-folder data (classification of the whole chip), else None.
+    :ivar pol: polarisation name passed to the renderer.
+    :ivar meta: provenance (source, sensor, depression angle, ...).
+    :ivar aug: dihedral transform index 0..7 (0 = as is), applied when the chip is loaded.
+    """
+
+    id: str
+    path: Path
+    split: str
+    coarse: str
+    boxes: tuple[Box, ...] = ()
+    label: str | None = None
+    pol: str = "HH"
+    meta: dict[str, Any] = field(default_factory=dict)
+    aug: int = 0
+
+
+def load_class_map(path: str | Path) -> dict[str, str]:
+    """Folder index / VOC ``<name>`` -> class name, from a ``classes.json`` (``{"folder_to_class": {...}}``
+    or a plain mapping)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"class map {p}: unreadable ({exc})") from None
+    mapping = data.get("folder_to_class", data) if isinstance(data, dict) else None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise UsageError(f"class map {p}: expected {{'folder_to_class': {{'0': 'name', ...}}}}")
+    return {str(k): v for k, v in mapping.items()}
+
+
+def read_voc(path: str | Path, class_map: dict[str, str] | None = None) -> tuple[int, int, list[Box]]:
+    """Read a Pascal VOC annotation: ``(width, height, boxes)`` in pixels, unclipped, names mapped through
+    ``class_map`` when given (unknown names kept as they are).
+
+    :raises UsageError: unreadable XML or missing size/box fields.
+    """
+    p = Path(path)
+    try:
+        root = ET.parse(p).getroot()
+        width = int(float(root.findtext("size/width", "")))
+        height = int(float(root.findtext("size/height", "")))
+        boxes = []
+        for obj in root.iter("object"):
+            name = (obj.findtext("name") or "").strip()
+            bb = obj.find("bndbox")
+            if bb is None or not name:
+                raise ValueError("object without name or bndbox")
+            x1, y1, x2, y2 = (float(bb.findtext(k, "")) for k in ("xmin", "ymin", "xmax", "ymax"))
+            label = class_map.get(name, name) if class_map else name
+            boxes.append(Box(label, min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)))
+    except (OSError, ET.ParseError, ValueError) as exc:
+        raise UsageError(f"VOC annotation {p}: unreadable ({exc})") from None
+    if width <= 0 or height <= 0:
+        raise UsageError(f"VOC annotation {p}: bad size {width}x{height}")
+    return width, height, boxes
+
+
+def _stable_key(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def _hash_split(ids: Sequence[str], val_fraction: float) -> dict[str, str]:
+    order = sorted(ids, key=_stable_key)
+    n_val = round(len(order) * val_fraction)
+    return {i: ("val" if k < n_val else "train") for k, i in enumerate(order)}
+
+
+def _pol_from_name(name: str) -> str:
+    for pol in ("hh", "hv", "vh", "vv"):
+        if f"_{pol}_" in name.lower():
+            return pol.upper()
+    return "HH"
+
+
+def _sensor_from_name(name: str) -> str | None:
+    if name.startswith("Gao_"):
+        return "Gaofen-3"
+    if name.startswith("Sen_"):
+        return "Sentinel-1"
+    return None
+
+
+def scan_voc(
+    root: str | Path,
+    *,
+    source: str | None = None,
+    coarse: str | None = None,
+    class_map: dict[str, str] | None = None,
+    val_fraction: float = 0.2,
+) -> list[Chip]:
+    """Find the chips of a VOC-labelled folder.
+
+    Layouts: ``JPEGImages/`` + ``Annotations/`` (+ ``ImageSets/{train,val}.txt`` or
+    ``ImageSets/Main/{train,val}.txt``: the split), or images and XMLs side by side in ``root`` or
+    ``root/images``. Without an ImageSets split, the deterministic hash split (module docstring).
+
+    :param source: name used in record ids (default: the folder name).
+    :param coarse: coarse category (default: ``ship`` when every box is a ship, else ``vehicle``).
+    :param class_map: VOC ``<name>`` -> class name.
+    :raises UsageError: no annotated image found.
+    """
+    r = Path(root)
+    source = source or r.name
+    if (r / "Annotations").is_dir():
+        ann_dir, img_dir = r / "Annotations", r / "JPEGImages"
+    elif (r / "images").is_dir():
+        ann_dir = img_dir = r / "images"
+    else:
+        ann_dir = img_dir = r
+    pairs: dict[str, tuple[Path, Path]] = {}
+    for xml in sorted(ann_dir.glob("*.xml")):
+        img = next(
+            (
+                img_dir / f"{xml.stem}{ext}"
+                for ext in (".jpg", ".jpeg", ".png", ".tif")
+                if (img_dir / f"{xml.stem}{ext}").is_file()
+            ),
+            None,
+        )
+        if img is None:
+            log.warning("VOC %s: no image for %s, skipped", r, xml.name)
+            continue
+        pairs[xml.stem] = (img, xml)
+    if not pairs:
+        raise UsageError(f"VOC folder {r}: no annotated image found (expected *.xml with images beside them)")
+    split_of: dict[str, str] = {}
+    for base in (r / "ImageSets", r / "ImageSets" / "Main"):
+        for split in ("train", "val"):
+            f = base / f"{split}.txt"
+            if f.is_file():
+                for line in f.read_text(encoding="utf-8").split():
+                    split_of.setdefault(line.strip(), split)
+    if not split_of:
+        split_of = _hash_split(list(pairs), val_fraction)
+    chips = []
+    labels: Counter[str] = Counter()
+    for name, (img, xml) in pairs.items():
+        if name not in split_of:
+            continue
+        width, height, boxes = read_voc(xml, class_map)
+        labels.update(b.label for b in boxes)
+        meta: dict[str, Any] = {"source": source, "file": img.name, "width": width, "height": height}
+        sensor = _sensor_from_name(name)
+        if sensor:
+            meta["sensor"] = sensor
+        chips.append(
+            Chip(
+                id=f"{source}/{name}",
+                path=img,
+                split=split_of[name],
+                coarse="",
+                boxes=tuple(boxes),
+                pol=_pol_from_name(name),
+                meta=meta,
+            )
+        )
+    if coarse is None:
+        coarse = "ship" if set(labels) <= {"ship"} else "vehicle"
+    return [replace(c, coarse=coarse) for c in chips]
+
+
+def scan_class_folders(
+    root: str | Path,
+    *,
+    source: str | None = None,
+    coarse: str = "vehicle",
+    class_map: dict[str, str] | None = None,
+    max_per_class: int | None = None,
+) -> list[Chip]:
+    """Find the chips of a class-folder dataset: ``root/<split>/<class>/*.{jpeg,jpg,png}``.
+
+    :param class_map: folder name -> class name (default: ``root/classes.json`` when present, else the folder
+        names themselves).
+    :param max_per_class: keep at most this many chips per class and split, chosen deterministically by the
+        SHA-1 of their id (not the first files: MSTAR numbers chips by aspect angle).
+    :raises UsageError: no split folder or no image.
+    """
+    r = Path(root)
+    source = source or r.name
+    if class_map is None and (r / "classes.json").is_file():
+        class_map = load_class_map(r / "classes.json")
+    chips = []
+    for split in ("train", "val"):
+        sdir = r / split
+        if not sdir.is_dir():
+            continue
+        for cdir in sorted(p for p in sdir.iterdir() if p.is_dir()):
+            label = (class_map or {}).get(cdir.name, cdir.name)
+            files = sorted(f for f in cdir.iterdir() if f.suffix.lower() in (".jpeg", ".jpg", ".png", ".tif"))
+            ids = [f"{source}/{split}/{cdir.name}/{f.stem}" for f in files]
+            keep = sorted(range(len(files)), key=lambda k: _stable_key(ids[k]))
+            if max_per_class is not None:
+                keep = keep[:max_per_class]
+            for k in sorted(keep):
+                meta = {"source": source, "file": f"{split}/{cdir.name}/{files[k].name}"}
+                if source.startswith("mstar"):
+                    meta["depression_deg"] = 17 if split == "train" else 15
+                chips.append(
+                    Chip(id=ids[k], path=files[k], split=split, coarse=coarse, label=label, meta=meta)
+                )
+    if not chips:
+        raise UsageError(f"class folders {r}: no images under {r}/{{train,val}}/<class>/")
+    return chips
+
+
+# --------------------------------------------------------------------------------------------- geometry
+def dihedral(values: np.ndarray, boxes: Sequence[Box], k: int) -> tuple[np.ndarray, tuple[Box, ...]]:
+    """Apply dihedral transform ``k`` (0..7: ``k % 4`` quarter turns counter-clockwise, then a left-right
+    flip when ``k >= 4``) to a ``(y, x)`` array and its pixel boxes (corners on pixel edges)."""
+    arr = np.asarray(values)
+    out_boxes = list(boxes)
+    for _ in range(k % 4):
+        w = arr.shape[1]
+        arr = np.rot90(arr)  # counter-clockwise: new (row, col) = (w - 1 - col, row) for pixels
+        out_boxes = [Box(b.label, b.y1, w - b.x2, b.y2, w - b.x1) for b in out_boxes]
+    if k >= 4:
+        w = arr.shape[1]
+        arr = arr[:, ::-1]
+        out_boxes = [Box(b.label, w - b.x2, b.y1, w - b.x1, b.y2) for b in out_boxes]
+    return np.ascontiguousarray(arr), tuple(out_boxes)
+
+
+def _clip_scale(boxes: Sequence[Box], width: int, height: int, grid: int) -> tuple[Box, ...]:
+    """Clip to the chip, scale per axis to ``grid``; boxes with no area left are dropped."""
+    out = []
+    sx, sy = grid / width, grid / height
+    for b in boxes:
+        x1, x2 = (min(max(v, 0.0), float(width)) for v in (b.x1, b.x2))
+        y1, y2 = (min(max(v, 0.0), float(height)) for v in (b.y1, b.y2))
+        if x2 <= x1 or y2 <= y1:
+            continue
+        out.append(Box(b.label, x1 * sx, y1 * sy, x2 * sx, y2 * sy))
+    return tuple(out)
+
+
+def load_chip(chip: Chip) -> tuple[np.ndarray, tuple[Box, ...]]:
+    """The chip's grey DN values ``(y, x)`` (RGB-stored grey is converted to luminance) and its boxes, with
+    the chip's dihedral augmentation applied."""
+    with Image.open(chip.path) as im:
+        values = np.asarray(im.convert("L"), dtype=np.float32)
+    return dihedral(values, chip.boxes, chip.aug)
+
+
+def render_chip(chip: Chip, grid: int = GRID) -> tuple[Image.Image, tuple[Box, ...]]:
+    """Render a chip as the model sees it (:func:`fusarbatch.render.render`, ``units="dn"``, ``grid`` x
+    ``grid``) and its boxes clipped to the chip and scaled to that grid."""
+    values, boxes = load_chip(chip)
+    height, width = values.shape
+    image = render(values, [chip.pol], units="dn", mode="grey", size=grid)
+    return image, _clip_scale(boxes, width, height, grid)
+
+
+# --------------------------------------------------------------------------------------------- captions
+def _count_phrase(n: int, noun: str) -> str:
+    word = _NUMBER_WORDS[n] if n < len(_NUMBER_WORDS) else str(n)
+    return f"{word} {noun}{'' if n == 1 else 's'}"
+
+
+def _where(boxes: Sequence[Box], grid: int) -> str:
+    cells = Counter(grounding_cell(*b.center, grid=grid) for b in boxes)
+    parts = []
+    for cell in grounding_cells(boxes, grid=grid):
+        n = cells[cell]
+        parts.append(f"{_NUMBER_WORDS[n] if n < len(_NUMBER_WORDS) else n} in the {CELL_NAMES[cell]}")
+    return ", ".join(parts)
+
+
+def caption_for(chip: Chip, boxes: Sequence[Box], grid: int = GRID) -> str:
+    """A caption generated from the labels by a template (which of 3 variants: the SHA-1 of the chip id).
+
+    It states what the labels say -- the sensor when known, the number of targets, their classes and which
+    3 x 3 cell they are in -- and nothing else.
+    """
+    variant = int(_stable_key(chip.id)[:8], 16) % 3
+    if chip.label is not None:  # class-folder chip: one target in the centre
+        kind = MSTAR_KINDS.get(chip.label, "target")
+        dep = chip.meta.get("depression_deg")
+        angle = f", imaged at {dep} degrees depression" if dep else ""
+        return (
+            f"An X-band SAR chip of a single {chip.label}, a {kind}, in the centre of the image on flat "
+            f"ground{angle}.",
+            f"This SAR image shows one {kind}, a {chip.label}, in the centre, surrounded by ground clutter"
+            f"{angle}.",
+            f"A single target in the centre of the SAR chip: a {chip.label} {kind}{angle}.",
+        )[variant]
+    n = len(boxes)
+    if chip.coarse == "ship":
+        sensor = chip.meta.get("sensor")
+        what = f"A {sensor} SAR image" if sensor else "A SAR image"
+        pol = f" in {chip.pol} polarisation" if chip.meta.get("sensor") else ""
+        if n == 0:
+            return f"{what}{pol} of open sea with no ship."
+        return (
+            f"{what}{pol} of the sea with {_count_phrase(n, 'ship')}, bright points on dark water: "
+            f"{_where(boxes, grid)}.",
+            f"{what}{pol} showing {_count_phrase(n, 'ship')} at sea ({_where(boxes, grid)}).",
+            f"Dark sea with {_count_phrase(n, 'bright ship')}: {_where(boxes, grid)}. {what}{pol}.",
+        )[variant]
+    if n == 0:
+        return "An X-band SAR scene of ground clutter with no vehicle."
+    items = []
+    for b in sorted(boxes, key=lambda b: (grounding_cell(*b.center, grid=grid), b.label)):
+        kind = MSTAR_KINDS.get(b.label, "vehicle")
+        items.append(f"a {b.label} {kind} in the {CELL_NAMES[grounding_cell(*b.center, grid=grid)]}")
+    listing = "; ".join(items)
+    return (
+        f"An X-band SAR scene of ground clutter with {_count_phrase(n, 'vehicle')}: {listing}.",
+        f"This SAR image shows {_count_phrase(n, 'vehicle')} on open terrain: {listing}.",
+        f"Ground clutter with {_count_phrase(n, 'military vehicle')} in this X-band SAR image: {listing}.",
+    )[variant]
+
+
+# --------------------------------------------------------------------------------------------- records
+def chip_records(
+    chip: Chip,
+    image_path: Path,
+    boxes: Sequence[Box],
+    *,
+    classes: Sequence[str],
+    tasks: Sequence[str],
+    grid: int = GRID,
+) -> list[Triplet]:
+    """The triplets of one rendered chip (``boxes`` already on the ``grid``).
+
+    :param classes: the dataset's fine classes (the choices of classification prompts).
+    :param tasks: which of ``caption``, ``counting``, ``grounding``, ``classification``, ``detection``.
+    """
+    meta = {**chip.meta, "split": chip.split, "aug": chip.aug}
+    out: list[Triplet] = []
+
+    def add(task: str, suffix: str, question: str, answer: str, extra: dict[str, Any] | None = None) -> None:
+        out.append(
+            Triplet(
+                id=f"{chip.id}/{suffix}",
+                image=image_path,
+                question=question,
+                answer=answer,
+                aef=None,
+                coordinate_size=grid,
+                task=task,
+                meta={**meta, "label": chip.coarse, **(extra or {})},
+            )
+        )
+
+    fine = [b.label for b in boxes]
+    if "caption" in tasks:
+        add("caption", "caption", caption_prompt(), caption_for(chip, boxes, grid), {"caption": "template"})
+    if chip.label is not None:  # class folders: the whole chip is the box
+        if "classification" in tasks:
+            whole = [0, 0, grid, grid]
+            add(
+                "classification",
+                "class",
+                classification_prompt(whole, classes),
+                format_class_answer(chip.label),
+                {"class": chip.label, "box": whole},
+            )
+        return out
+    coarse_boxes = [Box(chip.coarse, b.x1, b.y1, b.x2, b.y2) for b in boxes]
+    if "counting" in tasks:
+        add(
+            "counting",
+            "count",
+            counting_prompt(chip.coarse),
+            format_count_answer(len(boxes)),
+            {"classes": fine},
+        )
+    if "grounding" in tasks:
+        add(
+            "grounding",
+            "ground",
+            grounding_prompt(chip.coarse),
+            format_grounding_answer(grounding_cells(coarse_boxes, grid=grid)),
+            {"classes": fine},
+        )
+    if "detection" in tasks:
+        add(
+            "detection",
+            "detect",
+            detection_prompt(chip.coarse),
+            format_detection_answer(coarse_boxes),
+            {"classes": fine},
+        )
+    if "classification" in tasks and len(classes) > 1:
+        for k, b in enumerate(boxes):
+            if b.label not in classes:
+                continue
+            add(
+                "classification",
+                f"class{k}",
+                classification_prompt(b, classes),
+                format_class_answer(b.label),
+                {"class": b.label, "box": [round(v) for v in b.as_list()]},
+            )
+    return out
+
+
+def _augmented(chips: Sequence[Chip], augment: str) -> Iterator[Chip]:
+    for chip in chips:
+        yield chip
+        if augment == "dihedral" and chip.split == "train":
+            for k in range(1, 8):
+                yield replace(chip, id=f"{chip.id}~d{k}", aug=k)
+
+
+@dataclass
+class BuildSummary:
+    """What :func:`build_dataset` wrote: record counts per manifest file and task, images rendered."""
+
+    out: Path
+    images: int = 0
+    manifests: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def build_dataset(
+    source: str | Path,
+    out: str | Path,
+    *,
+    kind: str = "auto",
+    name: str | None = None,
+    tasks: Sequence[str] = ("caption", *TASK_NAMES),
+    class_map: str | Path | None = None,
+    coarse: str | None = None,
+    val_fraction: float = 0.2,
+    augment: str = "none",
+    max_per_class: int | None = None,
+    splits: Sequence[str] = ("train", "val"),
+    grid: int = GRID,
+    progress: Callable[[int, int], None] | None = None,
+) -> BuildSummary:
+    """Render the chips of ``source`` and write the triplet manifests to ``out`` (module docstring).
+
+    :param kind: ``voc``, ``folders`` or ``auto`` (``folders`` when ``source/train`` holds class folders).
+    :param name: source name used in ids and file names (default: the folder name).
+    :param tasks: tasks to write; ``caption`` goes to ``stage1_<split>.jsonl``, the others to
+        ``stage2_<split>.jsonl``.
+    :param class_map: ``classes.json`` mapping VOC names / folder names to class names (class folders: default
+        ``source/classes.json``).
+    :param coarse: coarse category for detection/counting/grounding (default: ``ship`` or ``vehicle``).
+    :param val_fraction: hash-split share of ``val`` when the data has no split of its own.
+    :param augment: ``none`` or ``dihedral`` (train split only).
+    :param max_per_class: class folders: at most this many chips per class and split.
+    :param splits: the splits to write.
+    :raises UsageError: unknown kind/task/augment, or a source with no chips.
+    """
+    src, dst = Path(source), Path(out)
+    unknown = set(tasks) - {"caption", *TASK_NAMES}
+    if unknown:
+        raise UsageError(f"unknown task(s) {sorted(unknown)}; choose from caption, {', '.join(TASK_NAMES)}")
+    if augment not in ("none", "dihedral"):
+        raise UsageError(f"--augment {augment!r}: choose none or dihedral")
+    if not src.is_dir():
+        raise UsageError(f"source {src}: folder missing")
+    if kind == "auto":
+        kind = (
+            "folders"
+            if (src / "train").is_dir() and any(p.is_dir() for p in (src / "train").iterdir())
+            else "voc"
+        )
+    cmap = load_class_map(class_map) if class_map else None
+    if kind == "voc":
+        chips = scan_voc(src, source=name, coarse=coarse, class_map=cmap, val_fraction=val_fraction)
+    elif kind == "folders":
+        chips = scan_class_folders(
+            src, source=name, coarse=coarse or "vehicle", class_map=cmap, max_per_class=max_per_class
+        )
+    else:
+        raise UsageError(f"--kind {kind!r}: choose voc, folders or auto")
+    chips = [c for c in chips if c.split in splits]
+    if cmap:
+        classes = sorted(set(cmap.values()))
+    else:
+        classes = sorted({c.label for c in chips if c.label} | {b.label for c in chips for b in c.boxes})
+    all_chips = list(_augmented(chips, augment))
+    images_dir = dst / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    by_file: dict[str, list[Triplet]] = {}
+    summary = BuildSummary(out=dst)
+    for i, chip in enumerate(all_chips):
+        image, boxes = render_chip(chip, grid)
+        rgb = np.asarray(image)
+        stored = Image.fromarray(rgb[..., 0]) if (rgb == rgb[..., :1]).all() else image
+        image_path = images_dir / (chip.id.replace("/", "__").replace("~", "_") + ".png")
+        stored.save(image_path, optimize=False, compress_level=6)
+        summary.images += 1
+        for rec in chip_records(chip, image_path, boxes, classes=classes, tasks=tasks, grid=grid):
+            stage = "stage1" if rec.task == "caption" else "stage2"
+            by_file.setdefault(f"{stage}_{chip.split}.jsonl", []).append(rec)
+        if progress is not None:
+            progress(i + 1, len(all_chips))
+    for fname, records in sorted(by_file.items()):
+        write_manifest(dst / fname, records)
+        summary.manifests[fname] = dict(Counter(r.task for r in records))
+    _write_readme(dst, src, kind, chips, all_chips, classes, augment, summary)
+    log.info("built %d image(s) and %s in %s", summary.images, summary.manifests, dst)
+    return summary
+
+
+def _write_readme(
+    dst: Path,
+    src: Path,
+    kind: str,
+    chips: Sequence[Chip],
+    all_chips: Sequence[Chip],
+    classes: Sequence[str],
+    augment: str,
+    summary: BuildSummary,
+) -> None:
+    lines = [
+        f"# Triplets built from {src}",
+        "",
+        f"Built by `python -m training build` (training/builders.py) from the {kind} data in `{src}`",
+        f"({len(chips)} chips, {len(all_chips)} rendered images with augmentation `{augment}`).",
+        "",
+        "- Images: rendered by `fusarbatch.render.render(units='dn')` (the inference renderer), 504 x 504 "
+        "PNG.",
+        "- Boxes: clipped to the chip, then scaled per axis to the 504 grid.",
+        "- **Captions are generated from the labels by templates** (training/builders.py `caption_for`);",
+        "  they say only what the labels say (sensor, number, class and 3 x 3 cell of the targets).",
+        "- No AlphaEarth anchors: the chips carry no geolocation (`aef: null`, empty TLM mask).",
+        f"- Classes: {', '.join(classes)}.",
+        "",
+        "| manifest | " + " | ".join(("caption", *TASK_NAMES)) + " |",
+        "|---|" + "---|" * (len(TASK_NAMES) + 1),
+    ]
+    for fname, counts in sorted(summary.manifests.items()):
+        lines.append(
+            f"| {fname} | " + " | ".join(str(counts.get(t, 0)) for t in ("caption", *TASK_NAMES)) + " |"
+        )
+    (dst / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

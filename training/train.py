@@ -1,0 +1,472 @@
+"""Two-stage supervised fine-tuning of FUSAR-GPT with the Hugging Face Trainer (DESIGN 4; PAPER 1.4).
+
+- **Stage 1** (captions): the TLM MLP is trained, and a new LoRA adapter with it (the official ``set_stage``;
+  ``stage1_lora=False`` follows the paper's text: TLM only). Default lr 1e-4, 30 epochs.
+- **Stage 2** (tasks): ``init`` is the stage-1 output; its TLM is frozen and its LoRA adapter is trained
+  further (a new adapter when stage 1 had none). Default lr 1e-5, 5 epochs.
+- Both: AdamW, linear schedule with a 5 % warm-up, gradient accumulation (official: batch 1 x 4), answer-only
+  loss normalised by the answer tokens of the whole accumulated batch, bf16 autocast on a bf16-capable GPU and
+  fp32 otherwise. The base model is always frozen.
+
+Output folder (release-compatible, loadable with ``FusarGPT.from_pretrained(base, adapter_dir=out)``):
+``adapter_config.json`` + ``adapter_model.safetensors`` (peft LoRA, when there is one), ``tlm.safetensors`` +
+``tlm_config.json`` (TLM), the processor/tokenizer files, ``fusarbatch_train.json`` (stage, base model, data,
+hyper-parameters, wall time), ``train_log.jsonl`` (one JSON object per logging step: step, epoch, loss, lr,
+grad norm, samples/s, elapsed s) and ``loss.png``. Checkpoints ``checkpoint-<step>/`` hold the same model
+files plus the optimizer, scheduler, RNG and trainer state; ``resume=True`` continues from the latest one and
+ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusarbatch.errors import UsageError
+
+log = logging.getLogger(f"fusarbatch.{__name__}")  # shown by the fusarbatch CLI
+
+__all__ = ["TrainConfig", "TrainResult", "train"]
+
+TRAIN_INFO_FILE = "fusarbatch_train.json"
+LOG_FILE = "train_log.jsonl"
+LOSS_PNG = "loss.png"
+
+STAGE_DEFAULTS = {1: {"lr": 1e-4, "epochs": 30.0}, 2: {"lr": 1e-5, "epochs": 5.0}}
+"""Paper: stage I 30 epochs at 1e-4, stage II 5 epochs at 1e-5."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs (the ``fusarbatch train`` flags).
+
+    :ivar stage: 1 or 2.
+    :ivar data: manifest files (JSON Lines triplets).
+    :ivar base_model: the Qwen2.5-VL model directory (frozen).
+    :ivar out: output folder (checkpoints, final model, log, loss curve).
+    :ivar init: stage-1 output to start from (required for stage 2; optional for stage 1).
+    :ivar stage1_lora: stage 1 also trains LoRA (official code); False = TLM only (paper text).
+    :ivar epochs: default per stage (:data:`STAGE_DEFAULTS`).
+    :ivar max_steps: optimizer steps; overrides ``epochs`` when given.
+    :ivar lr: default per stage.
+    :ivar batch_size: records per forward pass.
+    :ivar grad_accum: forward passes per optimizer step.
+    :ivar warmup: warm-up share of the steps.
+    :ivar weight_decay: AdamW weight decay.
+    :ivar save_steps: checkpoint every N optimizer steps (0: only the final model).
+    :ivar save_total_limit: checkpoints kept.
+    :ivar log_steps: log every N optimizer steps.
+    :ivar resume: continue from the latest checkpoint in ``out``.
+    :ivar seed: seed of LoRA/TLM init, data order and dropout.
+    :ivar lora_r: LoRA rank; ``lora_alpha`` and ``lora_dropout`` likewise (FUSAR: 8, 32, 0.05).
+    :ivar max_length: longest sequence in tokens.
+    :ivar device: ``cuda``/``cpu``/None (CUDA when available).
+    :ivar num_workers: data loader worker processes.
+    :ivar no_tlm: train without anchors (the TLM is neither applied nor trained; official ``train_no_aef``).
+    :ivar tlm_zero_init: a new TLM (stage 1 without ``init``) starts as the identity: its last layer is zeroed
+        (PAPER 6.1 option; the official code uses PyTorch's default init: it modulates from the first step).
+        A TLM that never sees an anchor -- the demo model, trained on chips without geolocation -- then stays
+        the identity instead of scrambling the visual tokens of images that do have anchors.
+    """
+
+    stage: int
+    data: list[Path]
+    base_model: Path
+    out: Path
+    init: Path | None = None
+    stage1_lora: bool = True
+    epochs: float | None = None
+    max_steps: int | None = None
+    lr: float | None = None
+    batch_size: int = 1
+    grad_accum: int = 4
+    warmup: float = 0.05
+    weight_decay: float = 0.0
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    log_steps: int = 10
+    resume: bool = False
+    seed: int = 42
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    max_length: int = 2048
+    device: str | None = None
+    num_workers: int = 0
+    no_tlm: bool = False
+    tlm_zero_init: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the per-stage defaults filled in; raises :class:`UsageError` on bad values."""
+        if self.stage not in (1, 2):
+            raise UsageError(f"--stage {self.stage}: choose 1 (captions, TLM) or 2 (tasks, LoRA)")
+        if self.stage == 2 and self.init is None:
+            raise UsageError("--stage 2 needs --init STAGE1_DIR (the stage-1 output: TLM and LoRA)")
+        if not self.data:
+            raise UsageError("--data: give at least one manifest")
+        for name, v in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum)):
+            if v < 1:
+                raise UsageError(f"{name} must be >= 1")
+        if not 0 <= self.warmup < 1:
+            raise UsageError("--warmup is a share of the steps in [0, 1)")
+        d = STAGE_DEFAULTS[self.stage]
+        cfg = TrainConfig(**{**asdict(self)})
+        cfg.data = [Path(p) for p in self.data]
+        cfg.lr = self.lr if self.lr is not None else d["lr"]
+        cfg.epochs = self.epochs if self.epochs is not None else d["epochs"]
+        return cfg
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train` did."""
+
+    out: Path
+    steps: int
+    records: int
+    final_loss: float | None
+    wall_s: float
+    trainable_params: int
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _set_trainable(fusar: Any, stage: int, stage1_lora: bool, no_tlm: bool) -> int:
+    """Freeze everything, then unfreeze the stage's parameters; returns the trainable count."""
+    for p in fusar.parameters():
+        p.requires_grad_(False)
+    train_tlm = stage == 1 and not no_tlm
+    train_lora = stage == 2 or stage1_lora
+    for p in fusar.tlm.parameters():
+        p.requires_grad_(train_tlm)
+    for name, p in fusar.model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(train_lora)
+    n = sum(p.numel() for p in fusar.parameters() if p.requires_grad)
+    if n == 0:
+        raise UsageError("nothing to train: stage 1 with --no-stage1-lora and --no-tlm trains no parameter")
+    return n
+
+
+def _load_model(cfg: TrainConfig, device: torch.device) -> Any:
+    from fusarbatch.model.fusar_gpt import FusarGPT, lora_config
+
+    lcfg = lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+    if cfg.init is not None and not Path(cfg.init).is_dir():
+        raise UsageError(f"--init {cfg.init}: folder missing")
+    fusar = FusarGPT.from_pretrained(
+        cfg.base_model,
+        adapter_dir=cfg.init,
+        device=device,
+        dtype=torch.float32 if device.type != "cuda" else None,
+        init_tlm=cfg.stage == 1 or cfg.no_tlm,
+        trainable=True,
+    )
+    fusar.tlm.to(torch.float32)
+    if cfg.tlm_zero_init:
+        from fusarbatch.model.fusar_gpt import TLM_LEGACY_FILE, TLM_WEIGHTS_FILE
+
+        dirs = [Path(d) for d in (cfg.init, cfg.base_model) if d is not None]
+        if any((d / f).is_file() for d in dirs for f in (TLM_WEIGHTS_FILE, TLM_LEGACY_FILE)):
+            raise UsageError(
+                "--tlm-zero-init starts a new TLM, but --init/--base-model already holds TLM weights"
+            )
+        last = fusar.tlm.film_mlp[-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.zero_()
+        log.info("new TLM zero-initialised: it is the identity until trained on anchors")
+    if not fusar.has_lora and (cfg.stage == 2 or cfg.stage1_lora):
+        fusar.add_lora(lcfg)
+    return fusar
+
+
+def _trainer_class() -> type:
+    from transformers import Trainer
+
+    class FusarTrainer(Trainer):
+        """Trainer for :class:`~fusarbatch.model.FusarGPT`: anchors travel in the batch; checkpoints hold only
+        the trained weights (LoRA adapter + TLM, release layout) plus the Trainer's optimizer/RNG state."""
+
+        def __init__(self, *args: Any, fusar: Any, train_info: dict[str, Any], no_tlm: bool, **kwargs: Any):
+            self.fusar = fusar
+            self.train_info = train_info
+            self.no_tlm = no_tlm
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = True  # Qwen's loss divides by num_items_in_batch
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            from training.data import SeededSampler
+
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            return SeededSampler(len(ds), self.args.seed)
+
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            anchors = inputs.pop("anchors")
+            if self.no_tlm:
+                anchors = [None] * len(anchors)
+            kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+            outputs = model(anchors, **inputs, **kwargs)
+            loss = outputs.loss
+            if not loss.requires_grad:
+                # a batch without anchors while only the TLM trains: no trainable parameter is on the path;
+                # a zero term keeps backward() valid (the optimizer step then changes nothing)
+                loss = loss + sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+            return (loss, outputs) if return_outputs else loss
+
+        def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+            out = Path(output_dir or self.args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            self.fusar.save(out)
+            self.fusar.processor.save_pretrained(out)
+            info = {**self.train_info, "global_step": int(self.state.global_step)}
+            (out / TRAIN_INFO_FILE).write_text(
+                json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8"
+            )
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            from fusarbatch.model.fusar_gpt import TLM_WEIGHTS_FILE
+
+            ckpt = Path(resume_from_checkpoint)
+            tlm_file = ckpt / TLM_WEIGHTS_FILE
+            if not tlm_file.is_file():
+                raise UsageError(f"checkpoint {ckpt}: {TLM_WEIGHTS_FILE} missing")
+            self.fusar.tlm.film_mlp.load_state_dict(load_file(str(tlm_file)))
+            adapter = ckpt / "adapter_model.safetensors"
+            if self.fusar.has_lora:
+                if not adapter.is_file():
+                    raise UsageError(f"checkpoint {ckpt}: adapter_model.safetensors missing")
+                result = set_peft_model_state_dict(self.fusar.model, load_file(str(adapter)))
+                if getattr(result, "unexpected_keys", None):
+                    raise UsageError(
+                        f"checkpoint {ckpt}: adapter does not fit ({result.unexpected_keys[:3]})"
+                    )
+            log.info("resumed weights from %s", ckpt)
+
+    return FusarTrainer
+
+
+def _progress_callback(out: Path, batch: int, accum: int, resume_step: int) -> Any:
+    from transformers import TrainerCallback
+
+    class JsonlProgress(TrainerCallback):
+        """Appends one JSON line per log to ``train_log.jsonl`` and logs loss and throughput."""
+
+        def __init__(self) -> None:
+            self.start = time.perf_counter()
+            self.last_t = self.start
+            self.last_step = resume_step
+            self.path = out / LOG_FILE
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # keep the lines up to the step training restarts from (a resume drops later, replayed ones)
+            keep = []
+            if self.path.is_file():
+                for line in self.path.read_text(encoding="utf-8").splitlines():
+                    try:
+                        if json.loads(line).get("step", 0) <= state.global_step:
+                            keep.append(line)
+                    except ValueError:
+                        continue
+            self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+            self.last_step = state.global_step
+            self.start = self.last_t = time.perf_counter()
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            logs = dict(logs or {})
+            now = time.perf_counter()
+            steps = state.global_step - self.last_step
+            rate = steps * batch * accum / (now - self.last_t) if steps and now > self.last_t else None
+            self.last_t, self.last_step = now, state.global_step
+            row = {
+                "step": int(state.global_step),
+                "epoch": round(float(state.epoch or 0.0), 4),
+                **{k: (float(v) if isinstance(v, int | float) else v) for k, v in logs.items()},
+                "samples_per_s": None if rate is None else round(rate, 3),
+                "elapsed_s": round(now - self.start, 2),
+            }
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+            if "loss" in logs:
+                log.info(
+                    "step %d/%d  epoch %.2f  loss %.4f  lr %.2e  %s samples/s",
+                    state.global_step,
+                    state.max_steps,
+                    row["epoch"],
+                    logs["loss"],
+                    logs.get("learning_rate", float("nan")),
+                    "-" if rate is None else f"{rate:.2f}",
+                )
+
+    return JsonlProgress()
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    ckpts = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+
+
+# --------------------------------------------------------------------------------------------- train
+def train(config: TrainConfig) -> TrainResult:
+    """Run one training stage (module docstring); returns a summary. The final model is in ``config.out``.
+
+    :raises UsageError: bad configuration, missing manifests/directories, an ``out`` that already holds
+        checkpoints without ``resume`` (or none with it).
+    :raises ModelError: the base model or ``init`` cannot be loaded.
+    """
+    from transformers import TrainingArguments, set_seed
+    from transformers.utils import logging as hf_logging
+
+    from training.data import Collator, TripletDataset
+    from training.manifest import read_manifests
+    from training.plot import plot_loss
+
+    cfg = config.resolved()
+    out = Path(cfg.out)
+    records = read_manifests(cfg.data)
+    if not records:
+        raise UsageError(f"--data {', '.join(map(str, cfg.data))}: no records")
+    latest = _latest_checkpoint(out) if out.is_dir() else None
+    if cfg.resume and latest is None:
+        raise UsageError(f"--resume: no checkpoint-* folder in {out}")
+    if not cfg.resume and latest is not None:
+        raise UsageError(f"--out {out} already holds {latest.name}; pass --resume or choose a new --out")
+    if cfg.stage == 1 and not cfg.stage1_lora and not cfg.no_tlm and all(r.aef is None for r in records):
+        raise UsageError(
+            "stage 1 with --no-stage1-lora trains only the TLM, but no record has anchors (aef): "
+            "nothing to learn"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(cfg.device)
+    hf_logging.disable_progress_bar()
+    set_seed(cfg.seed)
+    started = time.perf_counter()
+    fusar = _load_model(cfg, device)
+    n_trainable = _set_trainable(fusar, cfg.stage, cfg.stage1_lora, cfg.no_tlm)
+    fusar.train()
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    steps_per_epoch = math.ceil(len(records) / (cfg.batch_size * cfg.grad_accum))
+    info = {
+        "stage": cfg.stage,
+        "base_model": str(Path(cfg.base_model).resolve()),
+        "init": None if cfg.init is None else str(Path(cfg.init).resolve()),
+        "data": [str(Path(p).resolve()) for p in cfg.data],
+        "records": len(records),
+        "tasks": {t: sum(r.task == t for r in records) for t in sorted({r.task for r in records})},
+        "trainable_params": n_trainable,
+        "trains": {"tlm": cfg.stage == 1 and not cfg.no_tlm, "lora": cfg.stage == 2 or cfg.stage1_lora},
+        "precision": "bf16" if bf16 else "fp32",
+        "device": str(device),
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "base_model", "init")},
+    }
+    log.info(
+        "stage %d: %d records (%s), %d trainable parameters, %d step(s)/epoch, %s on %s",
+        cfg.stage,
+        len(records),
+        info["tasks"],
+        n_trainable,
+        steps_per_epoch,
+        info["precision"],
+        device,
+    )
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        num_train_epochs=float(cfg.epochs or 1.0),
+        max_steps=cfg.max_steps if cfg.max_steps else -1,
+        warmup_steps=cfg.warmup,
+        lr_scheduler_type="linear",
+        weight_decay=cfg.weight_decay,
+        optim="adamw_torch",
+        logging_steps=cfg.log_steps,
+        logging_first_step=True,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bf16,
+        use_cpu=device.type == "cpu",
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=cfg.num_workers,
+        disable_tqdm=True,
+    )
+    trainer_cls = _trainer_class()
+    collator = Collator(fusar.processor, max_length=cfg.max_length)
+    trainer = trainer_cls(
+        model=fusar,
+        args=args,
+        train_dataset=TripletDataset(records),
+        data_collator=collator,
+        callbacks=[_progress_callback(out, cfg.batch_size, cfg.grad_accum, 0)],
+        fusar=fusar,
+        train_info=info,
+        no_tlm=cfg.no_tlm,
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # progress goes to the log (JsonlProgress), not raw dicts
+    result = trainer.train(resume_from_checkpoint=str(latest) if cfg.resume and latest else None)
+    wall = time.perf_counter() - started
+    info["wall_s"] = round(wall, 1)
+    info["train_runtime_s"] = round(float(result.metrics.get("train_runtime", 0.0)), 1)
+    trainer.train_info = info
+    trainer.save_model(str(out))
+    losses = _read_losses(out / LOG_FILE)
+    plot_loss(
+        losses,
+        out / LOSS_PNG,
+        title=f"stage {cfg.stage}: {len(records)} records, {trainer.state.global_step} steps",
+    )
+    final = losses[-1][1] if losses else None
+    log.info("stage %d done in %.0f s: %s (final loss %s)", cfg.stage, wall, out, final)
+    return TrainResult(
+        out=out,
+        steps=int(trainer.state.global_step),
+        records=len(records),
+        final_loss=final,
+        wall_s=wall,
+        trainable_params=n_trainable,
+    )
+
+
+def _read_losses(path: Path) -> list[tuple[int, float]]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj.get("loss"), int | float) and math.isfinite(obj["loss"]):
+                rows.append((int(obj["step"]), float(obj["loss"])))
+    return rows
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
