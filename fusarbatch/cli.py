@@ -162,7 +162,11 @@ def run(
     limit: LimitOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: out).")] = None,
     model: Annotated[
-        Path | None, typer.Option("--model", help="Model directory (default: the packaged demo model).")
+        Path | None,
+        typer.Option(
+            "--model",
+            help="Model directory (default: the packaged demo model, else a tiny random-weight model).",
+        ),
     ] = None,
     aef_index: Annotated[
         str | None,

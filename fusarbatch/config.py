@@ -67,7 +67,10 @@ class RunConfig(BaseModel):
     collections: tuple[str, ...] = Field((), description="Collections to search; empty: the catalog's.")
     limit: int | None = Field(None, ge=1, description="At most this many scenes.")
     out: Path = Field(Path("out"), description="Output folder (ledger.sqlite, tiles.zarr, GeoParquet).")
-    model: Path | None = Field(None, description="Model directory; default: the packaged demo model.")
+    model: Path | None = Field(
+        None,
+        description="Model directory; default: the packaged demo model, else a tiny random-weight model.",
+    )
     aef_index: str | None = Field(None, description="AlphaEarth index (GeoParquet/CSV) path or URL.")
     anchors: int = Field(8, ge=1, le=64, description="Anchor grid is anchors x anchors per tile.")
     labels: tuple[str, ...] = Field(("ship",), description="Object labels to detect.")

@@ -234,6 +234,9 @@ def save_scenes(scenes: Sequence[Scene], path: str | Path) -> Path:
     except OSError as exc:
         raise UsageError(f"--save {path}: cannot write there ({exc.strerror}); choose another path") from None
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
     try:
         if scenes:
             table = sga.parse_stac_items_to_arrow([s.item for s in scenes])

@@ -2,7 +2,7 @@
 
 The model answers on a ``grid`` x ``grid`` (504) input. A box ``[x1, y1, x2, y2]`` on that grid is clipped to
 the grid, scaled per axis to the tile's pixels (``x * W / grid``, ``y * H / grid``), placed in the scene
-with the tile's affine (GDAL order, scene CRS) and reprojected to EPSG:4326.
+with the tile's affine (rasterio order a..f, scene CRS) and reprojected to EPSG:4326.
 
 Overlapping tiles see the same target twice. Each detection is first *owned* by the tile whose core
 contains its centre: cores partition the scene, the boundary between two neighbouring tiles lying in the
