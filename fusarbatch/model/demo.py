@@ -1,10 +1,14 @@
 """The model ``fusarbatch run`` uses when no ``--model`` is given.
 
-Until a trained demo model ships inside the package (``fusarbatch/model/demo_model/``), this is the tiny
-offline Qwen2.5-VL of :mod:`fusarbatch.model.tiny` with a TLM, **random weights**: it exercises the whole
-pipeline (same code path as a real 7B model) but its answers are noise, so most of them are recorded as
-parse failures and detections are accidental. The directory is built once, deterministically, in
-``$FUSARBATCH_CACHE`` (default ``~/.cache/fusarbatch``).
+The packaged demo model, ``fusarbatch/model/demo_model/``: a tiny FUSAR-GPT (about 1 M parameters) trained
+by ``fusarbatch train`` on real SAR chips (``training/make_demo.sh``; model card in its ``README.md``,
+metrics in ``training/RESULTS.md``). It answers in the right formats but mostly with its training prior: a
+demonstration of the method at toy scale, not the paper's 7B model.
+
+When that folder is absent (a stripped install), the fallback is the tiny offline Qwen2.5-VL of
+:mod:`fusarbatch.model.tiny` with a TLM and **random weights**: it exercises the whole pipeline but its
+answers are noise. It is built once, deterministically, in ``$FUSARBATCH_CACHE`` (default
+``~/.cache/fusarbatch``).
 """
 
 from __future__ import annotations
