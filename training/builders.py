@@ -64,6 +64,7 @@ from fusarbatch.model.prompts import (
     grounding_cells,
     grounding_prompt,
 )
+from fusarbatch.model.tiny import MSTAR_KINDS as _MSTAR_KINDS
 from fusarbatch.render import render
 from training.manifest import Triplet, write_manifest
 
@@ -97,18 +98,7 @@ CELL_NAMES = {
 }
 """Names of the 3 x 3 grounding cells, used by the caption templates."""
 
-MSTAR_KINDS = {
-    "2S1": "self-propelled howitzer",
-    "BMP2": "infantry fighting vehicle",
-    "BRDM2": "armoured reconnaissance vehicle",
-    "BTR60": "armoured personnel carrier",
-    "BTR70": "armoured personnel carrier",
-    "D7": "bulldozer",
-    "T62": "main battle tank",
-    "T72": "main battle tank",
-    "ZIL131": "military truck",
-    "ZSU234": "self-propelled anti-aircraft gun",
-}
+MSTAR_KINDS = _MSTAR_KINDS
 """What each MSTAR SOC class is (for captions)."""
 
 _NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")

@@ -93,8 +93,9 @@ _LABELS = (
     "tug",
     "vehicle",
 )
-# MSTAR SOC classes (the trained demo model's classification vocabulary) and what they are.
-_MSTAR = {
+#: MSTAR SOC classes (the trained demo model's classification vocabulary) and what they are; also used
+#: by the training caption templates (training/builders.py).
+MSTAR_KINDS = {
     "2S1": "self-propelled howitzer",
     "BMP2": "infantry fighting vehicle",
     "BRDM2": "armoured reconnaissance vehicle",
@@ -138,8 +139,8 @@ def _corpus() -> list[str]:
             + label
             + '"}\n]\n```'
         )
-    names = list(_MSTAR)
-    for i, (name, kind) in enumerate(_MSTAR.items()):
+    names = list(MSTAR_KINDS)
+    for i, (name, kind) in enumerate(MSTAR_KINDS.items()):
         cell = _CELLS[i % len(_CELLS)]
         box = Box(name, 40 + 9 * i, 30 + 7 * i, 95 + 11 * i, 80 + 13 * i)
         lines += [
