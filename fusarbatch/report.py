@@ -331,10 +331,16 @@ class _Forward(logging.Handler):
 def route_library_logs(names: Sequence[str] = ("distributed", "tornado")) -> None:
     """After the libraries are imported (they install their own stderr handlers, with multi-line
     tracebacks): send their warnings and errors through the run's JSON handlers instead, one line each.
+    Every other logger (``asyncio``'s "Future exception was never retrieved" at Dask shutdown, GDAL
+    warnings ...) reaches them through the root logger, so stderr carries nothing but JSON lines.
     Nothing changes on a terminal without ``--log-file``."""
     if not _json_handlers:
         return
     forward = _Forward(_json_handlers, logging.WARNING)
+    root = logging.getLogger()
+    if not any(isinstance(h, _Forward) for h in root.handlers):
+        root.addHandler(forward)
+    logging.getLogger("fusarbatch").propagate = False  # its records already reach the handlers
     for name in names:
         lib = logging.getLogger(name)
         if _json_errors:  # stderr is JSON: drop the library's own stderr handlers

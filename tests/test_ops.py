@@ -76,7 +76,14 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def json_lines(text: str) -> list[dict[str, Any]]:
     """Every line of ``text`` parsed as JSON (fails on a line that is not)."""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = []
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise AssertionError(f"not a JSON line: {line!r} in:\n{text}") from None
+    return rows
 
 
 def events(text: str, event: str) -> list[dict[str, Any]]:

@@ -1,0 +1,77 @@
+"""Run logging (:mod:`fusarbatch.report`): off a terminal, stderr carries nothing but JSON lines, also for
+records of other libraries (asyncio's "Future exception was never retrieved" at Dask shutdown once broke
+a cron log) and for multi-line tracebacks."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from fusarbatch import report
+
+LOGGERS = ("", "fusarbatch", "asyncio", "distributed", "tornado", "py.warnings", "rasterio")
+
+
+@pytest.fixture
+def stderr_lines() -> Iterator[io.StringIO]:
+    """A StringIO as the ``fusarbatch`` logger's stream handler (what ``cli.main`` installs on stderr);
+    every logger touched is restored afterwards."""
+    saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate) for n in LOGGERS}
+    saved_level = logging.getLogger("fusarbatch").level
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger("fusarbatch").addHandler(handler)
+    try:
+        yield stream
+    finally:
+        logging.captureWarnings(False)
+        for name, (handlers, propagate) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+        logging.getLogger("fusarbatch").setLevel(saved_level)
+        report._json_handlers.clear()
+        report._context.clear()
+
+
+def parse(stream: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_json_mode_routes_every_library_through_one_json_line_each(stderr_lines):
+    report.setup_run_logging(json_lines=True)
+    report.route_library_logs()
+    report.set_log_context(run_id="r1")
+    logging.getLogger("fusarbatch.pipeline").info("scene done", extra={"event": "scene_done", "scene": "s1"})
+    try:
+        raise ConnectionResetError("comm closed")
+    except ConnectionResetError as exc:
+        logging.getLogger("asyncio").error("Future exception was never retrieved", exc_info=exc)
+    logging.getLogger("distributed.client").warning("worker lost")
+    logging.getLogger("rasterio._env").warning("CPLE_AppDefined in TIFFReadDirectory")
+    logging.getLogger("asyncio").info("below WARNING: dropped")
+    rows = parse(stderr_lines)  # every line is JSON, the traceback inside one of them
+    assert [(r["logger"], r["level"], r["message"]) for r in rows] == [
+        ("fusarbatch.pipeline", "info", "scene done"),
+        ("asyncio", "error", "Future exception was never retrieved"),
+        ("distributed.client", "warning", "worker lost"),
+        ("rasterio._env", "warning", "CPLE_AppDefined in TIFFReadDirectory"),
+    ]
+    assert rows[0]["scene"] == "s1" and rows[0]["event"] == "scene_done"
+    assert all(r["run_id"] == "r1" for r in rows)
+    assert "ConnectionResetError: comm closed" in rows[1]["exception"]
+    report.route_library_logs()  # idempotent: still one line per record
+    logging.getLogger("asyncio").warning("again")
+    assert [r["message"] for r in parse(stderr_lines)[4:]] == ["again"]
+
+
+def test_terminal_mode_leaves_library_logs_alone(stderr_lines):
+    report.setup_run_logging(json_lines=False)
+    report.route_library_logs()
+    assert not any(isinstance(h, report._Forward) for h in logging.getLogger().handlers)
+    logging.getLogger("fusarbatch").warning("plain text")
+    assert stderr_lines.getvalue() == "plain text\n"
