@@ -439,6 +439,11 @@ class _Cog:
     epsg: int
 
 
+# reads of one COG block: one window around its pixels from this many pixels on, up to this size
+_WINDOW_MIN_PIXELS = 4
+_WINDOW_MAX_BYTES = 64 * 1024 * 1024
+
+
 class COGIndexSource:
     """AEF vectors from an index table plus the int8 64-band COGs it lists.
 
@@ -674,15 +679,26 @@ class COGIndexSource:
                 k_in = np.flatnonzero(inside)
                 if k_in.size == 0:
                     return vecs, ok
-                # one 1 x 1 window (all 64 bands) per distinct pixel, block by block so that each
-                # block is decompressed once (GDAL's block cache keeps it while its pixels are read)
+                # block by block, so that each block is decompressed once: the window around a block's
+                # pixels in one read (every band) when it holds several, else a 1 x 1 window per pixel
+                # (a read costs ~2 ms of Python + GDAL overhead for 64 bands: 3-4x faster for anchor
+                # grids; the window stays inside one block, at most 64 x block bytes)
                 bh, bw = src.block_shapes[0]
                 r_in, c_in = rows[k_in].astype(np.int64), cols[k_in].astype(np.int64)
                 key = np.stack([r_in // bh, c_in // bw, r_in, c_in], axis=1)
                 uniq, inverse = np.unique(key, axis=0, return_inverse=True)
                 raw = np.empty((uniq.shape[0], AEF_DIM), np.int8)
-                for u, (_, _, r, c) in enumerate(uniq):
-                    raw[u] = src.read(window=Window(int(c), int(r), 1, 1))[:, 0, 0]
+                block_starts = np.flatnonzero(np.r_[True, np.any(uniq[1:, :2] != uniq[:-1, :2], axis=1)])
+                for b0, b1 in zip(block_starts, np.r_[block_starts[1:], uniq.shape[0]], strict=True):
+                    r, c = uniq[b0:b1, 2], uniq[b0:b1, 3]
+                    r0, c0 = int(r.min()), int(c.min())
+                    h, w = int(r.max()) - r0 + 1, int(c.max()) - c0 + 1
+                    if b1 - b0 >= _WINDOW_MIN_PIXELS and h * w * AEF_DIM <= _WINDOW_MAX_BYTES:
+                        window = src.read(window=Window(c0, r0, w, h))
+                        raw[b0:b1] = window[:, r - r0, c - c0].T
+                    else:
+                        for u in range(b0, b1):
+                            raw[u] = src.read(window=Window(int(uniq[u, 3]), int(uniq[u, 2]), 1, 1))[:, 0, 0]
                 deq, valid = dequantize(raw)
                 inverse = inverse.reshape(-1)
                 vecs[k_in] = deq[inverse]

@@ -104,6 +104,27 @@ def test_bottom_up_cog_gives_the_same_vectors_as_top_down(generated_aef_world):
     np.testing.assert_array_equal(bottom, expected)
 
 
+@pytest.mark.parametrize("window_min", [1, 10**9], ids=["block-window-reads", "pixel-reads"])
+def test_dense_points_across_blocks_read_by_window_or_pixel_equal_known_vectors(
+    generated_aef_world, monkeypatch, window_min
+):
+    """Every pixel of a 30 x 30 patch that straddles four 64-px blocks (plus repeats): the one-window-per-
+    block read and the 1 x 1 reads give the exact stored vectors, top-down and bottom-up."""
+    from fusarbatch.features import alphaearth
+
+    monkeypatch.setattr(alphaearth, "_WINDOW_MIN_PIXELS", window_min)
+    w = generated_aef_world
+    rr, cc = np.meshgrid(np.arange(50, 80), np.arange(50, 80), indexing="ij")
+    rows, cols = np.r_[rr.ravel(), 63, 64], np.r_[cc.ravel(), 64, 63]
+    lon, lat = w.lonlat("31N", rows, cols)
+    expected, valid = w.expected("31N", 2023, rows, cols)
+    assert valid.all()
+    for index in (w.index, w.index_bottomup):
+        feats, mask = COGIndexSource(index).sample(lon, lat, 2023)
+        assert mask.all()
+        np.testing.assert_array_equal(feats, expected)
+
+
 def test_nodata_is_masked_with_zero_features(generated_aef_world):
     w = generated_aef_world
     src = COGIndexSource(w.index)
