@@ -165,8 +165,13 @@ def run(
         Path | None,
         typer.Option(
             "--model",
-            help="Model directory (default: the packaged demo model, else a tiny random-weight model).",
+            help="Model directory, or a FUSAR-GPT checkpoint (TLM + LoRA) on top of --base-model "
+            "(default: the packaged demo model).",
         ),
+    ] = None,
+    base_model: Annotated[
+        Path | None,
+        typer.Option("--base-model", help="Base Qwen2.5-VL directory of a checkpoint --model."),
     ] = None,
     aef_index: Annotated[
         str | None,

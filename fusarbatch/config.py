@@ -69,7 +69,13 @@ class RunConfig(BaseModel):
     out: Path = Field(Path("out"), description="Output folder (ledger.sqlite, tiles.zarr, GeoParquet).")
     model: Path | None = Field(
         None,
-        description="Model directory; default: the packaged demo model, else a tiny random-weight model.",
+        description="Model directory, or a FUSAR-GPT checkpoint (TLM + LoRA: the official release or a "
+        "`fusarbatch train` output) on top of base_model; default: the packaged demo model.",
+    )
+    base_model: Path | None = Field(
+        None,
+        description="Base Qwen2.5-VL directory under a checkpoint given as model; default: the one its "
+        "training recorded.",
     )
     aef_index: str | None = Field(None, description="AlphaEarth index (GeoParquet/CSV) path or URL.")
     anchors: int = Field(8, ge=1, le=64, description="Anchor grid is anchors x anchors per tile.")

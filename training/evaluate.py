@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusarbatch.errors import ModelError, UsageError
+from fusarbatch.errors import UsageError
 from fusarbatch.model.prompts import (
     Box,
     parse_class,
@@ -99,44 +99,14 @@ class EvalConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _resolve_base(model_dir: Path, base_model: Path | None) -> Path:
-    if base_model is not None:
-        return Path(base_model)
-    info = model_dir / "fusarbatch_train.json"
-    if info.is_file():
-        try:
-            base = json.loads(info.read_text(encoding="utf-8")).get("base_model")
-        except ValueError:
-            base = None
-        if base and Path(base).is_dir():
-            return Path(base)
-    adapter = model_dir / "adapter_config.json"
-    if adapter.is_file():
-        try:
-            base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        except ValueError:
-            base = None
-        if base and Path(base).is_dir():
-            return Path(base)
-    raise UsageError(
-        f"--model {model_dir}: an adapter folder whose base model is unknown or missing; "
-        "pass --base-model DIR"
-    )
-
-
 def load_model_for_eval(
     model_dir: str | Path, base_model: str | Path | None = None, device: str | None = None
 ) -> Any:
     """A :class:`~fusarbatch.model.FusarGPT` from a full model folder or a training output (+ its base)."""
-    from fusarbatch.model.fusar_gpt import FusarGPT
+    from fusarbatch.model.fusar_gpt import FusarGPT, resolve_model_dirs
 
-    d = Path(model_dir)
-    if not d.is_dir():
-        raise ModelError(f"--model {d}: folder missing")
-    if (d / "config.json").is_file():
-        return FusarGPT.from_pretrained(d, device=device)
-    base = _resolve_base(d, Path(base_model) if base_model else None)
-    return FusarGPT.from_pretrained(base, adapter_dir=d, device=device)
+    base, adapter = resolve_model_dirs(model_dir, base_model)
+    return FusarGPT.from_pretrained(base, adapter_dir=adapter, device=device)
 
 
 def _label_of(rec: Triplet) -> str:

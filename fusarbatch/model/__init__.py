@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fusarbatch.errors import ModelError
+from fusarbatch.errors import ModelError as ModelError  # re-exported
 
 # Lazy exports (PEP 562): `from fusarbatch.model import parse_detection` does not import transformers/torch.
 _EXPORTS = {
@@ -20,10 +20,12 @@ _EXPORTS = {
         "FusarGPT",
         "Generation",
         "ImageOnlyQwen2_5_VLProcessor",
+        "check_adapter_dir",
         "check_model_dir",
         "load_processor",
         "load_tlm",
         "lora_config",
+        "resolve_model_dirs",
         "save_tlm",
     ),
     "prompts": (
@@ -66,44 +68,4 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-__all__ = [
-    "GRID",
-    "LORA_TARGET_REGEX",
-    "TLM",
-    "TLM_CONFIG_FILE",
-    "TLM_FORMAT",
-    "TLM_LEGACY_FILE",
-    "TLM_WEIGHTS_FILE",
-    "Anchors",
-    "Box",
-    "FusarGPT",
-    "Generation",
-    "ImageOnlyQwen2_5_VLProcessor",
-    "ModelError",
-    "ParseResult",
-    "TLMConfig",
-    "build_tiny_model",
-    "caption_prompt",
-    "check_model_dir",
-    "classification_prompt",
-    "counting_prompt",
-    "detection_prompt",
-    "format_class_answer",
-    "format_count_answer",
-    "format_detection_answer",
-    "format_grounding_answer",
-    "gaussian_weights",
-    "grounding_cell",
-    "grounding_cells",
-    "grounding_prompt",
-    "load_processor",
-    "load_tlm",
-    "lora_config",
-    "modulation_fields",
-    "parse_class",
-    "parse_count",
-    "parse_detection",
-    "parse_grounding",
-    "save_tlm",
-    "scale_box_to_tile",
-]
+__all__ = sorted(["ModelError", *_WHERE])  # the lazy export table, and ModelError

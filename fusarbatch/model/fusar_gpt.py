@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import warnings
+import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,10 +61,12 @@ __all__ = [
     "FusarGPT",
     "Generation",
     "ImageOnlyQwen2_5_VLProcessor",
+    "check_adapter_dir",
     "check_model_dir",
     "load_processor",
     "load_tlm",
     "lora_config",
+    "resolve_model_dirs",
     "save_tlm",
 ]
 
@@ -174,7 +177,105 @@ def check_model_dir(model_dir: str | Path) -> Path:
         raise ModelError(f"model dir {d}: config.json is not valid JSON ({exc})") from exc
     if model_type != "qwen2_5_vl":
         raise ModelError(f"model dir {d}: config.json has model_type {model_type!r}, expected 'qwen2_5_vl'")
+    _check_files(d, "model dir")
     return d
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    """Check that ``adapter_dir`` holds a FUSAR-GPT checkpoint: TLM weights (``tlm.safetensors`` or the
+    official ``vec64_film.pt``) and, when ``adapter_config.json`` is there, the peft LoRA weights; every
+    JSON and safetensors file must be readable. Returns it as a Path.
+
+    :raises ModelError: one line naming the directory and the missing or unreadable file.
+    """
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise ModelError(f"adapter dir {d}: directory missing")
+    if (d / "adapter_config.json").is_file() and not any(
+        (d / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")
+    ):
+        raise ModelError(f"adapter dir {d}: adapter_model.safetensors missing (adapter_config.json present)")
+    if not any((d / f).is_file() for f in (TLM_WEIGHTS_FILE, TLM_LEGACY_FILE)):
+        raise ModelError(f"adapter dir {d}: {TLM_WEIGHTS_FILE} (or {TLM_LEGACY_FILE}) missing")
+    _check_files(d, "adapter dir")
+    legacy = d / TLM_LEGACY_FILE
+    if legacy.is_file() and not (d / TLM_WEIGHTS_FILE).is_file() and not zipfile.is_zipfile(legacy):
+        raise ModelError(
+            f"adapter dir {d}: {TLM_LEGACY_FILE} is not a torch.save file (truncated or corrupt?)"
+        )
+    return d
+
+
+def _check_files(d: Path, what: str) -> None:
+    """Every ``*.json`` parses and every ``*.safetensors`` has a readable header whose tensors fill the file
+    exactly (a truncated or overwritten download fails here, before any tiling, not on a worker later).
+    Costs milliseconds: headers only, no tensor data is read."""
+    from safetensors import safe_open
+
+    for path in sorted(d.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if path.suffix == ".json":
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ModelError(
+                    f"{what} {d}: {path.name} is not valid JSON ({exc}); restore the file"
+                ) from None
+        elif path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt") as fh:
+                    fh.keys()
+            except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ModelError(
+                    f"{what} {d}: {path.name} is not a readable safetensors file ({first}); "
+                    "re-download or re-save it"
+                ) from None
+
+
+def resolve_model_dirs(model: str | Path, base_model: str | Path | None = None) -> tuple[Path, Path | None]:
+    """``(model_dir, adapter_dir)`` for ``--model`` (and ``--base-model``), checked.
+
+    ``model`` is either a full model directory (``config.json``: a Qwen2.5-VL with the TLM, as written by
+    :meth:`FusarGPT.save_full`, e.g. the packaged demo model) or a FUSAR-GPT checkpoint (the official
+    release, or a ``fusarbatch train`` output: TLM + LoRA adapter) whose base Qwen2.5-VL directory is
+    ``base_model``, else the ``base_model`` recorded in ``fusarbatch_train.json``, else the adapter's
+    ``base_model_name_or_path`` when that is a local directory.
+
+    :raises ModelError: a directory is missing, incomplete or holds an unreadable file.
+    :raises UsageError: ``model`` is a checkpoint whose base model is unknown (pass ``base_model``).
+    """
+    from fusarbatch.errors import UsageError
+
+    d = Path(model)
+    if not d.is_dir():
+        raise ModelError(f"--model {d}: directory missing; pass a model or checkpoint directory")
+    if (d / "config.json").is_file():
+        return check_model_dir(d), None
+    if base_model is None:
+        for name, key in (
+            ("fusarbatch_train.json", "base_model"),
+            ("adapter_config.json", "base_model_name_or_path"),
+        ):
+            try:
+                recorded = json.loads((d / name).read_text(encoding="utf-8")).get(key)
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(recorded, str) and recorded and Path(recorded).is_dir():
+                base_model = recorded
+                break
+        else:
+            if not any((d / f).is_file() for f in (TLM_WEIGHTS_FILE, TLM_LEGACY_FILE, "adapter_config.json")):
+                raise ModelError(
+                    f"--model {d}: neither a model directory (no config.json) nor a FUSAR-GPT checkpoint "
+                    f"(no {TLM_WEIGHTS_FILE}, {TLM_LEGACY_FILE} or adapter_config.json)"
+                )
+            raise UsageError(
+                f"--model {d}: a FUSAR-GPT checkpoint whose base model is unknown or missing; "
+                "pass --base-model DIR (a local Qwen2.5-VL directory)"
+            )
+    return check_model_dir(base_model), check_adapter_dir(d)
 
 
 def load_processor(source: str | Path) -> ImageOnlyQwen2_5_VLProcessor:

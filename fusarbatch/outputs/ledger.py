@@ -330,8 +330,9 @@ _WHOLE_FILE_BYTES = 256 * 2**20
 _SAMPLE_BYTES = 4 * 2**20
 
 
-def model_hash(model_dir: Path) -> str:
-    """A fingerprint of a model directory: 16 hex digits over every file's relative path and content.
+def model_hash(*model_dirs: Path) -> str:
+    """A fingerprint of model directories (a model, or a base model and a checkpoint on top of it): 16 hex
+    digits over every file's relative path and content, directory by directory.
 
     Files up to 256 MiB are hashed whole; larger ones (multi-GB weights) by their size and three 4 MiB
     samples (start, middle, end), so that the hash costs milliseconds, not minutes, per run; replacing
@@ -339,9 +340,14 @@ def model_hash(model_dir: Path) -> str:
     (use ``--force`` then).
     """
     digest = hashlib.sha256()
-    root = Path(model_dir)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    for path in files:
+    files = [
+        (root, p)
+        for root in map(Path, model_dirs)
+        for p in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    ]
+    for n, (root, path) in enumerate(files):
+        if n and root != files[n - 1][0]:
+            digest.update(b"\0next-dir\0")
         size = path.stat().st_size
         digest.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode())
         with path.open("rb") as fh:

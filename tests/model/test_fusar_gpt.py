@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusarbatch.errors import FusarbatchError, ModelError
+from fusarbatch.errors import FusarbatchError, ModelError, UsageError
 from fusarbatch.model import (
     TLM_CONFIG_FILE,
     TLM_LEGACY_FILE,
@@ -25,6 +25,7 @@ from fusarbatch.model import (
     grounding_prompt,
     load_tlm,
 )
+from fusarbatch.model.fusar_gpt import resolve_model_dirs
 from fusarbatch.model.tlm import TLM_FORMAT
 
 
@@ -362,6 +363,59 @@ def test_missing_model_dir_and_missing_shard(generated_tiny_model_dir, tmp_path)
     (d2 / "config.json").write_text(json.dumps({**cfg, "model_type": "llava"}))
     with pytest.raises(ModelError, match="model_type 'llava', expected 'qwen2_5_vl'"):
         check_model_dir(d2)
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "named"),
+    [
+        ("model.safetensors", "truncate", "model.safetensors is not a readable safetensors file"),
+        ("model.safetensors", "garbage", "model.safetensors is not a readable safetensors file"),
+        ("tokenizer.json", "truncate", "tokenizer.json is not valid JSON"),
+        ("config.json", "garbage", "config.json is not valid JSON"),
+    ],
+)
+def test_corrupt_model_files_are_found_before_loading(
+    generated_tiny_model_dir, tmp_path, name, damage, named
+):
+    """A truncated download or an overwritten file fails in check_model_dir (headers only, milliseconds),
+    naming the file, instead of in a worker's from_pretrained mid-run."""
+    d = _copy_model(generated_tiny_model_dir, tmp_path / "m")
+    data = (d / name).read_bytes()
+    (d / name).write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00\x01garbage" * 10)
+    with pytest.raises(ModelError) as info:
+        check_model_dir(d)
+    assert named in str(info.value) and str(d) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_resolve_model_dirs_full_dir_checkpoint_and_base(fusar, generated_tiny_model_dir, tmp_path) -> None:
+    assert resolve_model_dirs(generated_tiny_model_dir) == (generated_tiny_model_dir, None)
+    fusar.add_lora()
+    ckpt = fusar.save(tmp_path / "ckpt")  # TLM + LoRA, no config.json: a checkpoint
+    assert resolve_model_dirs(ckpt, generated_tiny_model_dir) == (generated_tiny_model_dir, ckpt)
+    # the base recorded by training (fusarbatch_train.json) is used without --base-model
+    (ckpt / "fusarbatch_train.json").write_text(json.dumps({"base_model": str(generated_tiny_model_dir)}))
+    assert resolve_model_dirs(ckpt) == (generated_tiny_model_dir, ckpt)
+    (ckpt / "fusarbatch_train.json").write_text(json.dumps({"base_model": str(tmp_path / "gone")}))
+    adapter_cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    adapter_cfg["base_model_name_or_path"] = "Qwen/x"
+    (ckpt / "adapter_config.json").write_text(json.dumps(adapter_cfg))
+    with pytest.raises(UsageError, match=r"base model is unknown or missing; pass --base-model DIR"):
+        resolve_model_dirs(ckpt)  # recorded base gone, adapter names a hub id: never the hub
+    (ckpt / "tlm.safetensors").write_bytes((ckpt / "tlm.safetensors").read_bytes()[:100])
+    with pytest.raises(ModelError, match=r"adapter dir .*ckpt: tlm.safetensors is not a readable"):
+        resolve_model_dirs(ckpt, generated_tiny_model_dir)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    with pytest.raises(ModelError, match=r"neither a model directory .* nor a FUSAR-GPT checkpoint"):
+        resolve_model_dirs(other)
+    with pytest.raises(ModelError, match="nowhere: directory missing"):
+        resolve_model_dirs(tmp_path / "nowhere")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / TLM_LEGACY_FILE).write_bytes(b"\x80\x02 not a zip")
+    with pytest.raises(ModelError, match=r"vec64_film\.pt is not a torch\.save file"):
+        resolve_model_dirs(legacy, generated_tiny_model_dir)
 
 
 def test_adapter_dir_errors(fusar, generated_tiny_model_dir, tmp_path) -> None:
