@@ -197,7 +197,7 @@ def _run_locked(
     cfg: RunConfig, progress: Progress | None, lock: RunLock, run_id: str, argv: list[str]
 ) -> RunSummary:
     from fusarbatch.model.demo import demo_model_dir
-    from fusarbatch.model.fusar_gpt import check_model_dir
+    from fusarbatch.model.fusar_gpt import resolve_model_dirs
 
     notify = progress or (lambda event, fields: None)
     started = time.perf_counter()
@@ -209,9 +209,9 @@ def _run_locked(
         removed = sweep_leftovers(cfg.out)
         if removed:
             log.info("removed %d leftover(s) of killed runs: %s", len(removed), ", ".join(removed[:5]))
-        model_dir = Path(cfg.model) if cfg.model else demo_model_dir()
-        check_model_dir(model_dir)
-        fingerprint = model_hash(model_dir)
+        # every model file checked (headers, JSON) before any scene is tiled
+        model_dir, adapter_dir = resolve_model_dirs(cfg.model or demo_model_dir(), cfg.base_model)
+        fingerprint = model_hash(*(d for d in (model_dir, adapter_dir) if d is not None))
     except BaseException:
         ledger.close()
         raise
@@ -220,7 +220,7 @@ def _run_locked(
         cfg=cfg,
         store=cfg.out / "tiles.zarr",
         run_id=run_id,
-        model_id=model_dir.resolve().name,
+        model_id=(adapter_dir or model_dir).resolve().name,
         config_hash=cfg.output_hash(),
         model_hash=fingerprint,
         ledger=ledger,
@@ -246,7 +246,11 @@ def _run_locked(
         try:
             ctx.client = client
             ctx.model_spec = ModelSpec(
-                str(model_dir), device=device, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+                str(model_dir),
+                adapter_dir=None if adapter_dir is None else str(adapter_dir),
+                device=device,
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.batch_size,
             )
             ctx.task = TaskSpec(labels=cfg.labels, classes=cfg.classes or (*cfg.labels, "background"))
             _arm_tile_pause(client, cluster)
@@ -663,6 +667,7 @@ def _write_scene(ctx: _Context, p: _Pending, answers: dict[int, Any]) -> None:
         [tiles[i] for i in ids],
         [answers[i].boxes for i in ids],
         [answers[i].scores for i in ids],
+        [answers[i].model_labels for i in ids],
         iou_threshold=cfg.iou_threshold,
     )
     # scene_detections numbers tiles by position in the list it was given: map back to store tile ids
@@ -716,6 +721,7 @@ def _write_scene(ctx: _Context, p: _Pending, answers: dict[int, Any]) -> None:
             "detection_id": d.detection_id,
             "tile_id": d.tile_id,
             "label": d.label,
+            "model_label": d.model_label,
             "score": d.score,
             "geometry": d.geometry,
         }

@@ -100,6 +100,30 @@ def test_counts_and_progress_events(demo_run):
     assert summary.prompts == 2 * sum(s.tiles_inferred for s in summary.scenes)  # detection + class per tile
 
 
+CAMARGUE_RUN = dict(aoi=AOIS / "camargue.geojson", start="2015-01", max_new_tokens=64, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def camargue_run(tmp_path_factory, generated_demo_model):
+    """The demo model on the camargue scene with room for whole answers (64 new tokens)."""
+    out = tmp_path_factory.mktemp("camargue")
+    return out, run(RunConfig(**CAMARGUE_RUN, out=out))
+
+
+def test_detections_carry_the_label_asked_and_the_models_own_label(camargue_run):
+    """Every box answers "detect: ship", so its label is ship (NMS, ids and counts per asked label); what
+    the model wrote is kept in model_label (the demo model calls ships 'vehicle', MSTAR's word)."""
+    out, summary = camargue_run
+    detections = read_dataset(out, "detections")
+    assert len(detections) == sum(sum(s.detections.values()) for s in summary.scenes) > 0
+    assert set(detections.label) == {"ship"}
+    assert detections.model_label.notna().all() and detections.model_label.str.len().gt(0).all()
+    tiles = read_dataset(out, "tiles")
+    assert int(tiles.count_ship.sum()) == len(detections)
+    counts = read_dataset(out, "counts")
+    assert counts.set_index("label")["count"].to_dict() == {"ship": len(detections)}
+
+
 def test_forced_rerun_replaces_files_without_duplicates(demo_run, generated_demo_model):
     out, first, _ = demo_run
     cfg = RunConfig(
@@ -111,6 +135,39 @@ def test_forced_rerun_replaces_files_without_duplicates(demo_run, generated_demo
     camargue = tiles[tiles.scene_id == CAMARGUE]
     assert len(camargue) == 1 and set(camargue.run_id) == {summary.run_id} != {first.run_id}
     assert len(sorted((out / "tiles").glob("date=*/*.parquet"))) == 3
+
+
+def test_checkpoint_on_a_base_model_gives_the_full_models_answers(
+    camargue_run, generated_demo_model, tmp_path
+):
+    """``--model CHECKPOINT --base-model BASE`` (the official release layout: TLM [+ LoRA] beside a plain
+    Qwen2.5-VL) goes through the same code path as a full model directory: the demo model split into a
+    base without TLM and a TLM-only checkpoint answers exactly as the whole one."""
+    tlm_files = ("tlm.safetensors", "tlm_config.json")
+    base = tmp_path / "base"
+    shutil.copytree(generated_demo_model, base, ignore=shutil.ignore_patterns(*tlm_files))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name in tlm_files:
+        shutil.copy2(generated_demo_model / name, ckpt / name)
+    out = tmp_path / "out"
+    summary = run(RunConfig(**CAMARGUE_RUN, out=out, model=ckpt, base_model=base))
+    assert [(s.scene_id, s.status) for s in summary.scenes] == [(CAMARGUE, "ok")]
+    assert summary.model_id == "ckpt"
+    hashes = []
+    for folder in (out, camargue_run[0]):
+        ledger = Ledger.open(folder)
+        hashes.append(ledger.runs(1)[0]["model_hash"])
+        ledger.close()
+    assert hashes[0] != hashes[1]  # base + checkpoint fingerprint both folders
+    for kind in ("tiles", "detections", "counts"):
+        split = read_dataset(out, kind).drop(columns=["run_id", "model_id"])
+        whole = read_dataset(camargue_run[0], kind).drop(columns=["run_id", "model_id"])
+        assert len(split) >= 1 and list(split.columns) == list(whole.columns)
+        for column in split.columns:
+            assert split[column].equals(whole[column]), (kind, column)
+    with pytest.raises(UsageError, match="pass --base-model DIR"):
+        run(RunConfig(**CAMARGUE_RUN, out=tmp_path / "o2", model=ckpt))  # no base recorded anywhere
 
 
 # ------------------------------------------------------------------------------------ ledger and reruns
@@ -287,6 +344,20 @@ def test_missing_model_dir_names_the_missing_file(tmp_path):
         str(tmp_path / "nowhere"),
     )
     assert proc.returncode == 2 and "nowhere" in proc.stderr
+
+
+def test_corrupt_model_file_fails_before_any_scene_is_tiled(tmp_path, generated_demo_model):
+    model = tmp_path / "model"
+    shutil.copytree(generated_demo_model, model)
+    weights = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(weights[: len(weights) // 3])  # an interrupted copy
+    out = tmp_path / "o"
+    args = ["run", "--aoi", str(AOIS / "camargue.geojson"), "--start", "2015-01", "--out", str(out)]
+    proc = run_cli(*args, "--model", str(model))
+    assert proc.returncode == 2, proc.stderr
+    assert "model.safetensors is not a readable safetensors file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (out / "tiles.zarr").exists() and not (out / "tiles").exists()
 
 
 def test_require_gpu_without_gpu_is_a_clear_error(tmp_path, generated_demo_model):

@@ -63,6 +63,9 @@ class Detection:
     """Same box in the scene CRS."""
     center_px: tuple[float, float] = field(repr=False)
     """Box centre (row, col) in scene pixels: used for tile ownership."""
+    model_label: str | None = None
+    """The label the model wrote for this box, where it differs from :attr:`label` (the label asked for)
+    or is otherwise known; None when not recorded."""
 
 
 def axis_cores(origins: Sequence[int], tile: int) -> list[tuple[float, float]]:
@@ -89,17 +92,23 @@ def boxes_to_polygons(
     itself runs past the edge); boxes with no area after clipping are dropped.
     """
     out = []
-    sx, sy = tile.width / grid, tile.height / grid
     for box in boxes:
-        x1, x2 = sorted((float(np.clip(box.x1, 0, grid)), float(np.clip(box.x2, 0, grid))))
-        y1, y2 = sorted((float(np.clip(box.y1, 0, grid)), float(np.clip(box.y2, 0, grid))))
-        if not (x2 > x1 and y2 > y1) or not all(np.isfinite((x1, x2, y1, y2))):
-            continue
-        c1, c2, r1, r2 = x1 * sx, x2 * sx, y1 * sy, y2 * sy
-        corners = [tile.transform @ (c, r) for c, r in ((c1, r1), (c2, r1), (c2, r2), (c1, r2))]
-        centre = (tile.row_off + (r1 + r2) / 2, tile.col_off + (c1 + c2) / 2)
-        out.append((str(box.label), Polygon(corners), centre))
+        placed = _box_polygon(box, tile, grid)
+        if placed is not None:
+            out.append((str(box.label), *placed))
     return out
+
+
+def _box_polygon(box: PixelBox, tile: TileGeometry, grid: int) -> tuple[Polygon, tuple[float, float]] | None:
+    """One box -> (polygon in the scene CRS, centre (row, col) in scene pixels), None if it has no area."""
+    x1, x2 = sorted((float(np.clip(box.x1, 0, grid)), float(np.clip(box.x2, 0, grid))))
+    y1, y2 = sorted((float(np.clip(box.y1, 0, grid)), float(np.clip(box.y2, 0, grid))))
+    if not (x2 > x1 and y2 > y1) or not all(np.isfinite((x1, x2, y1, y2))):
+        return None
+    sx, sy = tile.width / grid, tile.height / grid
+    c1, c2, r1, r2 = x1 * sx, x2 * sx, y1 * sy, y2 * sy
+    corners = [tile.transform @ (c, r) for c, r in ((c1, r1), (c2, r1), (c2, r2), (c1, r2))]
+    return Polygon(corners), (tile.row_off + (r1 + r2) / 2, tile.col_off + (c1 + c2) / 2)
 
 
 def detection_id(scene_id: str, label: str, lon: float, lat: float) -> str:
@@ -159,6 +168,7 @@ def scene_detections(
     tiles: Sequence[TileGeometry],
     boxes_per_tile: Sequence[Sequence[PixelBox]],
     scores_per_tile: Sequence[Sequence[float | None]] | None = None,
+    model_labels_per_tile: Sequence[Sequence[str | None]] | None = None,
     *,
     grid: int = 504,
     iou_threshold: float = 0.5,
@@ -166,8 +176,11 @@ def scene_detections(
     """All detections of one scene: polygons, ownership by tile core, NMS, EPSG:4326 geometry and ids.
 
     :param tiles: every tile of the scene (tile id = index), all of one size.
-    :param boxes_per_tile: parsed model boxes per tile (on the ``grid`` input), same order as ``tiles``.
+    :param boxes_per_tile: parsed model boxes per tile (on the ``grid`` input), same order as ``tiles``;
+        ``box.label`` is the detection's label (NMS and ids are per label).
     :param scores_per_tile: optional score per box (sequence probability) or ``None``.
+    :param model_labels_per_tile: optional label the model itself wrote, per box (kept as
+        :attr:`Detection.model_label`).
     """
     if not tiles:
         return []
@@ -178,12 +191,17 @@ def scene_detections(
     project = MapProjector(crs)
     found: list[Detection] = []
     for tile_id, (tile, boxes) in enumerate(zip(tiles, boxes_per_tile, strict=True)):
-        scores = list(scores_per_tile[tile_id]) if scores_per_tile is not None else [None] * len(boxes)
+        none = [None] * len(boxes)
+        scores = list(scores_per_tile[tile_id]) if scores_per_tile is not None else none
+        model_labels = list(model_labels_per_tile[tile_id]) if model_labels_per_tile is not None else none
         r_lo, r_hi = row_cores[tile.row_off]
         c_lo, c_hi = col_cores[tile.col_off]
-        for (label, poly_map, (cr, cc)), score in zip(
-            boxes_to_polygons(boxes, tile, grid=grid), scores, strict=False
-        ):
+        for box, score, model_label in zip(boxes, scores, model_labels, strict=True):
+            placed = _box_polygon(box, tile, grid)  # per box: scores stay aligned when one is dropped
+            if placed is None:
+                continue
+            poly_map, (cr, cc) = placed
+            label = str(box.label)
             if not (r_lo <= cr < r_hi and c_lo <= cc < c_hi):
                 continue  # owned by a neighbouring tile
             poly_ll = project.polygon(poly_map)
@@ -198,6 +216,7 @@ def scene_detections(
                     geometry=poly_ll,
                     geometry_map=poly_map,
                     center_px=(cr, cc),
+                    model_label=model_label,
                 )
             )
     return deduplicate(found, iou_threshold=iou_threshold)

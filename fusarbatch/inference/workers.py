@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +55,12 @@ class TileAnswer:
 
     tile_id: int
     boxes: list[Any] = field(default_factory=list)
-    """:class:`fusarbatch.model.prompts.Box` list, all labels."""
+    """:class:`fusarbatch.model.prompts.Box` list, all labels; ``box.label`` is the label asked for (the
+    detection prompt that produced the box), whatever the model wrote."""
     scores: list[float | None] = field(default_factory=list)
     """Per box: probability of the whole generated answer it came from."""
+    model_labels: list[str] = field(default_factory=list)
+    """Per box: the label the model wrote (may differ from the one asked for)."""
     scene_class: str | None = None
     errors: list[str] = field(default_factory=list)
     """Parse failures and truncations, ``"<task>: <reason>"``."""
@@ -191,8 +194,10 @@ def infer_tiles(
                 res = parse_detection(gen.text, default_label=label)
                 score = float(np.exp(gen.logprob)) if np.isfinite(gen.logprob) else None
                 for box in res.value:
-                    ans.boxes.append(box)
+                    # the answer to "detect: {label}" is a {label} box; what the model called it is kept
+                    ans.boxes.append(replace(box, label=label))
                     ans.scores.append(score)
+                    ans.model_labels.append(str(box.label))
             if not res.ok:
                 ans.errors.append(f"{kind}: {res.error}")
     return BatchResult(answers, generate_s, len(jobs))

@@ -34,6 +34,7 @@ DETECTION_COLUMNS = {
     "tile_id": "Int32",
     "datetime": "datetime64[us, UTC]",
     "label": "string",
+    "model_label": "string",
     "score": "Float64",
     "model_id": "string",
     "run_id": "string",
@@ -109,10 +110,10 @@ def write_table(
     return path
 
 
-def read_dataset(out: Path, kind: str) -> gpd.GeoDataFrame:
+def read_dataset(out: str | Path, kind: str) -> gpd.GeoDataFrame:
     """Read every scene file of ``kind`` under ``out`` into one GeoDataFrame (``date`` column from the
     partition folder). Temporary files (leading dot) are ignored. Empty when nothing was written."""
-    files = sorted((out / kind).glob("date=*/[!.]*.parquet"))
+    files = sorted((Path(out) / kind).glob("date=*/[!.]*.parquet"))
     frames = []
     for f in files:
         frame = gpd.read_parquet(f)

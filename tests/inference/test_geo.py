@@ -113,6 +113,19 @@ def test_deduplicate_prefers_higher_score():
     assert deduplicate([]) == []
 
 
+def test_scores_and_model_labels_stay_with_their_box_when_a_box_is_dropped():
+    # the first box has no area after clipping and is dropped: the next boxes keep their own score/label
+    a = tile_at(0, 0)
+    boxes = [[B("ship", 600, 10, 650, 50), B("ship", 10, 10, 50, 50), B("ship", 200, 200, 240, 240)]]
+    dets = scene_detections("S", UTM31, [a], boxes, [[0.1, 0.5, 0.7]], [["x", "vessel", "boat"]])
+    by_col = sorted(dets, key=lambda d: d.center_px[1])
+    assert [(d.score, d.model_label, d.label) for d in by_col] == [
+        (0.5, "vessel", "ship"),
+        (0.7, "boat", "ship"),
+    ]
+    assert all(d.model_label is None for d in scene_detections("S", UTM31, [a], boxes))
+
+
 def test_known_answer_text_gives_expected_lonlat_polygons():
     from fusarbatch.model.prompts import parse_detection
 
