@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from fusarbatch import __version__
-from fusarbatch.errors import FusarbatchError
+from fusarbatch.errors import FusarbatchError, UsageError
 
 app = typer.Typer(
     name="fusarbatch",
@@ -317,12 +317,20 @@ def features(
     ] = None,
     anchors: Annotated[int, typer.Option("--anchors", min=1, max=64, help="N for an N x N anchor grid.")] = 8,
 ) -> None:
-    """Sample AlphaEarth anchors for every complete scene of <out>/tiles.zarr (DESIGN 3.3)."""
-    from fusarbatch.features import compute_features, open_source
+    """Sample AlphaEarth anchors for every complete scene of <out>/tiles.zarr (DESIGN 3.3).
+
+    Unlike ``run`` (which goes on with empty anchors and says so once), an --aef-index that cannot be
+    read is an error here, before any scene group is touched: exit 2.
+    """
+    from fusarbatch.features import AEFUnavailable, compute_features, open_source
     from fusarbatch.pipeline import ANCHOR_GRID
     from fusarbatch.report import print_features
 
-    results = compute_features(out / "tiles.zarr", open_source(aef_index), n=anchors, grid=ANCHOR_GRID)
+    try:
+        source = open_source(aef_index, on_unavailable="raise")
+    except AEFUnavailable as exc:
+        raise UsageError(f"--aef-index: {exc}") from None
+    results = compute_features(out / "tiles.zarr", source, n=anchors, grid=ANCHOR_GRID)
     print_features(console, results)
 
 
@@ -399,6 +407,7 @@ def train(
         f"stage {stage}: {result.steps} steps on {result.records} records in {result.wall_s:.0f} s, "
         f"final loss {result.final_loss}; model in {result.out}",
         highlight=False,
+        markup=False,
     )
 
 
@@ -437,13 +446,16 @@ def evaluate(
         ),
         highlight=False,
         soft_wrap=True,
+        markup=False,
     )
 
 
 def main() -> None:
     """Console-script entry point: runs the app, turning :class:`FusarbatchError` into one line."""
+    from fusarbatch.report import PlainFormatter
+
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.setFormatter(PlainFormatter("%(levelname)s: %(message)s"))
     logging.getLogger("fusarbatch").addHandler(handler)
     logging.getLogger("fusarbatch").setLevel(logging.INFO)
     try:

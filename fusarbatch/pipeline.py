@@ -65,6 +65,7 @@ from fusarbatch.inference.workers import (
     infer_tiles,
     resolve_device,
     start_client,
+    warm_model,
 )
 from fusarbatch.outputs.geoparquet import KINDS, count_column, write_table
 from fusarbatch.outputs.ledger import Ledger, RunLock, model_hash, new_run_id, prepare_out, utc_now
@@ -438,17 +439,41 @@ def _stream(ctx: _Context, scenes: list[Scene], summary: RunSummary) -> None:
     from distributed import span
 
     with span(f"fusarbatch-run-{ctx.run_id}") as span_id:
+        warm = _warm_models(ctx)  # held until the first scene's answers are in
         pending: _Pending | None = None
         for i, scene in enumerate(scenes, 1):
             nxt = _tile_and_submit(ctx, scene)
             if pending is not None:
                 _finish_and_record(ctx, pending, summary)
+                warm.clear()
             pending = nxt
             if i % RELEASE_EVERY == 0:
                 _release_span_groups(ctx.client, span_id)
         if pending is not None:
             _finish_and_record(ctx, pending, summary)
         _release_span_groups(ctx.client, span_id)
+
+
+def _warm_models(ctx: _Context) -> list[Any]:
+    """Start loading the model on every worker that declares the GPU resource (one task each, pinned to
+    it), while the main thread tiles the first scene. A load that fails here fails again, with its
+    message, in the scene's first model task, where it is recorded."""
+    workers = ctx.client.scheduler_info(n_workers=-1)["workers"]
+    gpu_workers = [
+        a for a, info in workers.items() if all(info.get("resources", {}).get(r) for r in GPU_RESOURCE)
+    ]
+    return [
+        ctx.client.submit(
+            warm_model,
+            ctx.model_spec,
+            workers=[address],
+            allow_other_workers=False,
+            resources=GPU_RESOURCE,
+            pure=False,
+            key=f"warm-model-{ctx.run_id}-{n}",
+        )
+        for n, address in enumerate(gpu_workers)
+    ]
 
 
 def _release_span_groups(client: Any, span_id: str) -> None:

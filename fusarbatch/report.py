@@ -6,12 +6,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from fusarbatch.errors import UsageError
 
@@ -23,19 +25,44 @@ if TYPE_CHECKING:
     from fusarbatch.tiling import TileResult
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(value: object) -> str:
+    """``value`` as text that a terminal or a tab-separated log line shows as it is: control characters
+    (ESC sequences, CR, BEL, tabs, newlines), which untrusted item ids, paths, catalog fields and model
+    output may hold, become ``\\xNN`` escapes. Rich markup is not interpreted by the callers below."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+
+
+class PlainFormatter(logging.Formatter):
+    """Log lines for a person (terminal): the message with control characters escaped
+    (:func:`printable`); a traceback, when there is one, follows on its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+
 def print_table(console: Console, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """A rich table on a terminal; a title line, a header line and tab-separated rows otherwise."""
+    """A rich table on a terminal; a title line, a header line and tab-separated rows otherwise. Cells are
+    shown literally: no rich markup, control characters escaped (:func:`printable`)."""
     if console.is_terminal:
-        table = Table(title=title, title_justify="left")
+        table = Table(title=Text(printable(title)), title_justify="left")
         for column in columns:
             table.add_column(column, no_wrap=column in ("id", "scene"), overflow="fold")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(Text(printable(cell)) for cell in row))
         console.print(table)
-    else:
-        console.print(title, highlight=False, soft_wrap=True)
+    else:  # written as they are: rich would expand the tabs into spaces
+        console.file.write(printable(title) + "\n")
         for line in (columns, *rows):
-            console.print("\t".join(line), highlight=False, soft_wrap=True, markup=False)
+            console.file.write("\t".join(map(printable, line)) + "\n")
+        console.file.flush()
+
+
+def print_line(console: Console, line: str, **style: Any) -> None:
+    """One line of text, literally (no markup, no highlighting; control characters escaped)."""
+    console.print(printable(line), highlight=False, soft_wrap=True, markup=False, **style)
 
 
 def print_scenes(console: Console, result: SearchResult) -> None:
@@ -53,7 +80,7 @@ def print_scenes(console: Console, result: SearchResult) -> None:
     title = f"{len(result.scenes)} scene(s) from catalog {result.spec.name!r}"
     print_table(console, title, ("id", "datetime (UTC)", "platform", "pols", "AOI covered"), rows)
     if result.saved is not None:
-        console.print(f"scenes saved to {result.saved}", highlight=False, soft_wrap=True)
+        print_line(console, f"scenes saved to {result.saved}")
 
 
 def print_tiling(console: Console, results: Sequence[TileResult], store: Path) -> None:
@@ -66,11 +93,7 @@ def print_tiling(console: Console, results: Sequence[TileResult], store: Path) -
         console, f"tiling into {store}", ("scene", "status", "tiles", "to infer", "seconds", "error"), rows
     )
     failed = sum(r.status == "failed" for r in results)
-    console.print(
-        f"{len(results) - failed} scene(s) tiled, {failed} failed; store: {store}",
-        highlight=False,
-        soft_wrap=True,
-    )
+    print_line(console, f"{len(results) - failed} scene(s) tiled, {failed} failed; store: {store}")
 
 
 def print_features(console: Console, results: Sequence[Any]) -> None:
@@ -128,7 +151,7 @@ def print_run_summary(console: Console, summary: RunSummary) -> None:
         f"ledger {summary.out}/ledger.sqlite (fusarbatch status --out {summary.out})",
     ]
     for line in lines:
-        console.print(line, highlight=False, soft_wrap=True, markup=False)
+        print_line(console, line)
 
 
 def _when(value: Any) -> str:
@@ -154,19 +177,12 @@ def print_status(console: Console, status: dict[str, Any]) -> None:
         lock_line = f"lock: free; left by a run that died ({who}): the next run takes it over"
     else:
         lock_line = "lock: free"
-    console.print(
-        f"{status['ledger']}: {status['scenes_total']} scene(s); {lock_line}",
-        highlight=False,
-        soft_wrap=True,
-        markup=False,
-    )
+    print_line(console, f"{status['ledger']}: {status['scenes_total']} scene(s); {lock_line}")
     if status.get("running_without_run"):
-        console.print(
+        print_line(
+            console,
             f"{status['running_without_run']} scene(s) marked running, but no run holds the lock: their run "
             "died (interrupted); the next run redoes them",
-            highlight=False,
-            soft_wrap=True,
-            markup=False,
         )
     print_table(
         console,
@@ -240,7 +256,7 @@ def print_status(console: Console, status: dict[str, Any]) -> None:
         + (" (removed by the next run)" if status["leftovers"] else ""),
     ]
     for line in lines:
-        console.print(line, highlight=False, soft_wrap=True, markup=False)
+        print_line(console, line)
 
 
 # ------------------------------------------------------------------------------------------------ logging
@@ -366,7 +382,7 @@ def print_error(console: Console, exc: BaseException, exit_code: int) -> None:
             handler.handle(record)
         return
     # markup=False: the message holds user input (paths, ids) that may look like rich markup
-    console.print(f"error: {exc}", style="bold red", highlight=False, soft_wrap=True, markup=False)
+    print_line(console, f"error: {exc}", style="bold red")
     for handler in logging.getLogger("fusarbatch").handlers:
         if isinstance(handler, logging.FileHandler):
             record = logging.LogRecord("fusarbatch", logging.ERROR, "", 0, str(exc), None, None)
@@ -391,7 +407,7 @@ class RunProgress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._progress = Progress(
-                TextColumn("{task.description}"),
+                TextColumn("{task.description}", markup=False),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
@@ -410,7 +426,8 @@ class RunProgress:
             if event == "scenes":
                 self._task = self._progress.add_task("scenes", total=fields.get("to_do", fields["total"]))
             elif event == "stage" and self._task is not None:
-                self._progress.update(self._task, description=f"{fields['stage']}: {fields['scene'][:48]}")
+                text = printable(f"{fields['stage']}: {fields['scene'][:48]}")
+                self._progress.update(self._task, description=text)
             elif event == "scene_done" and self._task is not None:
                 self._progress.advance(self._task)
         details = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None and k != "scene")

@@ -75,3 +75,42 @@ def test_terminal_mode_leaves_library_logs_alone(stderr_lines):
     assert not any(isinstance(h, report._Forward) for h in logging.getLogger().handlers)
     logging.getLogger("fusarbatch").warning("plain text")
     assert stderr_lines.getvalue() == "plain text\n"
+
+
+HOSTILE_ID = "S1A_\x1b[31m[bold]red[/bold]\tid\r\x07\nnext"
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["rich-table", "tab-separated"])
+def test_tables_show_untrusted_ids_literally(terminal):
+    """Item ids come from catalogs (untrusted): no terminal escape, no rich markup, no extra column/line."""
+    from rich.console import Console
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=terminal, color_system=None, width=300)
+    report.print_table(console, f"title [red]{HOSTILE_ID}", ("scene", "n"), [(HOSTILE_ID, "1")])
+    text = out.getvalue()
+    assert "\x1b" not in text and "\r" not in text and "\x07" not in text
+    assert "S1A_\\x1b[31m[bold]red[/bold]\\x09id\\x0d\\x07\\x0anext" in text
+    assert "[red]S1A_" in text  # the title is literal too (rich may wrap it)
+    if not terminal:
+        cells = text.splitlines()[2].split("\t")
+        assert cells == ["S1A_\\x1b[31m[bold]red[/bold]\\x09id\\x0d\\x07\\x0anext", "1"]
+
+
+def test_plain_log_lines_escape_control_characters_but_keep_tracebacks():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(report.PlainFormatter("%(levelname)s: %(message)s"))
+    logger = logging.getLogger("fusarbatch.test_plain")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("scene %s failed", "a\x1b]0;pwned\x07b")
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "ERROR: scene a\\x1b]0;pwned\\x07b failed"
+    assert lines[1] == "Traceback (most recent call last):" and lines[-1] == "ValueError: boom"

@@ -36,11 +36,12 @@ generated test COGs:
     de-quantisation), with no choice between overlapping UTM zones;
   - its docs give a linear ``v / 127`` de-quantisation, not Google's formula.
   Reshaping that output costs as much code as the reader below.
-- What we need is one 1 x 1 window per anchor and COG. That is a plain GDAL windowed read, which
-  rasterio does with the GDAL block cache.
+- What we need is the 64 bands of a few pixels per COG block. That is a plain GDAL windowed read,
+  which rasterio does with the GDAL block cache.
 
-So this module reads the index with geopandas/pandas and the pixels with rasterio (one-pixel windows,
-grouped per COG, COGs read in parallel threads). Paths are anything GDAL opens natively (local paths,
+So this module reads the index with geopandas/pandas and the pixels with rasterio (per COG block, one
+window around the block's anchor pixels, or 1 x 1 windows for one to three pixels; COGs read in parallel
+threads). Paths are anything GDAL opens natively (local paths,
 ``file://``, ``http(s)://``, ``s3://``, ``gs://``, ``/vsi...``) or any other fsspec URL (opened through
 rasterio's ``opener``).
 

@@ -113,6 +113,14 @@ def get_model(spec: ModelSpec) -> Any:
         return model
 
 
+def warm_model(spec: ModelSpec) -> str:
+    """Load the worker's model now (a Dask task, submitted once per GPU worker at the start of a run, so
+    that loading the weights overlaps the search and the tiling of the first scene instead of delaying
+    its first batch: seconds for the tiny model, a minute or more for 7B). Returns the device."""
+    get_model(spec)
+    return spec.device
+
+
 def _read_tiles(store: str, group: str, tile_ids: Sequence[int]) -> dict[str, Any]:
     import zarr
 
