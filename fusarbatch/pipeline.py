@@ -274,6 +274,10 @@ def _run_locked(
                 ctx.source = open_source(cfg.aef_index, on_unavailable="null")
                 _stream(ctx, to_do, summary)
         finally:
+            close_source = getattr(ctx.source, "close", None)  # COG handles and reader threads
+            if close_source is not None:
+                with contextlib.suppress(Exception):
+                    close_source()
             client.close()
             if cluster is not None:
                 cluster.close()

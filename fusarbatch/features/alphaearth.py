@@ -63,6 +63,8 @@ import logging
 import math
 import posixpath
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -443,6 +445,8 @@ class _Cog:
 # reads of one COG block: one window around its pixels from this many pixels on, up to this size
 _WINDOW_MIN_PIXELS = 4
 _WINDOW_MAX_BYTES = 64 * 1024 * 1024
+# COG datasets each reading thread keeps open (with GDAL's decoded blocks)
+_OPEN_COGS = 4
 
 
 class COGIndexSource:
@@ -515,6 +519,8 @@ class COGIndexSource:
             [_central_meridian(int(e), c) for e, c in zip(self.index["epsg"], centroid_lon, strict=True)]
         )
         self._trees: dict[int, tuple[Any, NDArray[np.int64]]] = {}
+        self._handles = threading.local()
+        self._pool: ThreadPoolExecutor | None = None
         self._warned: set[str] = set()
 
     def __repr__(self) -> str:
@@ -523,7 +529,13 @@ class COGIndexSource:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_trees"] = {}  # STRtrees are rebuilt lazily (they do not pickle)
+        del state["_handles"]  # open datasets and reader threads stay with the process that has them
+        state["_pool"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._handles = threading.local()
 
     def layer_year(self, year: int) -> int | None:
         """The index year read for acquisition year ``year`` (see :func:`nearest_year`)."""
@@ -616,10 +628,39 @@ class COGIndexSource:
         items = list(jobs.items())
         if len(items) == 1 or self.max_workers == 1:
             return [run(item) for item in items]
-        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(items))) as pool:
-            return list(pool.map(run, items))
+        if self._pool is None:  # kept: its threads keep their COG handles (and decoded blocks) open
+            self._pool = ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="aef-read")
+        return list(self._pool.map(run, items))
 
     def _open(self, href: str) -> Any:
+        """An open dataset for ``href`` from this thread's cache of the last :data:`_OPEN_COGS` COGs.
+
+        Keeping handles open keeps GDAL's cache of decoded blocks (per handle): the scenes of one run, or
+        of a daily job over one AOI, read the same AEF blocks, and a 1024 px block of 64 bands is
+        ~64 MB of deflate to decode. Handles are per thread (GDAL handles are not thread-safe)."""
+        cache = getattr(self._handles, "cache", None)
+        if cache is None:
+            cache = self._handles.cache = OrderedDict()
+        if href in cache:
+            cache.move_to_end(href)
+            return cache[href]
+        src = self._open_new(href)
+        cache[href] = src
+        while len(cache) > _OPEN_COGS:
+            cache.popitem(last=False)[1].close()
+        return src
+
+    def close(self) -> None:
+        """Close the COG handles cached by the calling thread and stop the reader threads (their handles
+        close with them). The source stays usable: it reopens what it needs."""
+        cache = getattr(self._handles, "cache", None)
+        while cache:
+            cache.popitem()[1].close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _open_new(self, href: str) -> Any:
         import rasterio
 
         kwargs = {} if self.overview_level is None else {"overview_level": self.overview_level}
@@ -654,56 +695,55 @@ class COGIndexSource:
                     f"AEF COG {cog.href} listed in the index cannot be opened ({err}); check the mirror "
                     "and its credentials, or use missing_cog='mask' for a partial mirror"
                 ) from err
-            with src:
-                if src.count != AEF_DIM or src.dtypes[0] != "int8":
-                    raise AEFUnavailable(
-                        f"{cog.href} is not an AEF COG: {src.count} bands of {src.dtypes[0]}, "
-                        "expected 64 int8"
-                    )
-                crs = src.crs if src.crs else (f"EPSG:{cog.epsg}" if cog.epsg > 0 else None)
-                if crs is None:
-                    raise AEFUnavailable(f"{cog.href} has no CRS and the index gives none")
-                x, y = Transformer.from_crs(4326, crs, always_xy=True).transform(lon, lat)
-                # pixel indices from the inverse geotransform: valid for north-up and bottom-up rasters
-                inv = ~src.transform
-                x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-                cols = np.floor(inv.a * x + inv.b * y + inv.c)
-                rows = np.floor(inv.d * x + inv.e * y + inv.f)
-                inside = (
-                    np.isfinite(cols)
-                    & np.isfinite(rows)
-                    & (cols >= 0)
-                    & (cols < src.width)
-                    & (rows >= 0)
-                    & (rows < src.height)
+            # the handle stays open in this thread's cache (see _open)
+            if src.count != AEF_DIM or src.dtypes[0] != "int8":
+                raise AEFUnavailable(
+                    f"{cog.href} is not an AEF COG: {src.count} bands of {src.dtypes[0]}, expected 64 int8"
                 )
-                k_in = np.flatnonzero(inside)
-                if k_in.size == 0:
-                    return vecs, ok
-                # block by block, so that each block is decompressed once: the window around a block's
-                # pixels in one read (every band) when it holds several, else a 1 x 1 window per pixel
-                # (a read costs ~2 ms of Python + GDAL overhead for 64 bands: 3-4x faster for anchor
-                # grids; the window stays inside one block, at most 64 x block bytes)
-                bh, bw = src.block_shapes[0]
-                r_in, c_in = rows[k_in].astype(np.int64), cols[k_in].astype(np.int64)
-                key = np.stack([r_in // bh, c_in // bw, r_in, c_in], axis=1)
-                uniq, inverse = np.unique(key, axis=0, return_inverse=True)
-                raw = np.empty((uniq.shape[0], AEF_DIM), np.int8)
-                block_starts = np.flatnonzero(np.r_[True, np.any(uniq[1:, :2] != uniq[:-1, :2], axis=1)])
-                for b0, b1 in zip(block_starts, np.r_[block_starts[1:], uniq.shape[0]], strict=True):
-                    r, c = uniq[b0:b1, 2], uniq[b0:b1, 3]
-                    r0, c0 = int(r.min()), int(c.min())
-                    h, w = int(r.max()) - r0 + 1, int(c.max()) - c0 + 1
-                    if b1 - b0 >= _WINDOW_MIN_PIXELS and h * w * AEF_DIM <= _WINDOW_MAX_BYTES:
-                        window = src.read(window=Window(c0, r0, w, h))
-                        raw[b0:b1] = window[:, r - r0, c - c0].T
-                    else:
-                        for u in range(b0, b1):
-                            raw[u] = src.read(window=Window(int(uniq[u, 3]), int(uniq[u, 2]), 1, 1))[:, 0, 0]
-                deq, valid = dequantize(raw)
-                inverse = inverse.reshape(-1)
-                vecs[k_in] = deq[inverse]
-                ok[k_in] = valid[inverse]
+            crs = src.crs if src.crs else (f"EPSG:{cog.epsg}" if cog.epsg > 0 else None)
+            if crs is None:
+                raise AEFUnavailable(f"{cog.href} has no CRS and the index gives none")
+            x, y = Transformer.from_crs(4326, crs, always_xy=True).transform(lon, lat)
+            # pixel indices from the inverse geotransform: valid for north-up and bottom-up rasters
+            inv = ~src.transform
+            x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+            cols = np.floor(inv.a * x + inv.b * y + inv.c)
+            rows = np.floor(inv.d * x + inv.e * y + inv.f)
+            inside = (
+                np.isfinite(cols)
+                & np.isfinite(rows)
+                & (cols >= 0)
+                & (cols < src.width)
+                & (rows >= 0)
+                & (rows < src.height)
+            )
+            k_in = np.flatnonzero(inside)
+            if k_in.size == 0:
+                return vecs, ok
+            # block by block, so that each block is decompressed once: the window around a block's
+            # pixels in one read (every band) when it holds several, else a 1 x 1 window per pixel
+            # (a read costs ~2 ms of Python + GDAL overhead for 64 bands: 3-4x faster for anchor
+            # grids; the window stays inside one block, at most 64 x block bytes)
+            bh, bw = src.block_shapes[0]
+            r_in, c_in = rows[k_in].astype(np.int64), cols[k_in].astype(np.int64)
+            key = np.stack([r_in // bh, c_in // bw, r_in, c_in], axis=1)
+            uniq, inverse = np.unique(key, axis=0, return_inverse=True)
+            raw = np.empty((uniq.shape[0], AEF_DIM), np.int8)
+            block_starts = np.flatnonzero(np.r_[True, np.any(uniq[1:, :2] != uniq[:-1, :2], axis=1)])
+            for b0, b1 in zip(block_starts, np.r_[block_starts[1:], uniq.shape[0]], strict=True):
+                r, c = uniq[b0:b1, 2], uniq[b0:b1, 3]
+                r0, c0 = int(r.min()), int(c.min())
+                h, w = int(r.max()) - r0 + 1, int(c.max()) - c0 + 1
+                if b1 - b0 >= _WINDOW_MIN_PIXELS and h * w * AEF_DIM <= _WINDOW_MAX_BYTES:
+                    window = src.read(window=Window(c0, r0, w, h))
+                    raw[b0:b1] = window[:, r - r0, c - c0].T
+                else:
+                    for u in range(b0, b1):
+                        raw[u] = src.read(window=Window(int(uniq[u, 3]), int(uniq[u, 2]), 1, 1))[:, 0, 0]
+            deq, valid = dequantize(raw)
+            inverse = inverse.reshape(-1)
+            vecs[k_in] = deq[inverse]
+            ok[k_in] = valid[inverse]
         return vecs, ok
 
 

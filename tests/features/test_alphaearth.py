@@ -376,8 +376,27 @@ def test_source_pickles_for_dask_workers(generated_aef_world):
     src = COGIndexSource(w.index)
     lon, lat = w.lonlat("31N", ROWS[:3], COLS[:3])
     before = src.sample(lon, lat, 2023)[0]
-    clone = pickle.loads(pickle.dumps(src))
+    clone = pickle.loads(pickle.dumps(src))  # after use: open handles and threads are not pickled
     np.testing.assert_array_equal(clone.sample(lon, lat, 2023)[0], before)
+
+
+def test_cached_cog_handles_are_bounded_reused_and_closed(generated_aef_world, monkeypatch):
+    """Handles stay open between calls (GDAL keeps their decoded blocks), at most _OPEN_COGS per thread;
+    evicting and closing them changes no value."""
+    from fusarbatch.features import alphaearth
+
+    monkeypatch.setattr(alphaearth, "_OPEN_COGS", 1)
+    w = generated_aef_world
+    src = COGIndexSource(w.index, max_workers=1)
+    lon, lat = w.lonlat("31N", ROWS, COLS)
+    expected = {year: w.expected("31N", year, ROWS, COLS)[0] for year in (2022, 2023)}
+    for year in (2022, 2023, 2022):  # two COGs through a one-handle cache
+        np.testing.assert_array_equal(src.sample(lon, lat, year)[0], expected[year])
+        [(href, handle)] = src._handles.cache.items()
+        assert not handle.closed and str(year) in href
+    src.close()
+    assert handle.closed and not src._handles.cache
+    np.testing.assert_array_equal(src.sample(lon, lat, 2023)[0], expected[2023])  # reopens
 
 
 def test_overview_level_reads_the_overview(generated_aef_world, tmp_path):
