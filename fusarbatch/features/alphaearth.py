@@ -40,10 +40,10 @@ generated test COGs:
   which rasterio does with the GDAL block cache.
 
 So this module reads the index with geopandas/pandas and the pixels with rasterio (per COG block, one
-window around the block's anchor pixels, or 1 x 1 windows for one to three pixels; COGs read in parallel
-threads). Paths are anything GDAL opens natively (local paths,
-``file://``, ``http(s)://``, ``s3://``, ``gs://``, ``/vsi...``) or any other fsspec URL (opened through
-rasterio's ``opener``).
+window around the block's anchor pixels, or 1 x 1 windows for one to three pixels; blocks decoded in
+parallel reader threads that keep their COG handles, and so GDAL's decoded blocks, open). Paths are
+anything GDAL opens natively (local paths, ``file://``, ``http(s)://``, ``s3://``, ``gs://``,
+``/vsi...``) or any other fsspec URL (opened through rasterio's ``opener``, read in the calling thread).
 
 Overviews: the COGs carry overviews (re-normalised means of the pixels below). By default they are not
 used. The training anchors (PAPER 1.2) are full-resolution samples ``I_y(lon, lat)``, so overview pixels
@@ -61,12 +61,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import posixpath
 import re
 import threading
+import zlib
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -455,8 +458,8 @@ class COGIndexSource:
     Per :meth:`sample` call: pick the layer year (nearest available, clamped), find the COGs of that year
     whose footprint (buffered by ``footprint_tolerance_deg``) contains each point, reproject the points to
     each COG's CRS (pyproj, ``always_xy``), invert the COG geotransform to get pixel indices (so bottom-up
-    rasters are handled), read one-pixel windows (every band, grouped per COG, COGs in parallel threads),
-    mask nodata (-128 in any band) and de-quantise.
+    rasters are handled), read the pixels block by block (every band; see the module docstring), mask
+    nodata (-128 in any band) and de-quantise.
 
     Where several COGs contain a point (UTM zone overlaps), the one whose zone's central meridian is
     nearest the point (same hemisphere first) is read first. If the point is outside that raster or in
@@ -469,7 +472,8 @@ class COGIndexSource:
         missing_cog: a COG listed in the index that cannot be opened: ``"raise"`` (default)
             raises :class:`AEFUnavailable`; ``"mask"`` logs a warning once per COG and masks its points
             (for partial local mirrors of the global index).
-        max_workers: COGs read in parallel.
+        max_workers: at most this many reader threads (and no more than the CPUs) decode COG blocks in
+            parallel; 1 reads in the calling thread.
         footprint_tolerance_deg: footprint buffer in degrees for candidate selection; the raster
             extent decides in the end.
         gdal_env: extra GDAL configuration options for the reads (e.g. ``{"GS_USER_PROJECT": ...}``).
@@ -520,7 +524,7 @@ class COGIndexSource:
         )
         self._trees: dict[int, tuple[Any, NDArray[np.int64]]] = {}
         self._handles = threading.local()
-        self._pool: ThreadPoolExecutor | None = None
+        self._lanes: list[ThreadPoolExecutor] = []
         self._warned: set[str] = set()
 
     def __repr__(self) -> str:
@@ -530,7 +534,7 @@ class COGIndexSource:
         state = self.__dict__.copy()
         state["_trees"] = {}  # STRtrees are rebuilt lazily (they do not pickle)
         del state["_handles"]  # open datasets and reader threads stay with the process that has them
-        state["_pool"] = None
+        state["_lanes"] = []
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -617,27 +621,53 @@ class COGIndexSource:
     def _read_many(
         self, jobs: dict[int, NDArray[np.int64]], lon: NDArray[np.float64], lat: NDArray[np.float64]
     ) -> list[tuple[NDArray[np.int64], NDArray[np.float32], NDArray[np.bool_]]]:
-        def run(
-            item: tuple[int, NDArray[np.int64]],
-        ) -> tuple[NDArray[np.int64], NDArray[np.float32], NDArray[np.bool_]]:
-            cog_row, idx = item
+        out = []
+        for cog_row, idx in jobs.items():  # COG by COG; their blocks are decoded in parallel (_lane)
             cog = _Cog(str(self.index["href"].iloc[cog_row]), int(self.index["epsg"].iloc[cog_row]))
             vecs, ok = self._read_points(cog, lon[idx], lat[idx])
-            return idx, vecs, ok
+            out.append((idx, vecs, ok))
+        return out
 
-        items = list(jobs.items())
-        if len(items) == 1 or self.max_workers == 1:
-            return [run(item) for item in items]
-        if self._pool is None:  # kept: its threads keep their COG handles (and decoded blocks) open
-            self._pool = ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="aef-read")
-        return list(self._pool.map(run, items))
+    def _lane(self, href: str, block: tuple[int, int]) -> ThreadPoolExecutor | None:
+        """The reader thread of one COG block (None: read in the calling thread, ``max_workers=1``).
 
-    def _open(self, href: str) -> Any:
-        """An open dataset for ``href`` from this thread's cache of the last :data:`_OPEN_COGS` COGs.
+        Block reads run on ``min(max_workers, CPUs)`` single-thread lanes, a block always on the same
+        lane: decoding is parallel (GDAL releases the GIL; a 1024 px block of 64 bands is ~64 MB of
+        deflate), and the lane's open handle keeps the decoded block for the next tile or scene."""
+        if self.max_workers == 1 or not _gdal_native(href):
+            return None
+        if not self._lanes:
+            n = max(1, min(self.max_workers, os.cpu_count() or 1))
+            self._lanes = [
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"aef-read-{k}") for k in range(n)
+            ]
+        key = zlib.crc32(f"{href}|{block[0]}|{block[1]}".encode())
+        return self._lanes[key % len(self._lanes)]
+
+    def _read_windows(self, href: str, windows: Sequence[Any]) -> list[NDArray[np.int8]]:
+        """``src.read(window=w)`` for each window, with this thread's handle of ``href``."""
+        import rasterio
+
+        with rasterio.Env(**self.gdal_env), self._open(href) as src:
+            return [src.read(window=w) for w in windows]
+
+    @contextmanager
+    def _open(self, href: str) -> Iterator[Any]:
+        """An open dataset for ``href``: GDAL-native paths from this thread's cache of the last
+        :data:`_OPEN_COGS` COGs (left open), fsspec ones opened and closed around the use.
 
         Keeping handles open keeps GDAL's cache of decoded blocks (per handle): the scenes of one run, or
         of a daily job over one AOI, read the same AEF blocks, and a 1024 px block of 64 bands is
-        ~64 MB of deflate to decode. Handles are per thread (GDAL handles are not thread-safe)."""
+        ~64 MB of deflate to decode. Handles are per thread (GDAL handles are not thread-safe).
+        rasterio registers fsspec openers by path, and closing one handle can break another of the same
+        path, so those are never kept."""
+        if not _gdal_native(href):
+            with self._open_new(href) as src:
+                yield src
+            return
+        yield self._cached(href)
+
+    def _cached(self, href: str) -> Any:
         cache = getattr(self._handles, "cache", None)
         if cache is None:
             cache = self._handles.cache = OrderedDict()
@@ -656,16 +686,15 @@ class COGIndexSource:
         cache = getattr(self._handles, "cache", None)
         while cache:
             cache.popitem()[1].close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        lanes, self._lanes = self._lanes, []
+        for lane in lanes:
+            lane.shutdown(wait=True)
 
     def _open_new(self, href: str) -> Any:
         import rasterio
 
         kwargs = {} if self.overview_level is None else {"overview_level": self.overview_level}
-        scheme = urlparse(href).scheme.lower()
-        if href.startswith("/vsi") or len(scheme) <= 1 or scheme in _GDAL_NATIVE_SCHEMES:
+        if _gdal_native(href):
             return rasterio.open(href, **kwargs)
         import fsspec
 
@@ -682,9 +711,9 @@ class COGIndexSource:
         n = lon.shape[0]
         vecs = np.zeros((n, AEF_DIM), np.float32)
         ok = np.zeros(n, bool)
-        with rasterio.Env(**self.gdal_env):
+        with rasterio.Env(**self.gdal_env), ExitStack() as stack:
             try:
-                src = self._open(cog.href)
+                src = stack.enter_context(self._open(cog.href))
             except Exception as err:
                 if self.missing_cog == "mask":
                     if cog.href not in self._warned:
@@ -730,21 +759,45 @@ class COGIndexSource:
             uniq, inverse = np.unique(key, axis=0, return_inverse=True)
             raw = np.empty((uniq.shape[0], AEF_DIM), np.int8)
             block_starts = np.flatnonzero(np.r_[True, np.any(uniq[1:, :2] != uniq[:-1, :2], axis=1)])
+            # per block: (first, end) rows of uniq, and one window around them or a 1 x 1 window each
+            reads: list[tuple[int, int, bool, list[Any]]] = []
             for b0, b1 in zip(block_starts, np.r_[block_starts[1:], uniq.shape[0]], strict=True):
                 r, c = uniq[b0:b1, 2], uniq[b0:b1, 3]
                 r0, c0 = int(r.min()), int(c.min())
                 h, w = int(r.max()) - r0 + 1, int(c.max()) - c0 + 1
-                if b1 - b0 >= _WINDOW_MIN_PIXELS and h * w * AEF_DIM <= _WINDOW_MAX_BYTES:
-                    window = src.read(window=Window(c0, r0, w, h))
-                    raw[b0:b1] = window[:, r - r0, c - c0].T
+                one_window = b1 - b0 >= _WINDOW_MIN_PIXELS and h * w * AEF_DIM <= _WINDOW_MAX_BYTES
+                if one_window:
+                    windows = [Window(c0, r0, w, h)]
                 else:
-                    for u in range(b0, b1):
-                        raw[u] = src.read(window=Window(int(uniq[u, 3]), int(uniq[u, 2]), 1, 1))[:, 0, 0]
+                    windows = [Window(int(x), int(y), 1, 1) for y, x in zip(r, c, strict=True)]
+                reads.append((int(b0), int(b1), one_window, windows))
+            lanes = [self._lane(cog.href, (int(uniq[b0, 0]), int(uniq[b0, 1]))) for b0, *_ in reads]
+            futures = [
+                None if lane is None else lane.submit(self._read_windows, cog.href, read[3])
+                for lane, read in zip(lanes, reads, strict=True)
+            ]
+            arrays = [
+                [src.read(window=w) for w in read[3]] if f is None else f.result()
+                for f, read in zip(futures, reads, strict=True)
+            ]
+            for (b0, b1, one_window, windows), got in zip(reads, arrays, strict=True):
+                if one_window:
+                    r0, c0 = windows[0].row_off, windows[0].col_off
+                    raw[b0:b1] = got[0][:, uniq[b0:b1, 2] - r0, uniq[b0:b1, 3] - c0].T
+                else:
+                    raw[b0:b1] = np.stack([pixel[:, 0, 0] for pixel in got])
             deq, valid = dequantize(raw)
             inverse = inverse.reshape(-1)
             vecs[k_in] = deq[inverse]
             ok[k_in] = valid[inverse]
         return vecs, ok
+
+
+def _gdal_native(href: str) -> bool:
+    """Whether GDAL opens ``href`` itself (local path, ``file://``, ``http(s)://``, ``s3://``, ``gs://``,
+    ``/vsi...``); otherwise it goes through fsspec and rasterio's ``opener``."""
+    scheme = urlparse(href).scheme.lower()
+    return href.startswith("/vsi") or len(scheme) <= 1 or scheme in _GDAL_NATIVE_SCHEMES
 
 
 def open_source(
