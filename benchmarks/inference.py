@@ -526,13 +526,13 @@ class _Timed:
         try:
             return self.fn(*args, **kwargs)
         finally:
-            # infer_tiles(model_spec, task, store, group, tile_ids): remember the scene group
-            group = str(args[3]) if self.label == _INFER and len(args) > 3 else ""
+            # infer_prepared(model_spec, task, prepared): remember the scene group
+            group = str(getattr(args[2], "group", "")) if self.label == _INFER and len(args) > 2 else ""
             _record(self.label, t0, time.perf_counter(), group)
 
 
 _EVENTS: list[tuple[str, str, float, float, str]] = []
-_INFER = "infer_tiles task (whole)"
+_INFER = "model task (infer_prepared, whole)"
 _TOKENS: list[int] = []
 _LOCK = threading.Lock()
 
@@ -548,16 +548,17 @@ _STAGES = (
     ("fusarbatch.pipeline", "start_client", "Dask LocalCluster start"),
     ("fusarbatch.pipeline", "tile_scene", "tiling (GeoTIFF -> Zarr)"),
     ("fusarbatch.pipeline", "write_scene_features", "AEF anchors (sample + write)"),
-    ("fusarbatch.pipeline", "infer_tiles", "infer_tiles task (whole)"),
+    ("fusarbatch.pipeline", "prepare_tiles", "prepare task (read + render, no GPU resource)"),
+    ("fusarbatch.inference.workers", "_read_tiles", "  read tiles + anchors (Zarr)"),
+    ("fusarbatch.render", "render", "  render 504 RGB"),
+    ("fusarbatch.pipeline", "infer_prepared", _INFER),
+    ("fusarbatch.inference.workers", "get_model", "  get_model (loads on first call)"),
+    ("fusarbatch.model.prompts", "parse_detection", "  parse answers"),
+    ("fusarbatch.model.prompts", "parse_class", "  parse answers"),
     ("fusarbatch.pipeline", "_write_scene", "write scene outputs (whole)"),
     ("fusarbatch.pipeline", "scene_detections", "  boxes -> EPSG:4326 + NMS"),
     ("fusarbatch.pipeline", "write_table", "  GeoParquet writes"),
     ("fusarbatch.pipeline", "write_quicklook", "  quick-look PNG"),
-    ("fusarbatch.inference.workers", "get_model", "  get_model (loads on first call)"),
-    ("fusarbatch.inference.workers", "_read_tiles", "  read tiles + anchors (Zarr)"),
-    ("fusarbatch.render", "render", "  render 504 RGB"),
-    ("fusarbatch.model.prompts", "parse_detection", "  parse answers"),
-    ("fusarbatch.model.prompts", "parse_class", "  parse answers"),
 )
 _MISSING: list[str] = []
 _GENERATE = "generate_detailed"
@@ -896,7 +897,8 @@ def part_run(args: argparse.Namespace) -> tuple[str, str]:
     body, table = run_report(args, spec, results, quietest, machine)
     print(table)
     print(machine.load_line())
-    return "### Whole run (tiny model, CPU): share of wall time outside generate", body
+    scenes = "" if args.run_scenes == 3 else f", {args.run_scenes} scenes"  # 3: the default sub-section
+    return f"### Whole run (tiny model, CPU{scenes}): share of wall time outside generate", body
 
 
 def run_report(
@@ -935,7 +937,7 @@ def run_report(
         f"| of which between generate calls ({res['generate_calls'] - 1} gaps) | "
         f"{res['idle_s'] - res['first_generate_s'] - res['tail_s']:.2f} | "
         f"{(res['idle_s'] - res['first_generate_s'] - res['tail_s']) / wall:.1%} |",
-        f"| worker idle between two infer_tiles tasks of the same scene ({len(same)} gaps: Dask "
+        f"| worker idle between two model tasks of the same scene ({len(same)} gaps: Dask "
         f"dispatch, {_ms(same)}) | {sum(same):.2f} | {sum(same) / wall:.1%} |",
         f"| worker idle between the last task of a scene and the first of the next ({len(nxt)} gaps: "
         f"waiting for the next scene's tiles + anchors, {_ms(nxt)}) | {sum(nxt):.2f} | "

@@ -62,7 +62,8 @@ from fusarbatch.inference.workers import (
     GPU_RESOURCE,
     ModelSpec,
     TaskSpec,
-    infer_tiles,
+    infer_prepared,
+    prepare_tiles,
     resolve_device,
     start_client,
     warm_model,
@@ -429,6 +430,8 @@ def _redo_reason(ctx: _Context, rec: Any) -> str | None:
 
 #: Every this many scenes, the scheduler drops the task groups the run's span keeps (see _stream).
 RELEASE_EVERY = 10
+PREFETCH_BATCHES = 2
+"""Batches of a scene read and rendered ahead of the model (Dask tasks without the GPU resource)."""
 
 
 def _stream(ctx: _Context, scenes: list[Scene], summary: RunSummary) -> None:
@@ -569,18 +572,18 @@ def _tile_and_submit(ctx: _Context, scene: Scene) -> _Pending:
         inferable = [int(i) for i in np.flatnonzero(vf >= cfg.min_valid)]
         outcome.tiles_inferred = len(inferable)
         _stage(ctx, p, "infer", tiles=len(inferable))
-        for start in range(0, len(inferable), cfg.batch_size):
+        for k, start in enumerate(range(0, len(inferable), cfg.batch_size)):
             batch = inferable[start : start + cfg.batch_size]
+            # CPU task (read + render) on a free thread while the model answers the batch before; it
+            # waits for the answers of batch k - PREFETCH_BATCHES, so at most that many batches of a
+            # scene are prepared ahead (memory stays flat whatever the scene size)
+            after = p.futures[k - PREFETCH_BATCHES] if k >= PREFETCH_BATCHES else None
+            prepared = ctx.client.submit(
+                prepare_tiles, str(ctx.store), p.group, batch, ctx.task.render_mode, after, pure=False
+            )
             p.futures.append(
                 ctx.client.submit(
-                    infer_tiles,
-                    ctx.model_spec,
-                    ctx.task,
-                    str(ctx.store),
-                    p.group,
-                    batch,
-                    resources=GPU_RESOURCE,
-                    pure=False,
+                    infer_prepared, ctx.model_spec, ctx.task, prepared, resources=GPU_RESOURCE, pure=False
                 )
             )
     except Exception as exc:  # one scene's failure never stops the run

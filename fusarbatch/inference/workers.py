@@ -141,14 +141,50 @@ def _read_tiles(store: str, group: str, tile_ids: Sequence[int]) -> dict[str, An
     return out
 
 
+@dataclass
+class PreparedTiles:
+    """Model inputs of one batch of tiles, made by :func:`prepare_tiles` (CPU) for :func:`infer_prepared`
+    (GPU): ``images`` 504 x 504 RGB (:func:`fusarbatch.render.render`), ``anchors`` per tile (None: no
+    AEF features stored)."""
+
+    group: str
+    tile_ids: list[int]
+    images: list[Any]
+    anchors: list[Any]
+
+
+def prepare_tiles(
+    store: str, group: str, tile_ids: Sequence[int], render_mode: str = "grey", _after: Any = None
+) -> PreparedTiles:
+    """Read ``backscatter`` and, when complete, ``aef_*`` of the tiles from ``<store>/<group>`` and render
+    them. A Dask task without the GPU resource: it runs on a free worker thread while the model answers
+    the batch before (``_after``, ignored, only orders it behind an earlier batch, so that a scene of
+    thousands of tiles is not rendered all at once into memory)."""
+    from fusarbatch.model.tlm import Anchors
+    from fusarbatch.render import render
+
+    data = _read_tiles(store, group, tile_ids)
+    images = [render(t, data["pols"], units=data["units"], mode=render_mode) for t in data["backscatter"]]
+    if "aef" in data:
+        feats, pos, mask = data["aef"]
+        anchors = [Anchors.of(feats[i].astype(np.float32), pos[i], mask[i]) for i in range(len(tile_ids))]
+    else:
+        anchors = [None] * len(tile_ids)
+    return PreparedTiles(group, [int(t) for t in tile_ids], images, anchors)
+
+
 def infer_tiles(
     model_spec: ModelSpec, task: TaskSpec, store: str, group: str, tile_ids: Sequence[int]
 ) -> BatchResult:
-    """Run every task on the given tiles of one scene group; never raises on model output.
+    """:func:`prepare_tiles` then :func:`infer_prepared`, in one call."""
+    return infer_prepared(model_spec, task, prepare_tiles(store, group, tile_ids, task.render_mode))
 
-    Reads ``backscatter`` and, when complete, ``aef_*`` of the tiles from ``<store>/<group>``, renders them
-    (:func:`fusarbatch.render.render`), asks one detection prompt per label and, if ``task.classes``, one
-    classification prompt with the whole tile as the box.
+
+def infer_prepared(model_spec: ModelSpec, task: TaskSpec, prepared: PreparedTiles) -> BatchResult:
+    """Run every task on one prepared batch of tiles; never raises on model output.
+
+    Asks one detection prompt per label and, if ``task.classes``, one classification prompt with the
+    whole tile as the box; prompts are batched ``model_spec.batch_size`` at a time through ``generate``.
     """
     from fusarbatch.model.prompts import (
         GRID,
@@ -157,19 +193,9 @@ def infer_tiles(
         parse_class,
         parse_detection,
     )
-    from fusarbatch.model.tlm import Anchors
-    from fusarbatch.render import render
 
     model = get_model(model_spec)
-    data = _read_tiles(store, group, tile_ids)
-    images = [
-        render(t, data["pols"], units=data["units"], mode=task.render_mode) for t in data["backscatter"]
-    ]  # type: ignore[arg-type]
-    if "aef" in data:
-        feats, pos, mask = data["aef"]
-        anchors = [Anchors.of(feats[i].astype(np.float32), pos[i], mask[i]) for i in range(len(tile_ids))]
-    else:
-        anchors = [None] * len(tile_ids)
+    images, anchors, tile_ids = prepared.images, prepared.anchors, prepared.tile_ids
     answers = [TileAnswer(tile_id=int(t)) for t in tile_ids]
     jobs: list[tuple[int, str, str]] = [
         (i, f"detect:{label}", detection_prompt(label)) for label in task.labels for i in range(len(tile_ids))
