@@ -72,7 +72,7 @@ def test_search_api_with_collection_and_limit(stac_api, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert f"2 scene(s) from catalog '{stac_api.url}'" in proc.stdout
-    listed = [f"generated-iw-{i}" for i in range(8) if f"generated-iw-{i} " in proc.stdout]
+    listed = [f"generated-iw-{i}" for i in range(8) if f"generated-iw-{i}\t" in proc.stdout]  # tab-separated
     assert len(listed) == 2 and set(listed) <= {"generated-iw-2", "generated-iw-3", "generated-iw-4"}
     assert "100.0%" in proc.stdout
 
