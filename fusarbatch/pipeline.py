@@ -319,7 +319,7 @@ def _find_scenes(ctx: _Context) -> tuple[list[Scene], tuple[dt.datetime | None, 
     from fusarbatch.catalog.dates import parse_duration, parse_end, parse_period, shift
 
     cfg = ctx.cfg
-    ctx.searched_at = utc_now()
+    ctx.searched_at = ""  # --retry-failed searches nothing: the next --since-last-run must not start here
     if cfg.retry_failed:
         # each scene is rebuilt with the catalog definition it was found with (asset keys, signing),
         # unless --catalog says otherwise
@@ -344,6 +344,7 @@ def _find_scenes(ctx: _Context) -> tuple[list[Scene], tuple[dt.datetime | None, 
         log.info("--retry-failed: %d failed or interrupted scene(s) in the ledger", len(scenes))
         return sorted(scenes, key=lambda s: (s.datetime, s.item_id)), (None, None)
     spec = resolve_catalog(cfg.catalog, collections=tuple(cfg.collections))
+    ctx.searched_at = utc_now()
     now = dt.datetime.now(dt.UTC)
     incremental = cfg.since_last_run or _relative(cfg.start)
     if cfg.since_last_run and (last := ctx.ledger.last_search_time()) is not None:

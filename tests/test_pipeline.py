@@ -290,12 +290,23 @@ def test_failed_scenes_are_retried_and_retry_failed_needs_no_search(tmp_path, ge
     raster.parent.mkdir()
     shutil.copy(original, raster)
     (tmp_path / "out" / "scenes.parquet").unlink()
+
     # (without --catalog: each scene is rebuilt with the catalog it was found with, recorded in the ledger)
+    def last_search():
+        ledger = Ledger.open(cfg["out"])
+        try:
+            return ledger.last_search_time()
+        finally:
+            ledger.close()
+
+    searched = last_search()
     retried = run(RunConfig(retry_failed=True, out=cfg["out"], max_new_tokens=8, device="cpu"))
     assert [(s.scene_id, s.status) for s in retried.scenes] == [(CAMARGUE, "ok")]
     assert retried.mode == "retry-failed" and retried.exit_code == 0
     assert not (tmp_path / "out" / "scenes.parquet").exists()
     assert len(read_dataset(tmp_path / "out", "tiles")) == 4
+    # it searched nothing: the next --since-last-run still starts from the second run's search
+    assert searched is not None and last_search() == searched
     nothing = run(RunConfig(retry_failed=True, **cfg))
     assert nothing.scenes == [] and nothing.exit_code == 0
 

@@ -532,7 +532,7 @@ class Ledger:
                 "UPDATE runs SET searched_at = ?, window_start = ?, window_end = ?, scenes_found = ?, "
                 "scenes_skipped = ? WHERE run_id = ?",
                 (
-                    searched_at,
+                    searched_at or None,  # "": nothing was searched (--retry-failed)
                     _iso(window_start),
                     _iso(window_end),
                     found,
@@ -552,10 +552,11 @@ class Ledger:
             )
 
     def last_search_time(self) -> dt.datetime | None:
-        """When the last *finished* run (``ok`` or ``failed``, not killed) searched the catalog."""
+        """When the last *finished* run (``ok`` or ``failed``, not killed) searched the catalog
+        (``--retry-failed`` runs search nothing and do not count)."""
         row = self.conn.execute(
             "SELECT searched_at FROM runs WHERE status IN ('ok', 'failed') AND searched_at IS NOT NULL "
-            "ORDER BY searched_at DESC LIMIT 1"
+            "AND COALESCE(mode, '') != 'retry-failed' ORDER BY searched_at DESC LIMIT 1"
         ).fetchone()
         return parse_time(row[0]) if row else None
 
