@@ -31,14 +31,21 @@ AoiOpt = Annotated[
     typer.Option("--aoi", help="AOI GeoJSON file: Feature, FeatureCollection or bare geometry, any CRS."),
 ]
 StartOpt = Annotated[
-    str, typer.Option("--start", help="First day, UTC: YYYY-MM (whole month) or YYYY-MM-DD.")
+    str,
+    typer.Option(
+        "--start", help="First day, UTC: YYYY-MM (whole month), YYYY-MM-DD, or back from now: -P2D, -PT36H."
+    ),
 ]
 EndOpt = Annotated[
     str | None, typer.Option("--end", help="Last day, inclusive, UTC: YYYY-MM or YYYY-MM-DD. Default: open.")
 ]
 CatalogOpt = Annotated[
     str | None,
-    typer.Option("--catalog", help="Catalog name (catalogs/*.toml), STAC API URL, catalog.json or .parquet."),
+    typer.Option(
+        "--catalog",
+        help="Catalog name (catalogs/*.toml), STAC API URL, catalog.json or .parquet "
+        "(default: demo, the embedded demo catalog).",
+    ),
 ]
 CollectionOpt = Annotated[
     list[str] | None, typer.Option("--collection", help="Collection id to search (repeatable).")
@@ -237,7 +244,7 @@ def run(
     """Search, tile, attach AlphaEarth anchors, run FUSAR-GPT and write GeoParquet (DESIGN 1, 3.7).
 
     Skips scenes done with the same configuration and model (ledger.sqlite); exit codes: 0 all done,
-    1 some scenes failed, 2 usage error, 75 --out locked by another run.
+    1 some scenes failed, 2 usage error, 75 --out locked by another run, 130 interrupted.
     """
     params = dict(locals())  # first: the options only
     import signal
