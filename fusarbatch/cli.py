@@ -465,8 +465,29 @@ def main() -> None:
     handler.setFormatter(PlainFormatter("%(levelname)s: %(message)s"))
     logging.getLogger("fusarbatch").addHandler(handler)
     logging.getLogger("fusarbatch").setLevel(logging.INFO)
+    try:  # typer >= 0.26 vendors click; older ones use click itself
+        from typer._click import exceptions as click_exceptions
+    except ImportError:  # pragma: no cover
+        import click.exceptions as click_exceptions  # type: ignore[no-redef]
+
     try:
-        app()
+        code = app(standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as exc:  # `fusarbatch`, `fusarbatch config`: their help
+        console.print(exc.ctx.get_help() if exc.ctx else str(exc), highlight=False, markup=False)
+        sys.exit(0)
+    except click_exceptions.UsageError as exc:  # one line, as every other error (not click's framed box)
+        command = exc.ctx.command_path if exc.ctx is not None else "fusarbatch"
+        err_console.print(
+            f"error: {exc.format_message()} (see `{command} --help`)",
+            style="bold red",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
+        sys.exit(2)
+    except typer.Abort:
+        err_console.print("interrupted")
+        sys.exit(130)
     except FusarbatchError as exc:
         from fusarbatch.report import print_error
 
@@ -475,6 +496,7 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

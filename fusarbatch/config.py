@@ -15,9 +15,11 @@ when they change, and only then.
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import hashlib
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fusarbatch.errors import UsageError
+
+_NAME = re.compile(r"[\w][\w .\-/]*")  # labels and classes: words, no control characters or markup
 
 #: Bumped when a code change alters what a scene's outputs contain (part of every output hash), so that
 #: reruns redo scenes made by older code.
@@ -112,13 +116,23 @@ class RunConfig(BaseModel):
     wait: bool = Field(False, description="Wait for another run on the same --out instead of exiting 75.")
     log_file: Path | None = Field(None, description="Also append JSON-lines logs to this file.")
 
-    @field_validator("labels")
+    @field_validator("labels", "classes")
     @classmethod
-    def _labels_not_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+    def _plain_names(cls, v: tuple[str, ...], info: Any) -> tuple[str, ...]:
         cleaned = tuple(s.strip() for s in v if s.strip())
-        if not cleaned:
+        if info.field_name == "labels" and not cleaned:
             raise ValueError("give at least one label")
+        for name in cleaned:  # they go into prompts, column names and logs
+            if len(name) > 64 or not _NAME.fullmatch(name):
+                raise ValueError(f"{name!r}: letters, digits, spaces and - _ . / only, at most 64 characters")
         return cleaned
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", v.strip()):
+            raise ValueError(f"{v!r}: expected cpu, cuda, cuda:N or mps")
+        return v.strip() if v is not None else v
 
     @field_validator("since_margin")
     @classmethod
@@ -132,6 +146,16 @@ class RunConfig(BaseModel):
         if months < 0 or delta.total_seconds() < 0:
             raise ValueError("since_margin is a positive duration, e.g. P1D")
         return v.strip()
+
+    @model_validator(mode="after")
+    def _tiling(self) -> RunConfig:
+        from fusarbatch.tiling.grid import validate_tiling
+
+        try:
+            validate_tiling(self.tile_size, self.overlap)
+        except UsageError as exc:  # a model-level message starts with the option it names
+            raise ValueError(str(exc)) from None
+        return self
 
     @model_validator(mode="after")
     def _required_and_period(self) -> RunConfig:
@@ -178,14 +202,22 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"--config {path}: cannot read it ({exc}); fix the TOML") from None
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not an error
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file; give the path of a TOML file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--config {path}: cannot read it ({exc}); give a UTF-8 TOML file") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"--config {path}: not valid TOML ({exc}); fix the TOML") from None
     data: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
         if isinstance(value, dict):
             raise UsageError(f"--config {path}: {key}: a table is not a setting; write `key = value` lines")
+        if isinstance(value, dt.date | dt.time):  # TOML reads an unquoted 2015-01-01 as a date
+            raise UsageError(f'--config {path}: {key}: quote the date: {key} = "{value.isoformat()}"')
         if name in _PATH_FIELDS and isinstance(value, str) and value and not Path(value).is_absolute():
             value = str((path.parent / value).resolve())
         data[name] = value

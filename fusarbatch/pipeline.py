@@ -453,13 +453,26 @@ def _stream(ctx: _Context, scenes: list[Scene], summary: RunSummary) -> None:
             nxt = _tile_and_submit(ctx, scene)
             if pending is not None:
                 _finish_and_record(ctx, pending, summary)
-                warm.clear()
+                _model_loaded(warm)
             pending = nxt
             if i % RELEASE_EVERY == 0:
                 _release_span_groups(ctx.client, span_id)
         if pending is not None:
             _finish_and_record(ctx, pending, summary)
+            _model_loaded(warm)
         _release_span_groups(ctx.client, span_id)
+
+
+def _model_loaded(warm: list[Any]) -> None:
+    """After the first scene: a model that could not be loaded (a :class:`ModelError` from the warm-up
+    task, e.g. weights that do not match config.json) ends the run with that one line (exit 2) instead of
+    failing every scene the same way."""
+    try:
+        for future in warm:
+            if future.status == "error" and isinstance(exc := future.exception(), FusarbatchError):
+                raise exc
+    finally:
+        warm.clear()
 
 
 def _warm_models(ctx: _Context) -> list[Any]:

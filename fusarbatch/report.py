@@ -344,7 +344,7 @@ class _Forward(logging.Handler):
                 handler.handle(record)
 
 
-def route_library_logs(names: Sequence[str] = ("distributed", "tornado")) -> None:
+def route_library_logs(names: Sequence[str] = ("distributed", "tornado", "transformers")) -> None:
     """After the libraries are imported (they install their own stderr handlers, with multi-line
     tracebacks): send their warnings and errors through the run's JSON handlers instead, one line each.
     Every other logger (``asyncio``'s "Future exception was never retrieved" at Dask shutdown, GDAL
@@ -353,6 +353,13 @@ def route_library_logs(names: Sequence[str] = ("distributed", "tornado")) -> Non
     if not _json_handlers:
         return
     forward = _Forward(_json_handlers, logging.WARNING)
+    if "transformers" in names and _json_errors:
+        # transformers installs its stderr handler when it first logs (workers load it later): install
+        # it now, and take it away again
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.get_logger("transformers")
+        hf_logging.disable_default_handler()
     root = logging.getLogger()
     if not any(isinstance(h, _Forward) for h in root.handlers):
         root.addHandler(forward)

@@ -67,3 +67,63 @@ def test_catalog_toml_with_wrong_types_names_the_key(tmp_path):
     assert_usage_error(
         run_cli("search", "--aoi", CAMARGUE, "--start", "2015-01", "--catalog", str(toml)), "href"
     )
+
+
+# ---- found by a second hostile review (session 2) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("run", "--bogus"), "No such option: --bogus"),
+        (("run", "--aoi", CAMARGUE, "--start", "2015-01", "--batch-size", "abc"), "'--batch-size'"),
+        (("search", "--aoi", CAMARGUE, "--start", "2015-01", "--limit", "0"), "'--limit'"),
+        (("search",), "Missing option '--aoi'"),
+    ],
+)
+def test_command_line_syntax_errors_are_one_line(args, needle):
+    """Not click's framed multi-line box: one line that says where the help is."""
+    proc = run_cli(*args)
+    assert_usage_error(proc, needle, f"(see `fusarbatch {args[0]} --help`)")
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (("--tile-size", "100000"), "--tile-size 100000: at most 8192 pixels"),
+        (("--overlap", "600"), "--overlap 600 must be smaller than --tile-size 504"),
+        (("--device", "tpu"), "device: 'tpu': expected cpu, cuda, cuda:N or mps"),
+        (("--label", "ship\x1b[31m[bold]x"), "labels: 'ship\\x1b[31m[bold]x': letters, digits"),
+    ],
+)
+def test_run_options_are_checked_before_anything_is_written(tmp_path, flags, needle):
+    """Formerly each of these failed every scene (exit 1) after the cluster had started."""
+    out = tmp_path / "out"
+    proc = run_cli("run", "--aoi", CAMARGUE, "--start", "2015-01", "--out", str(out), *flags)
+    assert_usage_error(proc, needle)
+    assert "\x1b" not in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('aoi = "a.geojson"\nstart = 2015-01-01\n', 'start: quote the date: start = "2015-01-01"'),
+        ('\ufeffaoi = "a.geojson"\nstart = "2015-01"\nbatch_size = 0\n', "batch_size"),  # BOM: read
+        ("aoi = [unclosed\n", "not valid TOML"),
+    ],
+)
+def test_config_file_mistakes_name_the_fix(tmp_path, text, needle):
+    config = tmp_path / "run.toml"
+    config.write_text(text, encoding="utf-8")
+    assert_usage_error(run_cli("config", "show", "--config", str(config)), needle)
+    missing = run_cli("config", "show", "--config", str(tmp_path / "none.toml"))
+    assert_usage_error(missing, "none.toml: no such file; give the path of a TOML file")
+
+
+def test_save_needs_a_parquet_name_and_huge_numbers_in_an_aoi_are_an_aoi_error(tmp_path):
+    proc = run_cli("search", "--aoi", CAMARGUE, "--start", "2015-01", "--save", str(tmp_path / "x.csv"))
+    assert_usage_error(proc, "x.csv: stac-geoparquet is written: give a .parquet file name")
+    assert not (tmp_path / "x.csv").exists()
+    aoi = tmp_path / "generated_bigint.geojson"
+    aoi.write_text('{"type": "Point", "coordinates": [' + "9" * 5000 + ", 1]}")
+    assert_usage_error(run_cli("search", "--aoi", str(aoi), "--start", "2015-01"), "unreadable JSON")

@@ -371,6 +371,32 @@ def test_corrupt_model_file_fails_before_any_scene_is_tiled(tmp_path, generated_
     assert not (out / "tiles.zarr").exists() and not (out / "tiles").exists()
 
 
+def test_a_model_that_cannot_be_loaded_ends_the_run_with_one_line(tmp_path, generated_demo_model):
+    """Weights whose header is fine but which lack a tensor pass the pre-check; loading them on the worker
+    fails (transformers would fill it with random values): the run stops after the first scene with the
+    loader's message and exit 2, instead of failing every scene alike."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(generated_demo_model, model)
+    state = load_file(str(model / "model.safetensors"))
+    dropped = next(k for k in sorted(state) if "visual.blocks" in k)
+    save_file({k: v for k, v in state.items() if k != dropped}, str(model / "model.safetensors"))
+    out = tmp_path / "o"
+    args = ["run", "--aoi", str(AOIS / "demo_all.geojson"), "--start", "2015-01", "--out", str(out)]
+    proc = run_cli(*args, "--model", str(model), "--max-new-tokens", "4", "--device", "cpu")
+    assert proc.returncode == 2, proc.stderr
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]  # JSON lines off a terminal
+    assert lines[-1]["event"] == "error" and lines[-1]["exit_code"] == 2
+    assert "the weights do not match config.json (1 tensor(s) missing" in lines[-1]["message"]
+    ledger = Ledger.open(out)
+    try:
+        assert ledger.runs(1)[0]["status"] == "error"
+        assert len([r for r in ledger.scenes() if r.status == "done"]) == 0
+    finally:
+        ledger.close()
+
+
 def test_require_gpu_without_gpu_is_a_clear_error(tmp_path, generated_demo_model):
     proc = run_cli(
         "run",

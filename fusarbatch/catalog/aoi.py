@@ -163,6 +163,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         ) from None
     except RecursionError:
         raise AOIError(f"--aoi {path}: JSON nested too deeply; give a GeoJSON file") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise AOIError(f"--aoi {path}: unreadable JSON ({exc}); give a GeoJSON file") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("type"), str):
         raise AOIError(
             f'--aoi {path}: not GeoJSON (no "type" member at the top); give a Feature, FeatureCollection '

@@ -228,6 +228,8 @@ def save_scenes(scenes: Sequence[Scene], path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"--save {path}: is a directory; give a file name such as scenes.parquet")
+    if path.suffix.lower() not in (".parquet", ".geoparquet"):
+        raise UsageError(f"--save {path}: stac-geoparquet is written: give a .parquet file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -722,7 +722,7 @@ class COGIndexSource:
                     return vecs, ok
                 raise AEFUnavailable(
                     f"AEF COG {cog.href} listed in the index cannot be opened ({err}); check the mirror "
-                    "and its credentials, or use missing_cog='mask' for a partial mirror"
+                    "and its credentials, or list only the COGs the mirror holds in the index"
                 ) from err
             # the handle stays open in this thread's cache (see _open)
             if src.count != AEF_DIM or src.dtypes[0] != "int8":

@@ -138,28 +138,150 @@ class _GreedyLogprob(LogitsProcessor):
 
 
 # --------------------------------------------------------------------------------------------- loading
+_KNOWN_JSON = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+    "model.safetensors.index.json",
+    "adapter_config.json",
+    TLM_CONFIG_FILE,
+    "fusarbatch_train.json",
+)
+_MAX_JSON_BYTES = 256 * 2**20  # Qwen2.5-VL's tokenizer.json is ~7 MB
+
+
+def _not_a_dir(d: Path, what: str) -> ModelError:
+    state = "is a file, not a directory" if d.exists() else "directory missing"
+    return ModelError(f"{what} {d}: {state}; pass a local model directory")
+
+
+def _json_file(d: Path, name: str, what: str) -> Any:
+    """The parsed ``d/name``. :raises ModelError: too large, not UTF-8, or not valid JSON."""
+    path = d / name
+    if path.stat().st_size > _MAX_JSON_BYTES:
+        raise ModelError(f"{what} {d}: {name} is larger than {_MAX_JSON_BYTES >> 20} MiB; restore the file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ModelError(f"{what} {d}: {name} is not valid JSON ({exc}); restore the file") from None
+
+
+def _json_object(d: Path, name: str, what: str) -> dict[str, Any]:
+    data = _json_file(d, name, what)
+    if not isinstance(data, dict):
+        raise ModelError(f"{what} {d}: {name} is not a JSON object; restore the file")
+    return data
+
+
+def _tensor_shapes(path: Path, what: str) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors header (no tensor data is read). The header must describe
+    tensors that fill the file exactly, so a truncated or overwritten file fails here.
+
+    :raises ModelError: the file is not a readable safetensors file.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"{what} {path.parent}: {path.name} is not a readable safetensors file ({first}); "
+            "re-download or re-save it"
+        ) from None
+
+
+def _check_known_files(d: Path, what: str) -> None:
+    """The configuration files that are there parse (JSON objects), and ``tokenizer.json`` loads."""
+    for name in _KNOWN_JSON:
+        if (d / name).is_file():
+            _json_object(d, name, what)
+    if (d / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        if (d / "tokenizer.json").stat().st_size > _MAX_JSON_BYTES:
+            raise ModelError(f"{what} {d}: tokenizer.json is larger than {_MAX_JSON_BYTES >> 20} MiB")
+        try:
+            Tokenizer.from_file(str(d / "tokenizer.json"))
+        except Exception as exc:  # tokenizers raises a plain Exception subclass
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{what} {d}: tokenizer.json is not a tokenizer ({first}); restore it") from None
+
+
+def _hidden_size(config: dict[str, Any]) -> int | None:
+    text = config.get("text_config")
+    value = text.get("hidden_size") if isinstance(text, dict) else None
+    value = value if value is not None else config.get("hidden_size")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _check_tlm(d: Path, hidden_size: int | None, what: str) -> None:
+    """``tlm_config.json`` (when there) is a valid TLM configuration, and ``tlm.safetensors`` holds the
+    ``film_mlp`` of a model with hidden size ``C`` (``0.weight (H, 64)``, ``2.weight (2C, H)``; PAPER /
+    DESIGN 3.4); ``vec64_film.pt`` is at least a torch.save archive (read with weights_only at load)."""
+    from fusarbatch.model.tlm import TLMConfig
+
+    if (d / TLM_CONFIG_FILE).is_file():
+        try:
+            TLMConfig.from_json_dict(_json_object(d, TLM_CONFIG_FILE, what))
+        except (ValueError, TypeError) as exc:
+            raise ModelError(f"{what} {d}: {TLM_CONFIG_FILE} invalid ({exc})") from None
+    if (d / TLM_WEIGHTS_FILE).is_file():
+        shapes = _tensor_shapes(d / TLM_WEIGHTS_FILE, what)
+        first, last = shapes.get("0.weight"), shapes.get("2.weight")
+        fits = (
+            first is not None
+            and last is not None
+            and len(first) == 2
+            and len(last) == 2
+            and first[1] == 64
+            and last[1] == first[0]
+            and (hidden_size is None or last[0] == 2 * hidden_size)
+        )
+        if not fits:
+            raise ModelError(
+                f"{what} {d}: {TLM_WEIGHTS_FILE} is not the TLM of a model with hidden size {hidden_size} "
+                f"(tensors {sorted(shapes)[:4]}: expected film_mlp 0.weight (H, 64), 2.weight (2C, H))"
+            )
+    elif (d / TLM_LEGACY_FILE).is_file() and not zipfile.is_zipfile(d / TLM_LEGACY_FILE):
+        raise ModelError(f"{what} {d}: {TLM_LEGACY_FILE} is not a torch.save file (truncated or corrupt?)")
+
+
 def check_model_dir(model_dir: str | Path) -> Path:
     """Check that ``model_dir`` holds a loadable Qwen2.5-VL model; return it as a Path.
 
     Required: ``config.json`` (``model_type`` ``qwen2_5_vl``), safetensors weights (``model.safetensors``, or
-    ``model.safetensors.index.json`` and every shard it lists), a tokenizer (``tokenizer.json`` or
-    ``vocab.json``) and an image processor config (``preprocessor_config.json`` or ``processor_config.json``).
+    ``model.safetensors.index.json`` and every shard it lists) holding a vision tower and token embeddings,
+    a tokenizer (``tokenizer.json`` or ``vocab.json``) and an image processor config
+    (``preprocessor_config.json`` or ``processor_config.json``). Configuration files must parse, weights
+    headers must be complete, and TLM weights, when the directory has them, must fit the model. Headers
+    only: milliseconds, also for 7B.
 
-    :raises ModelError: one line naming the directory and every missing file.
+    :raises ModelError: one line naming the directory and the missing or unreadable file.
     """
     d = Path(model_dir)
     if not d.is_dir():
-        raise ModelError(f"model dir {d}: directory missing; pass a local Qwen2.5-VL model directory")
+        raise _not_a_dir(d, "model dir")
+    what = "model dir"
     missing: list[str] = []
-    config = d / "config.json"
-    if not config.is_file():
+    if not (d / "config.json").is_file():
         missing.append("config.json")
     index = d / "model.safetensors.index.json"
+    shards: list[str] = ["model.safetensors"]
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ModelError(f"model dir {d}: model.safetensors.index.json unreadable ({exc})") from exc
+        weight_map = _json_object(d, index.name, what).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelError(f"{what} {d}: {index.name} has no weight_map of tensor -> shard file names")
+        shards = sorted(set(weight_map.values()))
+        if any(Path(s).name != s for s in shards):
+            raise ModelError(f"{what} {d}: {index.name} names shards outside the directory")
         missing += [s for s in shards if not (d / s).is_file()]
     elif not (d / "model.safetensors").is_file():
         missing.append("model.safetensors (weights)")
@@ -169,69 +291,46 @@ def check_model_dir(model_dir: str | Path) -> Path:
         missing.append("preprocessor_config.json")
     if missing:
         raise ModelError(
-            f"model dir {d}: {', '.join(missing)} missing; pass a complete Qwen2.5-VL model directory"
+            f"{what} {d}: {', '.join(missing)} missing; pass a complete Qwen2.5-VL model directory"
         )
-    try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except ValueError as exc:
-        raise ModelError(f"model dir {d}: config.json is not valid JSON ({exc})") from exc
+    config = _json_object(d, "config.json", what)
+    model_type = config.get("model_type")
     if model_type != "qwen2_5_vl":
-        raise ModelError(f"model dir {d}: config.json has model_type {model_type!r}, expected 'qwen2_5_vl'")
-    _check_files(d, "model dir")
+        raise ModelError(f"{what} {d}: config.json has model_type {model_type!r}, expected 'qwen2_5_vl'")
+    _check_known_files(d, what)
+    names = [name for shard in shards for name in _tensor_shapes(d / shard, what)]
+    if not any("visual." in n for n in names) or not any("embed_tokens" in n for n in names):
+        raise ModelError(
+            f"{what} {d}: {', '.join(shards[:2])} holds no Qwen2.5-VL vision tower or token embeddings "
+            "(another model's file?); restore the weights"
+        )
+    _check_tlm(d, _hidden_size(config), what)
     return d
 
 
-def check_adapter_dir(adapter_dir: str | Path) -> Path:
+def check_adapter_dir(adapter_dir: str | Path, hidden_size: int | None = None) -> Path:
     """Check that ``adapter_dir`` holds a FUSAR-GPT checkpoint: TLM weights (``tlm.safetensors`` or the
-    official ``vec64_film.pt``) and, when ``adapter_config.json`` is there, the peft LoRA weights; every
-    JSON and safetensors file must be readable. Returns it as a Path.
+    official ``vec64_film.pt``) that fit ``hidden_size`` (when given) and, when ``adapter_config.json`` is
+    there, the peft LoRA weights; configuration files parse and safetensors headers are complete.
+    Returns it as a Path.
 
     :raises ModelError: one line naming the directory and the missing or unreadable file.
     """
     d = Path(adapter_dir)
+    what = "adapter dir"
     if not d.is_dir():
-        raise ModelError(f"adapter dir {d}: directory missing")
+        raise _not_a_dir(d, what)
     if (d / "adapter_config.json").is_file() and not any(
         (d / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")
     ):
-        raise ModelError(f"adapter dir {d}: adapter_model.safetensors missing (adapter_config.json present)")
+        raise ModelError(f"{what} {d}: adapter_model.safetensors missing (adapter_config.json present)")
     if not any((d / f).is_file() for f in (TLM_WEIGHTS_FILE, TLM_LEGACY_FILE)):
-        raise ModelError(f"adapter dir {d}: {TLM_WEIGHTS_FILE} (or {TLM_LEGACY_FILE}) missing")
-    _check_files(d, "adapter dir")
-    legacy = d / TLM_LEGACY_FILE
-    if legacy.is_file() and not (d / TLM_WEIGHTS_FILE).is_file() and not zipfile.is_zipfile(legacy):
-        raise ModelError(
-            f"adapter dir {d}: {TLM_LEGACY_FILE} is not a torch.save file (truncated or corrupt?)"
-        )
+        raise ModelError(f"{what} {d}: {TLM_WEIGHTS_FILE} (or {TLM_LEGACY_FILE}) missing")
+    _check_known_files(d, what)
+    if (d / "adapter_model.safetensors").is_file():
+        _tensor_shapes(d / "adapter_model.safetensors", what)
+    _check_tlm(d, hidden_size, what)
     return d
-
-
-def _check_files(d: Path, what: str) -> None:
-    """Every ``*.json`` parses and every ``*.safetensors`` has a readable header whose tensors fill the file
-    exactly (a truncated or overwritten download fails here, before any tiling, not on a worker later).
-    Costs milliseconds: headers only, no tensor data is read."""
-    from safetensors import safe_open
-
-    for path in sorted(d.iterdir()):
-        if not path.is_file() or path.name.startswith("."):
-            continue
-        if path.suffix == ".json":
-            try:
-                json.loads(path.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ModelError(
-                    f"{what} {d}: {path.name} is not valid JSON ({exc}); restore the file"
-                ) from None
-        elif path.suffix == ".safetensors":
-            try:
-                with safe_open(str(path), framework="pt") as fh:
-                    fh.keys()
-            except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ModelError(
-                    f"{what} {d}: {path.name} is not a readable safetensors file ({first}); "
-                    "re-download or re-save it"
-                ) from None
 
 
 def resolve_model_dirs(model: str | Path, base_model: str | Path | None = None) -> tuple[Path, Path | None]:
@@ -243,21 +342,38 @@ def resolve_model_dirs(model: str | Path, base_model: str | Path | None = None) 
     ``base_model``, else the ``base_model`` recorded in ``fusarbatch_train.json``, else the adapter's
     ``base_model_name_or_path`` when that is a local directory.
 
-    :raises ModelError: a directory is missing, incomplete or holds an unreadable file.
-    :raises UsageError: ``model`` is a checkpoint whose base model is unknown (pass ``base_model``).
+    :raises ModelError: a directory is missing, incomplete or holds an unreadable file; a full model has
+        no TLM.
+    :raises UsageError: ``model`` is a checkpoint whose base model is unknown (pass ``base_model``), or
+        ``base_model`` is given with a full model directory.
     """
     from fusarbatch.errors import UsageError
 
     d = Path(model)
     if not d.is_dir():
-        raise ModelError(f"--model {d}: directory missing; pass a model or checkpoint directory")
+        raise _not_a_dir(d, "--model")
     if (d / "config.json").is_file():
-        return check_model_dir(d), None
+        if base_model is not None:
+            raise UsageError(
+                f"--base-model {base_model}: only for a checkpoint --model; {d} is a full model directory "
+                "(it has config.json): drop --base-model"
+            )
+        check_model_dir(d)
+        if not any((d / f).is_file() for f in (TLM_WEIGHTS_FILE, TLM_LEGACY_FILE)):
+            raise ModelError(
+                f"--model {d}: no TLM weights ({TLM_WEIGHTS_FILE} or {TLM_LEGACY_FILE}): a plain "
+                "Qwen2.5-VL is not FUSAR-GPT; give the FUSAR-GPT checkpoint as --model and this directory "
+                "as --base-model"
+            )
+        return d, None
+    if (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file():
+        raise ModelError(f"--model {d}: config.json missing beside the model weights; restore it")
     if base_model is None:
-        for name, key in (
+        recorded_in = (
             ("fusarbatch_train.json", "base_model"),
             ("adapter_config.json", "base_model_name_or_path"),
-        ):
+        )
+        for name, key in recorded_in:
             try:
                 recorded = json.loads((d / name).read_text(encoding="utf-8")).get(key)
             except (OSError, ValueError, AttributeError):
@@ -275,7 +391,8 @@ def resolve_model_dirs(model: str | Path, base_model: str | Path | None = None) 
                 f"--model {d}: a FUSAR-GPT checkpoint whose base model is unknown or missing; "
                 "pass --base-model DIR (a local Qwen2.5-VL directory)"
             )
-    return check_model_dir(base_model), check_adapter_dir(d)
+    base = check_model_dir(base_model)
+    return base, check_adapter_dir(d, _hidden_size(_json_object(base, "config.json", "model dir")))
 
 
 def load_processor(source: str | Path) -> ImageOnlyQwen2_5_VLProcessor:
@@ -502,15 +619,25 @@ class FusarGPT(nn.Module):
         processor = load_processor(proc_dir)
         try:
             # device_map: weights go straight to the device (no full copy in host memory first)
-            base = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            base, loading = Qwen2_5_VLForConditionalGeneration.from_pretrained(
                 mdir,
                 dtype=dt,
                 local_files_only=True,
                 attn_implementation=attn_implementation,
                 device_map=str(dev),
+                output_loading_info=True,
             )
         except (OSError, ValueError) as exc:
             raise ModelError(f"model dir {mdir}: cannot load the model ({str(exc).splitlines()[0]})") from exc
+        # transformers fills weights missing from the files with random values and only logs it
+        missing = sorted(loading.get("missing_keys") or ())
+        mismatched = list(loading.get("mismatched_keys") or ())
+        if missing or mismatched:
+            bad = missing or [str(m[0]) if isinstance(m, tuple | list) else str(m) for m in mismatched]
+            raise ModelError(
+                f"model dir {mdir}: the weights do not match config.json ({len(missing)} tensor(s) missing, "
+                f"{len(mismatched)} of another shape, e.g. {bad[0]}); restore the model files"
+            )
         hidden = int(base.config.text_config.hidden_size)
 
         tlm_dir = next(

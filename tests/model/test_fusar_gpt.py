@@ -370,7 +370,8 @@ def test_missing_model_dir_and_missing_shard(generated_tiny_model_dir, tmp_path)
     [
         ("model.safetensors", "truncate", "model.safetensors is not a readable safetensors file"),
         ("model.safetensors", "garbage", "model.safetensors is not a readable safetensors file"),
-        ("tokenizer.json", "truncate", "tokenizer.json is not valid JSON"),
+        ("tokenizer.json", "truncate", "tokenizer.json is not a tokenizer"),
+        ("tokenizer_config.json", "garbage", "tokenizer_config.json is not valid JSON"),
         ("config.json", "garbage", "config.json is not valid JSON"),
     ],
 )
@@ -387,8 +388,83 @@ def test_corrupt_model_files_are_found_before_loading(
     assert named in str(info.value) and str(d) in str(info.value) and "\n" not in str(info.value)
 
 
+def _damage(d: Path, case: str) -> None:
+    """Hostile model directories (found by a bad-input review)."""
+    if case == "config-list":
+        (d / "config.json").write_text("[1, 2]")
+    elif case == "index-bad-map":
+        (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": 1}}')
+    elif case == "index-list":
+        (d / "model.safetensors.index.json").write_text('{"weight_map": ["x"]}')
+    elif case == "index-escapes":
+        (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../x.safetensors"}}')
+    elif case == "tokenizer-empty-object":
+        (d / "tokenizer.json").write_text("{}")
+    elif case == "another-models-weights":
+        shutil.copy(d / TLM_WEIGHTS_FILE, d / "model.safetensors")
+    elif case == "tlm-config-bad":
+        (d / TLM_CONFIG_FILE).write_text('{"sigma": "x"}')
+    elif case == "tlm-wrong-shape":
+        from safetensors.torch import save_file
+
+        save_file({"0.weight": torch.zeros(8, 64), "2.weight": torch.zeros(6, 8)}, str(d / TLM_WEIGHTS_FILE))
+    elif case == "huge-json":
+        with (d / "generation_config.json").open("wb") as fh:
+            fh.truncate(300 * 2**20)  # sparse: no disk used
+
+
+@pytest.mark.parametrize(
+    ("case", "named"),
+    [
+        ("config-list", "config.json is not a JSON object"),
+        ("index-bad-map", "has no weight_map of tensor -> shard file names"),
+        ("index-list", "has no weight_map of tensor -> shard file names"),
+        ("index-escapes", "names shards outside the directory"),
+        ("tokenizer-empty-object", "tokenizer.json is not a tokenizer"),
+        ("another-models-weights", "holds no Qwen2.5-VL vision tower or token embeddings"),
+        ("tlm-config-bad", "tlm_config.json invalid"),
+        ("tlm-wrong-shape", "tlm.safetensors is not the TLM of a model with hidden size 64"),
+        ("huge-json", "generation_config.json is larger than 256 MiB"),
+    ],
+)
+def test_hostile_model_dirs_fail_the_check_in_one_line(fusar, tmp_path, case, named) -> None:
+    d = fusar.save_full(tmp_path / "full")
+    _damage(d, case)
+    with pytest.raises(ModelError) as info:
+        resolve_model_dirs(d)
+    assert named in str(info.value) and "\n" not in str(info.value)
+
+
+def test_weights_that_do_not_match_the_config_fail_to_load(fusar, tmp_path) -> None:
+    """A header-valid file with a tensor missing would load with random values (transformers only logs
+    it): from_pretrained refuses it."""
+    from safetensors.torch import save_file
+
+    d = fusar.save_full(tmp_path / "full")
+    state = load_file(str(d / "model.safetensors"))
+    dropped = next(k for k in sorted(state) if "visual.blocks" in k)
+    save_file({k: v for k, v in state.items() if k != dropped}, str(d / "model.safetensors"))
+    assert resolve_model_dirs(d) == (d, None)  # the header check cannot know
+    with pytest.raises(ModelError, match=r"the weights do not match config.json \(1 tensor\(s\) missing"):
+        FusarGPT.from_pretrained(d, device="cpu")
+
+
+def test_model_dir_without_config_json_is_not_taken_for_a_checkpoint(fusar, tmp_path) -> None:
+    d = fusar.save_full(tmp_path / "full")
+    (d / "config.json").unlink()
+    with pytest.raises(ModelError, match=r"config.json missing beside the model weights"):
+        resolve_model_dirs(d)
+    with pytest.raises(ModelError, match="is a file, not a directory"):
+        resolve_model_dirs(d / "model.safetensors")
+
+
 def test_resolve_model_dirs_full_dir_checkpoint_and_base(fusar, generated_tiny_model_dir, tmp_path) -> None:
-    assert resolve_model_dirs(generated_tiny_model_dir) == (generated_tiny_model_dir, None)
+    with pytest.raises(ModelError, match=r"no TLM weights .* a plain Qwen2.5-VL is not FUSAR-GPT"):
+        resolve_model_dirs(generated_tiny_model_dir)  # a base without TLM is not a model to run
+    full = fusar.save_full(tmp_path / "full")
+    assert resolve_model_dirs(full) == (full, None)
+    with pytest.raises(UsageError, match=r"only for a checkpoint --model; .* drop --base-model"):
+        resolve_model_dirs(full, tmp_path / "anything")
     fusar.add_lora()
     ckpt = fusar.save(tmp_path / "ckpt")  # TLM + LoRA, no config.json: a checkpoint
     assert resolve_model_dirs(ckpt, generated_tiny_model_dir) == (generated_tiny_model_dir, ckpt)
