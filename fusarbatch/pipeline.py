@@ -447,7 +447,7 @@ def _stream(ctx: _Context, scenes: list[Scene], summary: RunSummary) -> None:
     from distributed import span
 
     with span(f"fusarbatch-run-{ctx.run_id}") as span_id:
-        warm = _warm_models(ctx)  # held until the first scene's answers are in
+        warm = _warm_models(ctx)  # checked, then dropped, once done (_model_loaded)
         pending: _Pending | None = None
         for i, scene in enumerate(scenes, 1):
             nxt = _tile_and_submit(ctx, scene)
@@ -464,21 +464,21 @@ def _stream(ctx: _Context, scenes: list[Scene], summary: RunSummary) -> None:
 
 
 def _model_loaded(warm: list[Any]) -> None:
-    """After the first scene: a model that could not be loaded (a :class:`ModelError` from the warm-up
-    task, e.g. weights that do not match config.json) ends the run with that one line (exit 2) instead of
-    failing every scene the same way."""
-    try:
-        for future in warm:
-            if future.status == "error" and isinstance(exc := future.exception(), FusarbatchError):
-                raise exc
-    finally:
-        warm.clear()
+    """After each scene, while warm-up tasks are left: a model that could not be loaded (a
+    :class:`ModelError` from the warm-up task, e.g. weights that do not match config.json) ends the run
+    with that one line (exit 2) instead of failing every scene the same way. Finished warm-ups are
+    dropped from ``warm``."""
+    for future in [f for f in warm if f.done()]:
+        warm.remove(future)
+        if future.status == "error" and isinstance(exc := future.exception(), FusarbatchError):
+            warm.clear()
+            raise exc
 
 
 def _warm_models(ctx: _Context) -> list[Any]:
     """Start loading the model on every worker that declares the GPU resource (one task each, pinned to
-    it), while the main thread tiles the first scene. A load that fails here fails again, with its
-    message, in the scene's first model task, where it is recorded."""
+    it), while the main thread tiles the first scene. A load that fails here also fails the scene's model
+    tasks; :func:`_model_loaded` then ends the run with its message."""
     workers = ctx.client.scheduler_info(n_workers=-1)["workers"]
     gpu_workers = [
         a for a, info in workers.items() if all(info.get("resources", {}).get(r) for r in GPU_RESOURCE)

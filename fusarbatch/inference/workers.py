@@ -1,10 +1,12 @@
 """Model inference on Dask workers (DESIGN 3.5).
 
-Each worker loads the model once (:func:`get_model`, cached per process and model) and answers batches of
-tiles read straight from the tile store, so only small task arguments and answers travel through the
-scheduler. Model tasks ask for the resource ``GPU=1``: a worker that declares ``GPU=1`` runs one at a time
-(CPU-only workers declare it too, so the same graph runs everywhere). Generation is greedy and batched with
-left padding; the vision tower runs once per batch.
+Each worker loads the model once (:func:`get_model`, cached per process and model; :func:`warm_model`
+loads it at the start of a run) and answers batches of tiles read straight from the tile store, so only
+small task arguments and answers travel through the scheduler. A batch is two tasks: :func:`prepare_tiles`
+(read + render, CPU, no resource) runs on a free thread while the model answers the batch before, and
+:func:`infer_prepared` asks for the resource ``GPU=1``: a worker that declares ``GPU=1`` runs one at a
+time (CPU-only workers declare it too, so the same graph runs everywhere). Generation is greedy and
+batched with left padding; the vision tower runs once per batch.
 """
 
 from __future__ import annotations
