@@ -470,20 +470,20 @@ def main() -> None:
     except ImportError:  # pragma: no cover
         import click.exceptions as click_exceptions  # type: ignore[no-redef]
 
+    if sys.argv[1:2] == ["run"] and not err_console.is_terminal:
+        from fusarbatch.report import json_errors_from_start
+
+        json_errors_from_start()
     try:
         code = app(standalone_mode=False)
     except click_exceptions.NoArgsIsHelpError as exc:  # `fusarbatch`, `fusarbatch config`: their help
         console.print(exc.ctx.get_help() if exc.ctx else str(exc), highlight=False, markup=False)
         sys.exit(0)
     except click_exceptions.UsageError as exc:  # one line, as every other error (not click's framed box)
+        from fusarbatch.report import print_error
+
         command = exc.ctx.command_path if exc.ctx is not None else "fusarbatch"
-        err_console.print(
-            f"error: {exc.format_message()} (see `{command} --help`)",
-            style="bold red",
-            highlight=False,
-            soft_wrap=True,
-            markup=False,
-        )
+        print_error(err_console, UsageError(f"{exc.format_message()} (see `{command} --help`)"), 2)
         sys.exit(2)
     except typer.Abort:
         err_console.print("interrupted")

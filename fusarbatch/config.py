@@ -148,6 +148,20 @@ class RunConfig(BaseModel):
         return v.strip()
 
     @model_validator(mode="after")
+    def _distinct_labels(self) -> RunConfig:
+        from fusarbatch.outputs.geoparquet import count_column
+
+        for field_name, names in (("labels", self.labels), ("classes", self.classes)):
+            seen: dict[str, str] = {}
+            for name in names:
+                key = count_column(name) if field_name == "labels" else name.casefold()
+                if key in seen:
+                    what = f"the same column {key}" if field_name == "labels" else "the same class"
+                    raise ValueError(f"{field_name}: {seen[key]!r} and {name!r} give {what}; keep one")
+                seen[key] = name
+        return self
+
+    @model_validator(mode="after")
     def _tiling(self) -> RunConfig:
         from fusarbatch.tiling.grid import validate_tiling
 
@@ -216,8 +230,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
         name = key.replace("-", "_")
         if isinstance(value, dict):
             raise UsageError(f"--config {path}: {key}: a table is not a setting; write `key = value` lines")
-        if isinstance(value, dt.date | dt.time):  # TOML reads an unquoted 2015-01-01 as a date
+        if isinstance(value, dt.date):  # TOML reads an unquoted 2015-01-01 as a date (or a datetime)
             raise UsageError(f'--config {path}: {key}: quote the date: {key} = "{value.isoformat()}"')
+        if isinstance(value, dt.time):
+            raise UsageError(f"--config {path}: {key}: a time of day is no value here; see `config show`")
         if name in _PATH_FIELDS and isinstance(value, str) and value and not Path(value).is_absolute():
             value = str((path.parent / value).resolve())
         data[name] = value

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import logging
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,7 +148,8 @@ def print_run_summary(console: Console, summary: RunSummary) -> None:
         f"wall time {summary.seconds:.1f} s, generate {summary.generate_seconds:.1f} s "
         f"({summary.prompts} prompts; {100 * outside:.0f}% of the time outside generate)",
         f"outputs: {summary.out}/detections, {summary.out}/tiles, {summary.out}/counts (GeoParquet), "
-        f"{summary.out}/quicklooks (PNG), {summary.out}/tiles.zarr, {summary.out}/scenes.parquet; "
+        + (f"{summary.out}/quicklooks (PNG), " if (Path(summary.out) / "quicklooks").is_dir() else "")
+        + f"{summary.out}/tiles.zarr, {summary.out}/scenes.parquet; "
         f"ledger {summary.out}/ledger.sqlite (fusarbatch status --out {summary.out})",
     ]
     for line in lines:
@@ -315,7 +317,7 @@ def setup_run_logging(*, json_lines: bool, log_file: Path | None = None) -> None
     if log_file is not None:
         try:
             Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-            file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+            file_handler = _LogFileHandler(log_file, mode="a", encoding="utf-8")
         except OSError as exc:
             raise UsageError(f"--log-file {log_file}: cannot open it ({exc.strerror})") from None
         file_handler.setFormatter(JsonLinesFormatter())
@@ -328,6 +330,29 @@ def setup_run_logging(*, json_lines: bool, log_file: Path | None = None) -> None
         warnings_logger.propagate = False
         for handler in handlers:
             warnings_logger.addHandler(handler)
+
+
+class _LogFileHandler(logging.FileHandler):
+    """``--log-file``: when a write fails (disk full, file removed, ``/dev/full``), one warning on the
+    run's other handlers, then the file gets nothing more; the run goes on (logging's default is a
+    traceback on stderr for every record)."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        err = sys.exc_info()[1]
+        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        logging.getLogger("fusarbatch").removeHandler(self)
+        if self in _json_handlers:
+            _json_handlers.remove(self)
+        logging.getLogger("fusarbatch").warning(
+            "--log-file %s: cannot write (%s); logging there stops, the run goes on",
+            self.baseFilename,
+            reason,
+        )
 
 
 class _Forward(logging.Handler):
@@ -344,12 +369,23 @@ class _Forward(logging.Handler):
                 handler.handle(record)
 
 
+class _NoComputeFailed(logging.Filter):
+    """Drops distributed's "Compute Failed" records (a task's traceback, with our file paths): the run
+    records and prints each failure itself, once, as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Compute Failed")
+
+
 def route_library_logs(names: Sequence[str] = ("distributed", "tornado", "transformers")) -> None:
     """After the libraries are imported (they install their own stderr handlers, with multi-line
     tracebacks): send their warnings and errors through the run's JSON handlers instead, one line each.
     Every other logger (``asyncio``'s "Future exception was never retrieved" at Dask shutdown, GDAL
     warnings ...) reaches them through the root logger, so stderr carries nothing but JSON lines.
     Nothing changes on a terminal without ``--log-file``."""
+    worker_log = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _NoComputeFailed) for f in worker_log.filters):
+        worker_log.addFilter(_NoComputeFailed())
     if not _json_handlers:
         return
     forward = _Forward(_json_handlers, logging.WARNING)
@@ -377,6 +413,16 @@ def route_library_logs(names: Sequence[str] = ("distributed", "tornado", "transf
 def set_log_context(**fields: Any) -> None:
     """Fields added to every JSON log line (e.g. ``run_id``)."""
     _context.update({k: v for k, v in fields.items() if v is not None})
+
+
+def json_errors_from_start() -> None:
+    """``run`` off a terminal (cron): errors found before its logging is set up (options, --config) are
+    JSON lines too, like everything else it writes to stderr."""
+    global _json_errors
+    streams = [h for h in logging.getLogger("fusarbatch").handlers if type(h) is logging.StreamHandler]
+    for handler in streams:
+        handler.setFormatter(JsonLinesFormatter())
+    _json_errors = bool(streams)
 
 
 def print_error(console: Console, exc: BaseException, exit_code: int) -> None:

@@ -1,5 +1,7 @@
 """Bad input found by adversarial testing: one line, exit 2, no traceback, nothing written."""
 
+import json
+
 import pytest
 
 from tests.conftest import REPO, run_cli
@@ -8,12 +10,18 @@ CAMARGUE = str(REPO / "catalogs/demo/aois/camargue.geojson")
 
 
 def assert_usage_error(proc, *needles):
+    """Exit 2, one stderr line (a JSON log line for `run`, whose stderr is not a terminal here)."""
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
+    line = lines[0]
+    if proc.args[1] == "run":
+        record = json.loads(line)
+        assert record["event"] == "error" and record["exit_code"] == 2
+        line = record["message"]
     for needle in needles:
-        assert needle in lines[0], lines[0]
+        assert needle in line, line
 
 
 def test_markup_like_paths_are_printed_verbatim(tmp_path):
@@ -94,6 +102,8 @@ def test_command_line_syntax_errors_are_one_line(args, needle):
         (("--overlap", "600"), "--overlap 600 must be smaller than --tile-size 504"),
         (("--device", "tpu"), "device: 'tpu': expected cpu, cuda, cuda:N or mps"),
         (("--label", "ship\x1b[31m[bold]x"), "labels: 'ship\\x1b[31m[bold]x': letters, digits"),
+        (("--label", "a/b", "--label", "a_b"), "labels: 'a/b' and 'a_b' give the same column count_a_b"),
+        (("--label", "Ship", "--label", "ship"), "give the same column count_ship; keep one"),
     ],
 )
 def test_run_options_are_checked_before_anything_is_written(tmp_path, flags, needle):

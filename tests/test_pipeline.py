@@ -443,6 +443,33 @@ def test_gpu_asked_but_absent_falls_back_to_cpu_and_unreachable_aef_index_warns_
     assert (tiles.aef_coverage == 0).all()
 
 
+def test_an_aef_cog_missing_from_the_mirror_warns_once_and_the_run_goes_on(tmp_path, generated_demo_model):
+    index = tmp_path / "generated_aef_index.csv"  # over the whole world: every scene looks for the COG
+    index.write_text(
+        "path,year,crs,geometry\n"
+        f"{tmp_path / 'gone' / 'aef_2017.tif'},2017,EPSG:32631,"
+        '"POLYGON((-180 -80, 180 -80, 180 80, -180 80, -180 -80))"\n'
+    )
+    args = [
+        "run",
+        "--aoi",
+        str(AOIS / "demo_all.geojson"),
+        "--start",
+        "2015-01",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    proc = run_cli(*args, "--aef-index", str(index), "--max-new-tokens", "4", "--device", "cpu", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [
+        json.loads(line) for line in proc.stderr.splitlines() if "AlphaEarth anchors disabled" in line
+    ]
+    assert len(warnings) == 1 and "aef_2017.tif" in warnings[0]["message"]
+    assert "missing_cog" not in proc.stderr  # no Python API parameter in a CLI message
+    tiles = read_dataset(tmp_path / "o", "tiles")
+    assert len(tiles) == 4 and (tiles.aef_coverage == 0).all() and (tiles.status == "ok").all()
+
+
 def test_out_not_writable_is_a_usage_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +115,18 @@ def test_plain_log_lines_escape_control_characters_but_keep_tracebacks():
     lines = stream.getvalue().splitlines()
     assert lines[0] == "ERROR: scene a\\x1b]0;pwned\\x07b failed"
     assert lines[1] == "Traceback (most recent call last):" and lines[-1] == "ValueError: boom"
+
+
+def test_a_log_file_that_cannot_be_written_warns_once_and_the_run_goes_on(stderr_lines, tmp_path):
+    """--log-file on a full disk: one warning (JSON) instead of a traceback per record."""
+    report.setup_run_logging(json_lines=True, log_file=Path("/dev/full"))
+    log = logging.getLogger("fusarbatch.pipeline")
+    for n in range(3):
+        log.info("scene %d done", n, extra={"event": "scene_done"})
+    rows = parse(stderr_lines)
+    assert [r["message"] for r in rows if "--log-file" in r["message"]] == [
+        "--log-file /dev/full: cannot write (No space left on device); logging there stops, the run goes on"
+    ]
+    assert [r["message"] for r in rows if r.get("event") == "scene_done"] == [
+        f"scene {n} done" for n in range(3)
+    ]

@@ -97,6 +97,9 @@ def resolve_device(device: str | None, *, require_gpu: bool = False) -> str:
     if device.startswith("cuda") and not has_cuda:
         log.warning("device %s asked for but no CUDA device is visible: running on CPU", device)
         return "cpu"
+    if device == "mps" and not torch.backends.mps.is_available():
+        log.warning("device mps asked for but this machine has no MPS (Apple GPU): running on CPU")
+        return "cpu"
     return device
 
 
@@ -110,6 +113,8 @@ def get_model(spec: ModelSpec) -> Any:
             from fusarbatch.model.fusar_gpt import FusarGPT
 
             hf_logging.disable_progress_bar()
+            # its load report prints tensor names (untrusted) raw; FusarGPT.from_pretrained reports instead
+            hf_logging.set_verbosity_error()
             model = FusarGPT.from_pretrained(spec.model_dir, adapter_dir=spec.adapter_dir, device=spec.device)
             _models[spec] = model
         return model

@@ -209,10 +209,15 @@ def _check_known_files(d: Path, what: str) -> None:
         if (d / "tokenizer.json").stat().st_size > _MAX_JSON_BYTES:
             raise ModelError(f"{what} {d}: tokenizer.json is larger than {_MAX_JSON_BYTES >> 20} MiB")
         try:
-            Tokenizer.from_file(str(d / "tokenizer.json"))
+            tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
         except Exception as exc:  # tokenizers raises a plain Exception subclass
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{what} {d}: tokenizer.json is not a tokenizer ({first}); restore it") from None
+        if tokenizer.token_to_id("<|image_pad|>") is None:
+            raise ModelError(
+                f"{what} {d}: tokenizer.json has no <|image_pad|> token: not a Qwen2.5-VL tokenizer; "
+                "restore it"
+            )
 
 
 def _hidden_size(config: dict[str, Any]) -> int | None:
@@ -223,35 +228,54 @@ def _hidden_size(config: dict[str, Any]) -> int | None:
 
 
 def _check_tlm(d: Path, hidden_size: int | None, what: str) -> None:
-    """``tlm_config.json`` (when there) is a valid TLM configuration, and ``tlm.safetensors`` holds the
-    ``film_mlp`` of a model with hidden size ``C`` (``0.weight (H, 64)``, ``2.weight (2C, H)``; PAPER /
-    DESIGN 3.4); ``vec64_film.pt`` is at least a torch.save archive (read with weights_only at load)."""
+    """``tlm_config.json`` (when there) is a valid TLM configuration, and ``tlm.safetensors`` holds exactly
+    the ``film_mlp`` of a model with hidden size ``C``: ``0.weight (H, 64)``, ``0.bias (H,)``,
+    ``2.weight (2C, H)``, ``2.bias (2C,)`` with ``H = max(128, hidden_mult * C)`` (DESIGN 3.4), all finite
+    (the TLM is small: its values are read); ``vec64_film.pt`` is at least a torch.save archive (read with
+    ``weights_only`` at load)."""
     from fusarbatch.model.tlm import TLMConfig
 
+    config = TLMConfig()
     if (d / TLM_CONFIG_FILE).is_file():
         try:
-            TLMConfig.from_json_dict(_json_object(d, TLM_CONFIG_FILE, what))
+            config = TLMConfig.from_json_dict(_json_object(d, TLM_CONFIG_FILE, what))
         except (ValueError, TypeError) as exc:
             raise ModelError(f"{what} {d}: {TLM_CONFIG_FILE} invalid ({exc})") from None
     if (d / TLM_WEIGHTS_FILE).is_file():
         shapes = _tensor_shapes(d / TLM_WEIGHTS_FILE, what)
-        first, last = shapes.get("0.weight"), shapes.get("2.weight")
-        fits = (
-            first is not None
-            and last is not None
-            and len(first) == 2
-            and len(last) == 2
-            and first[1] == 64
-            and last[1] == first[0]
-            and (hidden_size is None or last[0] == 2 * hidden_size)
-        )
-        if not fits:
+        h = shapes.get("0.weight", [0])[0]
+        expected = {"0.weight": [h, 64], "0.bias": [h], "2.weight": [2 * (hidden_size or 0), h]}
+        expected["2.bias"] = [expected["2.weight"][0]]
+        if hidden_size is None:  # C unknown: only self-consistency
+            c2 = shapes.get("2.weight", [0])[0]
+            expected["2.weight"][0] = expected["2.bias"][0] = c2
+        elif h != max(128, config.hidden_mult * hidden_size):
+            expected["0.weight"][0] = expected["0.bias"][0] = max(128, config.hidden_mult * hidden_size)
+        if shapes != expected:
             raise ModelError(
                 f"{what} {d}: {TLM_WEIGHTS_FILE} is not the TLM of a model with hidden size {hidden_size} "
-                f"(tensors {sorted(shapes)[:4]}: expected film_mlp 0.weight (H, 64), 2.weight (2C, H))"
+                f"and hidden_mult {config.hidden_mult}: tensors {shapes}, expected {expected}"
             )
+        from safetensors.torch import load_file
+
+        if not all(bool(t.isfinite().all()) for t in load_file(str(d / TLM_WEIGHTS_FILE)).values()):
+            raise ModelError(f"{what} {d}: {TLM_WEIGHTS_FILE} holds NaN or infinite values; restore it")
     elif (d / TLM_LEGACY_FILE).is_file() and not zipfile.is_zipfile(d / TLM_LEGACY_FILE):
         raise ModelError(f"{what} {d}: {TLM_LEGACY_FILE} is not a torch.save file (truncated or corrupt?)")
+
+
+def _check_config(d: Path, what: str) -> None:
+    """``config.json`` builds a ``Qwen2_5_VLConfig`` (types and layer settings; no weights are read)."""
+    from transformers import Qwen2_5_VLConfig
+
+    try:
+        Qwen2_5_VLConfig.from_pretrained(d, local_files_only=True)
+    except Exception as exc:  # pydantic/strict-dataclass or value errors, whatever transformers raises
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = " ".join(lines[:3])[:300] or type(exc).__name__
+        raise ModelError(
+            f"{what} {d}: config.json is not a valid Qwen2.5-VL configuration ({detail})"
+        ) from None
 
 
 def check_model_dir(model_dir: str | Path) -> Path:
@@ -280,8 +304,8 @@ def check_model_dir(model_dir: str | Path) -> Path:
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ModelError(f"{what} {d}: {index.name} has no weight_map of tensor -> shard file names")
         shards = sorted(set(weight_map.values()))
-        if any(Path(s).name != s for s in shards):
-            raise ModelError(f"{what} {d}: {index.name} names shards outside the directory")
+        if any(not s or s in (".", "..") or Path(s).name != s for s in shards):
+            raise ModelError(f"{what} {d}: {index.name} names shards outside the directory (or no name)")
         missing += [s for s in shards if not (d / s).is_file()]
     elif not (d / "model.safetensors").is_file():
         missing.append("model.safetensors (weights)")
@@ -298,7 +322,15 @@ def check_model_dir(model_dir: str | Path) -> Path:
     if model_type != "qwen2_5_vl":
         raise ModelError(f"{what} {d}: config.json has model_type {model_type!r}, expected 'qwen2_5_vl'")
     _check_known_files(d, what)
-    names = [name for shard in shards for name in _tensor_shapes(d / shard, what)]
+    _check_config(d, what)
+    headers = {shard: _tensor_shapes(d / shard, what) for shard in shards}
+    if index.is_file():
+        for tensor, shard in _json_object(d, index.name, what)["weight_map"].items():
+            if tensor not in headers[shard]:
+                raise ModelError(
+                    f"{what} {d}: {shard} lacks {tensor}, which {index.name} places there; restore the shard"
+                )
+    names = [name for header in headers.values() for name in header]
     if not any("visual." in n for n in names) or not any("embed_tokens" in n for n in names):
         raise ModelError(
             f"{what} {d}: {', '.join(shards[:2])} holds no Qwen2.5-VL vision tower or token embeddings "
@@ -627,8 +659,23 @@ class FusarGPT(nn.Module):
                 device_map=str(dev),
                 output_loading_info=True,
             )
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"model dir {mdir}: cannot load the model ({str(exc).splitlines()[0]})") from exc
+        except Exception as exc:  # OSError, ValueError, RuntimeError (shape mismatches), validation errors
+            text = str(exc).strip()
+            if "mismatched" in text or "size mismatch" in text:
+                detail = "tensors of another shape than config.json says"
+            else:
+                detail = text.splitlines()[0][:300] if text else type(exc).__name__
+            raise ModelError(
+                f"model dir {mdir}: cannot load the model ({detail}); restore the model files"
+            ) from exc
+        unused = sorted(loading.get("unexpected_keys") or ())
+        if unused:
+            log.warning(
+                "model dir %s: %d tensor(s) in the weights are not used by the model, e.g. %r",
+                mdir,
+                len(unused),
+                unused[0][:100],
+            )
         # transformers fills weights missing from the files with random values and only logs it
         missing = sorted(loading.get("missing_keys") or ())
         mismatched = list(loading.get("mismatched_keys") or ())

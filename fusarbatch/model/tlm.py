@@ -30,6 +30,7 @@ Differences from the official code (same numbers where both are defined):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -88,14 +89,27 @@ class TLMConfig:
         """Read ``tlm_config.json`` content. Raises ValueError on an unknown format or a bad value."""
         if data.get("format") != TLM_FORMAT:
             raise ValueError(f"unsupported TLM format {data.get('format')!r} (expected {TLM_FORMAT!r})")
-        cfg = cls(
-            sigma=float(data.get("sigma", 2.0)),
-            hidden_mult=int(data.get("hidden_mult", 4)),
-            image_size=int(data.get("image_size", 504)),
-            vec_dim=int(data.get("vec_dim", VEC_DIM)),
+        try:
+            cfg = cls(
+                sigma=float(data.get("sigma", 2.0)),
+                hidden_mult=int(data.get("hidden_mult", 4)),
+                image_size=int(data.get("image_size", 504)),
+                vec_dim=int(data.get("vec_dim", VEC_DIM)),
+            )
+        except OverflowError as exc:  # int(inf)
+            raise ValueError(f"invalid TLM config {data}: {exc}") from None
+        sane = (
+            math.isfinite(cfg.sigma)
+            and 0 < cfg.sigma <= 1e4
+            and 1 <= cfg.hidden_mult <= 64
+            and 28 <= cfg.image_size <= 8192
+            and cfg.vec_dim == VEC_DIM
         )
-        if cfg.sigma <= 0 or cfg.hidden_mult <= 0 or cfg.image_size <= 0 or cfg.vec_dim != VEC_DIM:
-            raise ValueError(f"invalid TLM config {data}: sigma/hidden_mult/image_size > 0, vec_dim 64")
+        if not sane:
+            raise ValueError(
+                f"invalid TLM config {data}: sigma finite in (0, 1e4], hidden_mult 1..64, image_size "
+                "28..8192, vec_dim 64"
+            )
         return cfg
 
 

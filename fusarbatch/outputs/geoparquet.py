@@ -26,7 +26,7 @@ import geopandas as gpd
 import pandas as pd
 
 KINDS = ("detections", "tiles", "counts")
-_LABEL_SAFE = re.compile(r"[^a-z0-9_]")
+_LABEL_SAFE = re.compile(r"[^\w]")  # letters of any script, digits, _
 
 DETECTION_COLUMNS = {
     "detection_id": "string",
@@ -65,7 +65,8 @@ COUNT_COLUMNS = {
 
 
 def count_column(label: str) -> str:
-    """Column name of a label's count in the tiles table: ``count_<label>`` lower-cased, ``[a-z0-9_]``."""
+    """Column name of a label's count in the tiles table: ``count_<label>`` lower-cased, other characters
+    than letters, digits and ``_`` replaced by ``_`` (``oil tank`` -> ``count_oil_tank``)."""
     return "count_" + _LABEL_SAFE.sub("_", label.lower())
 
 

@@ -44,6 +44,8 @@ def test_resolve_device_on_a_cpu_machine():
         pytest.skip("this machine has a GPU")
     assert resolve_device(None) == "cpu"
     assert resolve_device("cuda") == "cpu"
+    if not torch.backends.mps.is_available():
+        assert resolve_device("mps") == "cpu"  # Apple GPU asked for on another machine: CPU, with a warning
     with pytest.raises(FusarbatchError, match="--require-gpu"):
         resolve_device(None, require_gpu=True)
 

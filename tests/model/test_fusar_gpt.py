@@ -408,6 +408,39 @@ def _damage(d: Path, case: str) -> None:
         from safetensors.torch import save_file
 
         save_file({"0.weight": torch.zeros(8, 64), "2.weight": torch.zeros(6, 8)}, str(d / TLM_WEIGHTS_FILE))
+    elif case == "tlm-extra-key":
+        from safetensors.torch import save_file
+
+        state = load_file(str(d / TLM_WEIGHTS_FILE))
+        save_file({**state, "extra.weight": torch.zeros(3)}, str(d / TLM_WEIGHTS_FILE))
+    elif case == "tlm-nan":
+        from safetensors.torch import save_file
+
+        state = load_file(str(d / TLM_WEIGHTS_FILE))
+        state["0.bias"][0] = float("nan")
+        save_file(state, str(d / TLM_WEIGHTS_FILE))
+    elif case == "tlm-config-inf":
+        cfg = json.loads((d / TLM_CONFIG_FILE).read_text())
+        (d / TLM_CONFIG_FILE).write_text(json.dumps({**cfg, "image_size": float("inf")}))
+    elif case == "tokenizer-no-image-token":
+        from tokenizers import Tokenizer, models
+
+        Tokenizer(models.BPE()).save(str(d / "tokenizer.json"))
+    elif case == "config-wrong-type":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["text_config"]["hidden_size"] = str(cfg["text_config"]["hidden_size"])
+        (d / "config.json").write_text(json.dumps(cfg))
+    elif case == "shard-lacks-tensor":
+        from safetensors.torch import save_file
+
+        state = load_file(str(d / "model.safetensors"))
+        names = sorted(state)
+        half = len(names) // 2
+        save_file({k: state[k] for k in names[:half]}, str(d / "model-00001-of-00002.safetensors"))
+        save_file({"x": torch.zeros(1)}, str(d / "model-00002-of-00002.safetensors"))  # the wrong file
+        shard = {k: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, k in enumerate(names)}
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shard}))
+        (d / "model.safetensors").unlink()
     elif case == "huge-json":
         with (d / "generation_config.json").open("wb") as fh:
             fh.truncate(300 * 2**20)  # sparse: no disk used
@@ -425,6 +458,12 @@ def _damage(d: Path, case: str) -> None:
         ("tlm-config-bad", "tlm_config.json invalid"),
         ("tlm-wrong-shape", "tlm.safetensors is not the TLM of a model with hidden size 64"),
         ("huge-json", "generation_config.json is larger than 256 MiB"),
+        ("tlm-extra-key", "tlm.safetensors is not the TLM of a model with hidden size 64 and hidden_mult 4"),
+        ("tlm-nan", "tlm.safetensors holds NaN or infinite values"),
+        ("tlm-config-inf", "tlm_config.json invalid"),
+        ("tokenizer-no-image-token", "tokenizer.json has no <|image_pad|> token"),
+        ("config-wrong-type", "config.json is not a valid Qwen2.5-VL configuration"),
+        ("shard-lacks-tensor", "model-00002-of-00002.safetensors lacks"),
     ],
 )
 def test_hostile_model_dirs_fail_the_check_in_one_line(fusar, tmp_path, case, named) -> None:
