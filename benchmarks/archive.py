@@ -480,7 +480,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, load: str) -
         "entries each). (2) The worker still grows about 11 MB per 100 scenes, before and after that "
         "change. What was found: its `transfer_outgoing_log` fills to its 1,000-entry cap (~600 entries "
         "after 300 scenes), and some 300 small dicts per scene that no fusarbatch object holds (the same "
-        "`infer_tiles` calls in a plain process grow 0.9 MB over 300 calls, so it is not the model). "
+        "model-task calls, read + render + generate, in a plain process grow 0.9 MB over 300 calls, so "
+        "it is not the model). "
         "Local runs start fresh workers each run; on a long-lived cluster, `dask worker --lifetime 6h "
         "--lifetime-restart` bounds it.",
     ]

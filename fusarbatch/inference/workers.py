@@ -180,13 +180,6 @@ def prepare_tiles(
     return PreparedTiles(group, [int(t) for t in tile_ids], images, anchors)
 
 
-def infer_tiles(
-    model_spec: ModelSpec, task: TaskSpec, store: str, group: str, tile_ids: Sequence[int]
-) -> BatchResult:
-    """:func:`prepare_tiles` then :func:`infer_prepared`, in one call."""
-    return infer_prepared(model_spec, task, prepare_tiles(store, group, tile_ids, task.render_mode))
-
-
 def infer_prepared(model_spec: ModelSpec, task: TaskSpec, prepared: PreparedTiles) -> BatchResult:
     """Run every task on one prepared batch of tiles; never raises on model output.
 
