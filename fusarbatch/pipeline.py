@@ -72,6 +72,7 @@ from fusarbatch.outputs.geoparquet import KINDS, count_column, write_table
 from fusarbatch.outputs.ledger import Ledger, RunLock, model_hash, new_run_id, prepare_out, utc_now
 from fusarbatch.outputs.quicklook import write_quicklook
 from fusarbatch.tiling import tile_scene
+from fusarbatch.tiling.store import left_by_gone_process
 
 log = logging.getLogger(__name__)
 
@@ -828,7 +829,7 @@ def sweep_leftovers(out: Path) -> list[str]:
         match = pattern.match(path.name)
         if match is None and not path.name.endswith(".tmp"):
             continue
-        if match is not None and _alive(int(match["pid"])):
+        if match is not None and not left_by_gone_process(int(match["pid"])):
             continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -836,18 +837,6 @@ def sweep_leftovers(out: Path) -> list[str]:
             path.unlink(missing_ok=True)
         removed.append(str(path.relative_to(out)))
     return sorted(removed)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # ours: from an earlier run() in this process, which has finished
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ------------------------------------------------------------------------------------------ test hook

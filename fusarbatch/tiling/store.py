@@ -438,7 +438,7 @@ def _remove_stale(store: Path, name: str) -> None:
         prefix = f".{name}.{kind}-"
         for path in store.glob(f"{_glob_escape(prefix)}*"):
             pid = path.name[len(prefix) :]
-            if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            if pid.isdigit() and left_by_gone_process(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
 
 
@@ -446,14 +446,19 @@ def _glob_escape(text: str) -> str:
     return "".join(f"[{ch}]" if ch in "*?[" else ch for ch in text)
 
 
-def _alive(pid: int) -> bool:
+def left_by_gone_process(pid: int) -> bool:
+    """Whether a leftover named after process ``pid`` (``.<name>.partial-<pid>``, ``.<file>.tmp-<pid>``)
+    can be removed: that process no longer exists, or it is this one (an earlier attempt or run in this
+    process, which has finished with it)."""
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return True
+    except PermissionError:  # exists, owned by another user
+        return False
+    return False
 
 
 def _error_line(exc: BaseException, scene: Scene) -> str:
