@@ -259,6 +259,20 @@ def _walk_static(spec: CatalogSpec) -> list[dict[str, Any]]:
     return items
 
 
+def _linked(catalog: Any, rel: str, visited: set[str]) -> Iterator[tuple[str, Any]]:
+    """``(href, object)`` for each ``rel`` link of ``catalog`` not visited yet; the object is the resolved
+    STAC object, or the exception that resolving it raised (untrusted catalog: pystac raises many types)."""
+    for link in catalog.get_links(rel):
+        href = link.get_absolute_href() or str(link.href)
+        if href in visited:
+            continue
+        visited.add(href)
+        try:
+            yield href, link.resolve_stac_object(root=catalog.get_root()).target
+        except Exception as exc:
+            yield href, exc
+
+
 def _children(catalog: Any, visited: set[str] | None = None) -> list[Any]:
     """Every Catalog/Collection below ``catalog`` (recursively); an unreadable child is skipped with a
     warning, and a link cycle is followed once."""
@@ -266,17 +280,10 @@ def _children(catalog: Any, visited: set[str] | None = None) -> list[Any]:
 
     visited = set() if visited is None else visited
     out = []
-    for link in catalog.get_links("child"):
-        href = link.get_absolute_href() or str(link.href)
-        if href in visited:
-            continue
-        visited.add(href)
-        try:
-            child = link.resolve_stac_object(root=catalog.get_root()).target
-        except Exception as exc:  # untrusted catalog: pystac raises many types
-            log.warning("skipped: child %s of catalog %r (%s)", href, catalog.id, _one_line(exc))
-            continue
-        if isinstance(child, pystac.Catalog):
+    for href, child in _linked(catalog, "child", visited):
+        if isinstance(child, Exception):
+            log.warning("skipped: child %s of catalog %r (%s)", href, catalog.id, _one_line(child))
+        elif isinstance(child, pystac.Catalog):
             out.append(child)
             out.extend(_children(child, visited))
     return out
@@ -289,13 +296,10 @@ def _linked_items(catalog: Any, visited: set[str]) -> list[dict[str, Any]]:
 
     items = []
     for source in [catalog, *_children(catalog, set())]:
-        for link in source.get_links("item"):
-            href = link.get_absolute_href() or str(link.href)
-            if href in visited:
-                continue
-            visited.add(href)
+        for href, item in _linked(source, "item", visited):
             try:
-                item = link.resolve_stac_object(root=source.get_root()).target
+                if isinstance(item, Exception):
+                    raise item
                 if not isinstance(item, pystac.Item):
                     raise TypeError(f"a STAC {type(item).__name__}, not an Item")
                 item.make_asset_hrefs_absolute()
