@@ -162,6 +162,17 @@ def _rustac() -> str:
     return found
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM a server started by a test, SIGKILL it if it is still there after ``timeout`` s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def stac_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StacApi]:
     """A real STAC API (``rustac serve``, in-memory backend) on a free loopback port, loaded with the 3 demo
@@ -205,12 +216,7 @@ def stac_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StacApi]:
             time.sleep(0.1)
         yield StacApi(url=url, items=tuple(items))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc, timeout=5)
         log.close()
 
 

@@ -32,7 +32,7 @@ import pytest
 import zarr
 
 from fusarbatch.outputs.geoparquet import KINDS
-from tests.conftest import REPO, free_port, run_cli
+from tests.conftest import REPO, free_port, run_cli, stop_process
 
 AOIS = REPO / "catalogs" / "demo" / "aois"
 CAMARGUE = "S1A_IW_GRD_20150309T173017_VV_camargue"
@@ -517,16 +517,6 @@ def _dask() -> list[str]:
     return [str(beside)] if beside.exists() else [sys.executable, "-m", "dask"]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
-
-
 @pytest.fixture(scope="module")
 def dask_cluster(tmp_path_factory) -> Iterator[str]:
     """``tcp://127.0.0.1:PORT`` of a scheduler with one worker declaring ``GPU=1`` (2 threads)."""
@@ -584,8 +574,8 @@ def dask_cluster(tmp_path_factory) -> Iterator[str]:
         yield address
     finally:
         if worker is not None:
-            _stop(worker)
-        _stop(scheduler)
+            stop_process(worker)
+        stop_process(scheduler)
 
 
 def test_run_on_an_existing_cluster(dask_cluster, reference, generated_demo_model, tmp_path):
