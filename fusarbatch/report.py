@@ -305,13 +305,13 @@ def setup_run_logging(*, json_lines: bool, log_file: Path | None = None) -> None
     global _json_errors
     logger = logging.getLogger("fusarbatch")
     logger.setLevel(logging.INFO)
-    streams = [h for h in logger.handlers if type(h) is logging.StreamHandler]
-    for handler in streams:
-        if json_lines:
-            handler.setFormatter(JsonLinesFormatter())
-        else:
+    streams = _stream_handlers()
+    if json_lines:
+        json_errors_from_start()
+    else:
+        _json_errors = False
+        for handler in streams:
             handler.addFilter(_not_an_event)
-    _json_errors = json_lines and bool(streams)
     handlers = list(streams) if json_lines else []
     _json_handlers[:] = handlers
     if log_file is not None:
@@ -419,10 +419,15 @@ def json_errors_from_start() -> None:
     """``run`` off a terminal (cron): errors found before its logging is set up (options, --config) are
     JSON lines too, like everything else it writes to stderr."""
     global _json_errors
-    streams = [h for h in logging.getLogger("fusarbatch").handlers if type(h) is logging.StreamHandler]
+    streams = _stream_handlers()
     for handler in streams:
         handler.setFormatter(JsonLinesFormatter())
     _json_errors = bool(streams)
+
+
+def _stream_handlers() -> list[logging.Handler]:
+    """The stderr handlers of the ``fusarbatch`` logger (installed by ``cli.main``)."""
+    return [h for h in logging.getLogger("fusarbatch").handlers if type(h) is logging.StreamHandler]
 
 
 def print_error(console: Console, exc: BaseException, exit_code: int) -> None:
