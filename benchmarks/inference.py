@@ -252,6 +252,18 @@ def generated_anchors(n: int, seed: int = 0, grid: int = 8) -> list[Any]:
 
 
 # ====================================================================================== generate timing
+def detection_inputs(model: Any, n: int) -> tuple[list[Any], list[Any], str, int, int]:
+    """``n`` GENERATED tiles and anchor sets, the pipeline's detection prompt, and the prompt's text and
+    visual token counts for one tile through ``model``'s processor."""
+    from fusarbatch.model.prompts import detection_prompt
+
+    images, anchors = generated_images(n), generated_anchors(n)
+    prompt = detection_prompt("ship")
+    ids = model.build_inputs(images[:1], [prompt], image_size=model.image_size)["input_ids"]
+    image_id = model.base_model.config.image_token_id
+    return images, anchors, prompt, int((ids != image_id).sum()), int((ids == image_id).sum())
+
+
 @contextlib.contextmanager
 def fixed_new_tokens() -> Iterator[None]:
     """Make every ``generate_detailed`` call produce exactly ``max_new_tokens`` tokens.
@@ -460,19 +472,13 @@ def part_tiny(args: argparse.Namespace) -> tuple[str, str]:
 
     from fusarbatch.model.demo import demo_model_dir
     from fusarbatch.model.fusar_gpt import FusarGPT
-    from fusarbatch.model.prompts import detection_prompt
 
     print("== tiny model on CPU: generate throughput (GENERATED tiles, 8 x 8 GENERATED AEF anchors)")
     machine = Machine()
     model_dir = demo_model_dir()
     model = FusarGPT.from_pretrained(model_dir, device=args.device)
     n = max(args.batches)
-    images, anchors = generated_images(n), generated_anchors(n)
-    prompt = detection_prompt("ship")
-    enc = model.build_inputs(images[:1], [prompt], image_size=model.image_size)
-    image_id = model.base_model.config.image_token_id
-    n_text = int((enc["input_ids"] != image_id).sum())
-    n_vis = int((enc["input_ids"] == image_id).sum())
+    images, anchors, prompt, n_text, n_vis = detection_inputs(model, n)
     stats = measure_generate(
         model,
         images,
@@ -1313,13 +1319,9 @@ def _describe_7b(processor: Any, dtype: Any) -> str:
 def _time_fusar(
     fusar: Any, args: argparse.Namespace, device: str, machine: Machine, deadline: float
 ) -> tuple[str, int]:
-    from fusarbatch.model.prompts import detection_prompt
 
     n = max(args.batches)
-    images, anchors = generated_images(n), generated_anchors(n)
-    prompt = detection_prompt("ship")
-    enc = fusar.build_inputs(images[:1], [prompt], image_size=fusar.image_size)
-    n_text = int((enc["input_ids"] != fusar.base_model.config.image_token_id).sum())
+    images, anchors, prompt, n_text, _ = detection_inputs(fusar, n)
     stats = measure_generate(
         fusar,
         images,
