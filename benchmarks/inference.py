@@ -1319,7 +1319,6 @@ def _describe_7b(processor: Any, dtype: Any) -> str:
 def _time_fusar(
     fusar: Any, args: argparse.Namespace, device: str, machine: Machine, deadline: float
 ) -> tuple[str, int]:
-
     n = max(args.batches)
     images, anchors, prompt, n_text, _ = detection_inputs(fusar, n)
     stats = measure_generate(
