@@ -553,7 +553,7 @@ _STAGES = (
     ("fusarbatch.pipeline", "open_source", "AEF index open"),
     ("fusarbatch.pipeline", "start_client", "Dask LocalCluster start"),
     ("fusarbatch.pipeline", "tile_scene", "tiling (GeoTIFF -> Zarr)"),
-    ("fusarbatch.pipeline", "write_scene_features", "AEF anchors (sample + write)"),
+    ("fusarbatch.pipeline", "write_scene_features_or_empty", "AEF anchors (sample + write)"),
     ("fusarbatch.pipeline", "prepare_tiles", "prepare task (read + render, no GPU resource)"),
     ("fusarbatch.inference.workers", "_read_tiles", "  read tiles + anchors (Zarr)"),
     ("fusarbatch.render", "render", "  render 504 RGB"),

@@ -56,7 +56,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from fusarbatch.catalog import Scene
 from fusarbatch.config import RunConfig
 from fusarbatch.errors import AOIError, FusarbatchError, UsageError
-from fusarbatch.features import AEFUnavailable, NullSource, open_source, write_scene_features
+from fusarbatch.features import open_source, write_scene_features_or_empty
 from fusarbatch.inference.geo import Detection, MapProjector, TileGeometry, scene_detections
 from fusarbatch.inference.workers import (
     GPU_RESOURCE,
@@ -578,12 +578,10 @@ def _tile_and_submit(ctx: _Context, scene: Scene) -> _Pending:
             mask = g["aef_mask"][:]
             outcome.aef_coverage = float(mask.mean()) if mask.size else 0.0
         else:
-            try:
-                feats = write_scene_features(ctx.store, p.group, ctx.source, n=cfg.anchors, grid=ANCHOR_GRID)
-            except AEFUnavailable as err:  # e.g. a COG the index lists is gone: said once, run goes on
-                log.warning("AlphaEarth anchors disabled for this run (empty masks): %s", err)
-                ctx.source = NullSource(f"none (unavailable: {ctx.source.name})", error=str(err))
-                feats = write_scene_features(ctx.store, p.group, ctx.source, n=cfg.anchors, grid=ANCHOR_GRID)
+            # a source that fails (e.g. a COG the index lists is gone) is said once; the run goes on
+            feats, ctx.source = write_scene_features_or_empty(
+                ctx.store, p.group, ctx.source, n=cfg.anchors, grid=ANCHOR_GRID
+            )
             outcome.aef_coverage = feats.coverage
         ctx.ledger.stage_done(
             scene.item_id, "features", time.perf_counter() - t0, reused="features" in outcome.reused

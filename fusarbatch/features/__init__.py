@@ -19,6 +19,7 @@ from fusarbatch.features.anchors import (
     read_scene_features,
     write_anchor_npz,
     write_scene_features,
+    write_scene_features_or_empty,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "read_scene_features",
     "write_anchor_npz",
     "write_scene_features",
+    "write_scene_features_or_empty",
 ]

@@ -384,15 +384,34 @@ def compute_features(
             )
     results = []
     for scene_id in todo:
-        try:
+        if on_unavailable == "raise":
             results.append(write_scene_features(root, scene_id, source, n, grid=grid))
-        except AEFUnavailable as err:
-            if on_unavailable == "raise":
-                raise
-            log.warning("AlphaEarth anchors disabled for this run (empty masks): %s", err)
-            source = NullSource(f"none (unavailable: {source.name})", error=str(err))
-            results.append(write_scene_features(root, scene_id, source, n, grid=grid))
+        else:
+            result, source = write_scene_features_or_empty(root, scene_id, source, n, grid=grid)
+            results.append(result)
     return results
+
+
+def write_scene_features_or_empty(
+    store_path: str | Path | Any,
+    scene_group: str,
+    source: AnchorSource,
+    n: int = DEFAULT_N,
+    *,
+    grid: Grid = "centres",
+) -> tuple[FeatureResult, AnchorSource]:
+    """:func:`write_scene_features`; when ``source`` turns out unavailable (:class:`AEFUnavailable`: an
+    unreadable index, a COG gone from a mirror), log one warning and write empty anchors instead.
+
+    :returns: the result and the source to use for the next scenes (a :class:`NullSource` recording why,
+        once ``source`` failed).
+    """
+    try:
+        return write_scene_features(store_path, scene_group, source, n, grid=grid), source
+    except AEFUnavailable as err:
+        log.warning("AlphaEarth anchors disabled for this run (empty masks): %s", err)
+        source = NullSource(f"none (unavailable: {source.name})", error=str(err))
+        return write_scene_features(store_path, scene_group, source, n, grid=grid), source
 
 
 # --------------------------------------------------------------------------------------------------
