@@ -347,7 +347,13 @@ DataOpt = Annotated[list[Path], typer.Option("--data", help="Triplet manifest (J
 @app.command()
 def train(
     stage: Annotated[
-        int, typer.Option("--stage", min=1, max=2, help="1: captions, TLM (+LoRA); 2: tasks, LoRA.")
+        int,
+        typer.Option(
+            "--stage",
+            min=0,
+            max=2,
+            help="0: all parameters of a small base (not in the paper); 1: captions + TLM; 2: tasks, LoRA.",
+        ),
     ],
     data: DataOpt,
     base_model: Annotated[Path, typer.Option("--base-model", help="Qwen2.5-VL model directory (frozen).")],
@@ -380,8 +386,23 @@ def train(
         bool, typer.Option("--tlm-zero-init", help="A new TLM starts as the identity (last layer zeroed).")
     ] = False,
     device: Annotated[str | None, typer.Option("--device", help="cuda or cpu.")] = None,
+    loss_mean: Annotated[
+        str | None,
+        typer.Option(
+            "--loss-mean", help="token or answer (each record weighs the same). Default: answer in stage 0."
+        ),
+    ] = None,
+    target_loss_weight: Annotated[
+        float,
+        typer.Option(
+            "--target-loss-weight", min=0.0, help="Stage 0: dense target loss on the visual tokens."
+        ),
+    ] = 0.0,
+    task: Annotated[
+        list[str] | None, typer.Option("--task", help="Train only on records of this task (repeatable).")
+    ] = None,
 ) -> None:
-    """Train FUSAR-GPT stage 1 or 2 on triplet manifests (DESIGN 4)."""
+    """Train FUSAR-GPT stage 0, 1 or 2 on triplet manifests (DESIGN 4)."""
     from training.train import TrainConfig
     from training.train import train as run_training
 
@@ -408,6 +429,9 @@ def train(
             no_tlm=no_tlm,
             tlm_zero_init=tlm_zero_init,
             device=device,
+            loss_mean=loss_mean,
+            target_loss_weight=target_loss_weight,
+            tasks=list(task) if task else None,
         )
     )
     console.print(
