@@ -398,6 +398,16 @@ def train(
             "--target-loss-weight", min=0.0, help="Stage 0: dense target loss on the visual tokens."
         ),
     ] = 0.0,
+    spread_loss_weight: Annotated[
+        float,
+        typer.Option("--spread-loss-weight", min=0.0, help="Stage 0: keep the visual tokens centred."),
+    ] = 0.0,
+    probe_loss_weight: Annotated[
+        float,
+        typer.Option(
+            "--probe-loss-weight", min=0.0, help="Stage 0: deep supervision of the answer position."
+        ),
+    ] = 0.0,
     task: Annotated[
         list[str] | None, typer.Option("--task", help="Train only on records of this task (repeatable).")
     ] = None,
@@ -431,6 +441,8 @@ def train(
             device=device,
             loss_mean=loss_mean,
             target_loss_weight=target_loss_weight,
+            spread_loss_weight=spread_loss_weight,
+            probe_loss_weight=probe_loss_weight,
             tasks=list(task) if task else None,
         )
     )

@@ -67,6 +67,7 @@ class TripletDataset(torch.utils.data.Dataset):
             "answer": rec.answer,
             "anchors": load_anchors(rec),
             "target_boxes": _target_boxes(rec),
+            "target_class": rec.meta.get("class") if isinstance(rec.meta.get("class"), str) else None,
             "grid": rec.coordinate_size,
         }
 
@@ -113,7 +114,8 @@ class Collator:
 
     Output: ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``labels`` ``(B, L)``, ``pixel_values``
     ``(sum of patches, 1176)``, ``image_grid_thw`` ``(B, 3)``, ``anchors`` (a list of :class:`Anchors`),
-    ``target_boxes`` (per record its boxes on its grid, or None) and ``grids`` (per record its grid side).
+    ``target_boxes`` (per record its boxes on its grid, or None), ``grids`` (per record its grid side) and
+    ``target_classes`` (per record its class, or None).
     """
 
     processor: Any
@@ -189,4 +191,5 @@ class Collator:
             "anchors": [item["anchors"] for item in items],
             "target_boxes": [item.get("target_boxes") for item in items],
             "grids": [int(item.get("grid") or 0) for item in items],
+            "target_classes": [item.get("target_class") for item in items],
         }

@@ -15,13 +15,22 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["TargetHead", "answer_mean_loss", "target_loss", "target_maps"]
+__all__ = [
+    "ImageProbe",
+    "TargetHead",
+    "answer_mean_loss",
+    "probe_loss",
+    "spread_loss",
+    "target_loss",
+    "target_maps",
+]
 
 TARGET_CHANNELS = ("centre", "overlap")
 """Channels of the dense target map (one logit each per visual token)."""
@@ -60,7 +69,21 @@ class TargetHead(nn.Module):
         self.proj = nn.Linear(hidden_size, len(TARGET_CHANNELS))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.proj(tokens.float())
+        # on the RMS-normalised tokens: the language model first RMS-normalises each token, so
+        # only a token's direction reaches it; a head on raw tokens could read "target here" from its norm
+        return self.proj(F.rms_norm(tokens.float(), (tokens.shape[-1],)))
+
+
+def spread_loss(tokens: torch.Tensor) -> torch.Tensor:
+    """Squared norm of the mean RMS-normalised visual token of the batch, in [0, C] (C = channels).
+
+    Trained from scratch, the merger's output grows a large component shared by every token of every image
+    (norms x20-800, training/RESULTS.md); after the language model's RMSNorm all tokens then point the same
+    way and any attention over them averages to the same vector, whatever the image. Penalising the mean
+    direction keeps the tokens centred, so that what differs between images is what the model reads.
+    """
+    unit = F.rms_norm(tokens.float(), (tokens.shape[-1],)) / tokens.shape[-1] ** 0.5
+    return unit.mean(dim=0).pow(2).sum() * tokens.shape[-1]
 
 
 def target_maps(
@@ -123,3 +146,66 @@ def target_loss(
     # positives are rare (a few cells of 144): weight them up so the head cannot settle on "nothing anywhere"
     pos_weight = torch.tensor([8.0, 4.0], device=pred.device)
     return F.binary_cross_entropy_with_logits(pred, target, pos_weight=pos_weight)
+
+
+class ImageProbe(nn.Module):
+    """Linear heads on the mean of an image's RMS-normalised merged visual tokens: the 3 x 3 cells holding
+    targets (9 logits), the number of targets (``log1p``) and, for records with a class, the class
+    (``len(classes)`` logits). Deep supervision for stage 0 (training only).
+
+    From scratch, the language model's first way of reading an image is attention spread over all its visual
+    tokens, i.e. roughly their mean; a target that only a few tokens show averages away, and the answer
+    stays the prior (training/RESULTS.md). A global signal in every token survives: the TLM's anchor
+    modulation is learnt in tens of steps that way (tests/training/test_tlm_information.py). The probe asks
+    the pooled tokens for the image-level facts the answers need, so the vision tower writes them where
+    that first reading finds them.
+    """
+
+    def __init__(self, hidden_size: int, classes: Sequence[str]) -> None:
+        super().__init__()
+        self.classes = list(classes)
+        self.proj = nn.Linear(hidden_size, 9 + 1 + len(self.classes))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.proj(pooled.float())
+
+
+def probe_loss(
+    probe: ImageProbe,
+    tokens: torch.Tensor,
+    grid_thw: torch.Tensor,
+    boxes: Sequence[Sequence[Sequence[float]] | None],
+    grids: Sequence[int],
+    classes: Sequence[str | None],
+    merge: int = 2,
+) -> torch.Tensor:
+    """Loss of :class:`ImageProbe` over a batch: BCE on the cells + squared error on ``log1p(count)`` for
+    images with known boxes, cross-entropy on the class for images whose class is in ``probe.classes``.
+
+    :param tokens: ``(sum of tokens, C)`` merged visual tokens of the batch, image after image.
+    :param grid_thw: ``(B, 3)`` patches per image.
+    :returns: scalar (0 with a graph when no image has a target).
+    """
+    from fusarbatch.model.prompts import grounding_cell
+
+    sizes = [int(t * h * w) // (merge * merge) for t, h, w in grid_thw.tolist()]
+    unit = F.rms_norm(tokens.float(), (tokens.shape[-1],))
+    terms = []
+    for i, part in enumerate(torch.split(unit, sizes)):
+        b, g, c = boxes[i], grids[i], classes[i]
+        has_class = c is not None and c in probe.classes
+        if (b is None or not g) and not has_class:
+            continue
+        out = probe(part.mean(dim=0))
+        if b is not None and g:
+            cells = torch.zeros(9, device=out.device)
+            for x1, y1, x2, y2 in b:
+                cells[grounding_cell((x1 + x2) / 2, (y1 + y2) / 2, grid=g) - 1] = 1.0
+            count = torch.tensor(math.log1p(len(b)), device=out.device)
+            terms.append(F.binary_cross_entropy_with_logits(out[:9], cells) + (out[9] - count) ** 2)
+        if has_class:
+            target = torch.tensor(probe.classes.index(c), device=out.device)
+            terms.append(F.cross_entropy(out[10:][None], target[None]))
+    if not terms:
+        return tokens.sum() * 0.0
+    return torch.stack(terms).mean()

@@ -58,6 +58,9 @@ STAGE_DEFAULTS = {
 """Paper: stage I 30 epochs at 1e-4, stage II 5 epochs at 1e-5. Stage 0 (ours): 10 epochs at 1e-3."""
 TARGET_HEAD_FILE = "target_head.safetensors"
 """Stage-0 checkpoints: the weights of the dense target head (training only)."""
+PROBE_FILE = "image_probe.safetensors"
+"""Stage-0 checkpoints: the weights of the image probe (training only)."""
+AUX_MODULES = {"target_head": TARGET_HEAD_FILE, "image_probe": PROBE_FILE}
 LOSS_MEANS = ("token", "answer")
 
 
@@ -98,6 +101,10 @@ class TrainConfig:
         Default: ``answer`` in stage 0, ``token`` in stages 1-2 (official).
     :ivar target_loss_weight: stage 0: weight of the dense target loss on the merged visual tokens
         (:func:`training.objectives.target_loss`; records need ``meta.boxes``); 0 = off.
+    :ivar spread_loss_weight: stage 0: weight of :func:`training.objectives.spread_loss` (keeps the visual
+        tokens centred so that the language model sees what differs between images); 0 = off.
+    :ivar probe_loss_weight: stage 0: weight of :func:`training.objectives.probe_loss` (deep supervision of
+        the pooled visual tokens: cells, count, class); 0 = off.
     :ivar tasks: train only on the records of these tasks (None: all), e.g. a curriculum's first phase.
     """
 
@@ -129,6 +136,8 @@ class TrainConfig:
     tlm_zero_init: bool = False
     loss_mean: str | None = None
     target_loss_weight: float = 0.0
+    spread_loss_weight: float = 0.0
+    probe_loss_weight: float = 0.0
     tasks: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -143,10 +152,16 @@ class TrainConfig:
             raise UsageError("--stage 0 trains the --base-model itself; --init is for stages 1 and 2")
         if self.loss_mean is not None and self.loss_mean not in LOSS_MEANS:
             raise UsageError(f"--loss-mean {self.loss_mean!r}: choose token or answer")
-        if not (math.isfinite(self.target_loss_weight) and self.target_loss_weight >= 0):
-            raise UsageError("--target-loss-weight must be a finite number >= 0")
-        if self.target_loss_weight and self.stage != 0:
-            raise UsageError("--target-loss-weight trains the vision tower: stage 0 only")
+        weights = (
+            ("--target-loss-weight", self.target_loss_weight),
+            ("--spread-loss-weight", self.spread_loss_weight),
+            ("--probe-loss-weight", self.probe_loss_weight),
+        )
+        for name, w in weights:
+            if not (math.isfinite(w) and w >= 0):
+                raise UsageError(f"{name} must be a finite number >= 0")
+            if w and self.stage != 0:
+                raise UsageError(f"{name} trains the vision tower: stage 0 only")
         if self.stage == 2 and self.init is None:
             raise UsageError("--stage 2 needs --init STAGE1_DIR (the stage-1 output: TLM and LoRA)")
         if not self.data:
@@ -191,9 +206,10 @@ def _set_trainable(fusar: Any, stage: int, stage1_lora: bool, no_tlm: bool) -> i
     if stage == 0:  # the whole base model (and the training-only target head); the TLM is not used
         for p in fusar.model.parameters():
             p.requires_grad_(True)
-        head = getattr(fusar, "target_head", None)
-        for p in head.parameters() if head is not None else ():
-            p.requires_grad_(True)
+        for name in AUX_MODULES:
+            head = getattr(fusar, name, None)
+            for p in head.parameters() if head is not None else ():
+                p.requires_grad_(True)
         return sum(p.numel() for p in fusar.parameters() if p.requires_grad)
     train_tlm = stage == 1 and not no_tlm
     train_lora = stage == 2 or stage1_lora
@@ -208,7 +224,9 @@ def _set_trainable(fusar: Any, stage: int, stage1_lora: bool, no_tlm: bool) -> i
     return n
 
 
-def _load_model(cfg: TrainConfig, device: torch.device, image_size: int | None = None) -> Any:
+def _load_model(
+    cfg: TrainConfig, device: torch.device, image_size: int | None = None, classes: list[str] | None = None
+) -> Any:
     from fusarbatch.model.fusar_gpt import FusarGPT, lora_config
 
     lcfg = lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
@@ -239,6 +257,11 @@ def _load_model(cfg: TrainConfig, device: torch.device, image_size: int | None =
 
             hidden = int(fusar.base_model.config.text_config.hidden_size)
             fusar.add_module("target_head", TargetHead(hidden).to(device))
+        if cfg.probe_loss_weight:
+            from training.objectives import ImageProbe
+
+            hidden = int(fusar.base_model.config.text_config.hidden_size)
+            fusar.add_module("image_probe", ImageProbe(hidden, classes or []).to(device))
         return fusar
     new_tlm = not any(
         (Path(d) / f).is_file()
@@ -286,6 +309,8 @@ def _trainer_class() -> type:
             stage: int = 1,
             loss_mean: str = "token",
             target_loss_weight: float = 0.0,
+            spread_loss_weight: float = 0.0,
+            probe_loss_weight: float = 0.0,
             **kwargs: Any,
         ):
             self.fusar = fusar
@@ -294,17 +319,21 @@ def _trainer_class() -> type:
             self.stage = stage
             self.loss_mean = loss_mean
             self.target_loss_weight = float(target_loss_weight)
+            self.spread_loss_weight = float(spread_loss_weight)
+            self.probe_loss_weight = float(probe_loss_weight)
             self._visual_tokens: Any = None
             super().__init__(*args, **kwargs)
             # token mean: Qwen's loss divides by num_items_in_batch (the answer tokens of the accumulated
             # batch); answer mean: our loss is a per-batch mean and the Trainer divides by grad_accum
             self.model_accepts_loss_kwargs = loss_mean == "token"
-            if self.target_loss_weight:
+            if self.target_loss_weight or self.spread_loss_weight or self.probe_loss_weight:
                 fusar.visual.register_forward_hook(self._keep_visual_tokens, with_kwargs=True)
 
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-            if self.target_loss_weight and "loss" in logs and hasattr(self, "_last_target_loss"):
-                logs = {**logs, "target_loss": round(self._last_target_loss, 4)}
+            if "loss" in logs:
+                for name in ("target_loss", "spread_loss", "probe_loss"):
+                    if hasattr(self, f"_last_{name}"):
+                        logs = {**logs, name: round(getattr(self, f"_last_{name}"), 4)}
             super().log(logs, *args, **kwargs)
 
         def _keep_visual_tokens(self, module: Any, args: Any, kwargs: Any, output: Any) -> Any:
@@ -327,6 +356,7 @@ def _trainer_class() -> type:
             anchors = inputs.pop("anchors")
             target_boxes = inputs.pop("target_boxes", None)
             grids = inputs.pop("grids", None)
+            target_classes = inputs.pop("target_classes", None)
             if self.no_tlm or self.stage == 0:
                 anchors = [None] * len(anchors)
             if self.loss_mean == "answer":
@@ -339,6 +369,20 @@ def _trainer_class() -> type:
                 kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
                 outputs = model(anchors, **inputs, **kwargs)
                 loss = outputs.loss
+            if self.probe_loss_weight and target_boxes is not None:
+                from training.objectives import probe_loss
+
+                probe = probe_loss(
+                    self.fusar.image_probe,
+                    self._visual_tokens,
+                    inputs["image_grid_thw"],
+                    target_boxes,
+                    grids or [0] * len(target_boxes),
+                    target_classes or [None] * len(target_boxes),
+                    int(self.fusar.visual.spatial_merge_size),
+                )
+                self._last_probe_loss = float(probe.detach())
+                loss = loss + self.probe_loss_weight * probe
             if self.target_loss_weight and target_boxes is not None:
                 from training.objectives import target_loss
 
@@ -350,9 +394,15 @@ def _trainer_class() -> type:
                     grids or [0] * len(target_boxes),
                     int(self.fusar.visual.spatial_merge_size),
                 )
-                self._visual_tokens = None
                 self._last_target_loss = float(aux.detach())
                 loss = loss + self.target_loss_weight * aux
+            if self.spread_loss_weight and self._visual_tokens is not None:
+                from training.objectives import spread_loss
+
+                spread = spread_loss(self._visual_tokens)
+                self._last_spread_loss = float(spread.detach())
+                loss = loss + self.spread_loss_weight * spread
+            self._visual_tokens = None
             if not loss.requires_grad:
                 # a batch without anchors while only the TLM trains: no trainable parameter is on the path;
                 # a zero term keeps backward() valid (the optimizer step then changes nothing)
@@ -367,13 +417,12 @@ def _trainer_class() -> type:
 
                 self.fusar.base_model.save_pretrained(out)
                 save_tlm(self.fusar.tlm, out)
-                head = getattr(self.fusar, "target_head", None)
-                if head is not None and "checkpoint-" in out.name:
-                    from safetensors.torch import save_file
+                for name, fname in AUX_MODULES.items():
+                    head = getattr(self.fusar, name, None)
+                    if head is not None and "checkpoint-" in out.name:
+                        from safetensors.torch import save_file
 
-                    save_file(
-                        {k: v.contiguous() for k, v in head.state_dict().items()}, str(out / TARGET_HEAD_FILE)
-                    )
+                        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / fname))
             else:
                 self.fusar.save(out)
             self.fusar.processor.save_pretrained(out)
@@ -420,12 +469,12 @@ def _trainer_class() -> type:
             )
             result = self.fusar.base_model.load_state_dict(saved.state_dict(), strict=True)
             del saved, result
-            head = getattr(self.fusar, "target_head", None)
-            if head is not None:
-                head_file = ckpt / TARGET_HEAD_FILE
-                if not head_file.is_file():
-                    raise UsageError(f"checkpoint {ckpt}: {TARGET_HEAD_FILE} missing")
-                head.load_state_dict(load_file(str(head_file)))
+            for name, fname in AUX_MODULES.items():
+                head = getattr(self.fusar, name, None)
+                if head is not None:
+                    if not (ckpt / fname).is_file():
+                        raise UsageError(f"checkpoint {ckpt}: {fname} missing")
+                    head.load_state_dict(load_file(str(ckpt / fname)))
             log.info("resumed all weights from %s", ckpt)
 
     return FusarTrainer
@@ -535,7 +584,8 @@ def train(config: TrainConfig) -> TrainResult:
     hf_logging.disable_progress_bar()
     set_seed(cfg.seed)
     started = time.perf_counter()
-    fusar = _load_model(cfg, device, image_size=sizes[0])
+    classes = sorted({r.meta["class"] for r in records if isinstance(r.meta.get("class"), str)})
+    fusar = _load_model(cfg, device, image_size=sizes[0], classes=classes)
     n_trainable = _set_trainable(fusar, cfg.stage, cfg.stage1_lora, cfg.no_tlm)
     fusar.train()
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -549,7 +599,12 @@ def train(config: TrainConfig) -> TrainResult:
         "tasks": {t: sum(r.task == t for r in records) for t in sorted({r.task for r in records})},
         "trainable_params": n_trainable,
         "trains": (
-            {"all": True, "target_loss_weight": cfg.target_loss_weight}
+            {
+                "all": True,
+                "target_loss_weight": cfg.target_loss_weight,
+                "spread_loss_weight": cfg.spread_loss_weight,
+                "probe_loss_weight": cfg.probe_loss_weight,
+            }
             if cfg.stage == 0
             else {"tlm": cfg.stage == 1 and not cfg.no_tlm, "lora": cfg.stage == 2 or cfg.stage1_lora}
         ),
@@ -608,6 +663,8 @@ def train(config: TrainConfig) -> TrainResult:
         stage=cfg.stage,
         loss_mean=cfg.loss_mean or "token",
         target_loss_weight=cfg.target_loss_weight,
+        spread_loss_weight=cfg.spread_loss_weight,
+        probe_loss_weight=cfg.probe_loss_weight,
     )
     from transformers.trainer_callback import PrinterCallback
 

@@ -68,3 +68,30 @@ def test_target_loss_skips_images_without_boxes_and_learns():
         loss.backward()
         opt.step()
     assert float(loss) < 0.5 * first
+
+
+def test_image_probe_reads_the_pooled_tokens():
+    from training.objectives import ImageProbe, probe_loss
+
+    torch.manual_seed(0)
+    probe = ImageProbe(8, ["BMP2", "T72"])
+    grid_thw = torch.tensor([[1, 4, 4], [1, 4, 4], [1, 4, 4]])  # 3 images of 4 tokens
+    tokens = torch.randn(12, 8)
+    boxes = [[[0, 0, 10, 10], [40, 40, 50, 50]], None, None]  # centres in cells 1 and 9 of a 56 px grid
+    classes = [None, "T72", "ZIL131"]  # the third image's class is not a probe class: left out
+    loss = probe_loss(probe, tokens, grid_thw, boxes, [56, 56, 56], classes)
+    with torch.no_grad():
+        out0 = probe(torch.nn.functional.rms_norm(tokens[:4], (8,)).mean(dim=0))
+        out1 = probe(torch.nn.functional.rms_norm(tokens[4:8], (8,)).mean(dim=0))
+    cells = torch.zeros(9)
+    cells[[0, 8]] = 1.0
+    expected0 = (
+        torch.nn.functional.binary_cross_entropy_with_logits(out0[:9], cells) + (out0[9] - math.log1p(2)) ** 2
+    )
+    expected1 = torch.nn.functional.cross_entropy(out1[10:][None], torch.tensor([1]))
+    assert torch.isclose(loss, (expected0 + expected1) / 2, atol=1e-6)
+    # the third image's tokens do not matter
+    tokens2 = tokens.clone()
+    tokens2[8:] = 5.0
+    assert torch.isclose(loss, probe_loss(probe, tokens2, grid_thw, boxes, [56, 56, 56], classes))
+    assert float(probe_loss(probe, tokens, grid_thw, [None] * 3, [56] * 3, [None] * 3)) == 0.0

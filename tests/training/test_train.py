@@ -217,7 +217,7 @@ def test_stage0_trains_every_weight_and_resumes(generated_base_model, generated_
     assert (out / "checkpoint-2" / TARGET_HEAD_FILE).is_file()
     assert not (out / TARGET_HEAD_FILE).exists()  # training-only head: not in the model
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    assert all(0 < r["target_loss"] < 10 for r in log if "loss" in r)
+    assert all(0 < r["target_loss"] < 10 and r["probe_loss"] > 0 for r in log if "loss" in r)
     # resume from checkpoint-2: the same weights as the uninterrupted run
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
