@@ -9,7 +9,12 @@ dask array). Reading goes through ``rioxarray.open_rasterio`` (lazy, ``cache=Fal
   block-aligned), so a shared handle decodes every compressed block once, where per-thread handles
   (``lock=False``) decoded blocks up to 2-3 times and were slower overall (benchmarks/tiling.py). A warped
   file (below) uses one handle per thread (``lock=False``): warping is CPU-bound and runs in parallel.
-- **Grid.** The scene grid is that of its first polarisation's file. A file without a CRS/geotransform but
+- **Grid.** The scene grid is that of its first polarisation's file, always north-up: a file stored
+  bottom-up (positive y pixel size, row 0 at the south edge, as some mirrors and GDAL-written products
+  have) or right-to-left (negative x pixel size) gets the same grid with row 0 at the north (west) edge,
+  ``transform @ translation(0, H) @ scale(1, -1)``, and is read with its rows (columns) reversed: the
+  values are the stored pixels, unresampled. (Rotated or sheared geotransforms are kept as they are.) A
+  file without a CRS/geotransform but
   with GCPs (Sentinel-1 GRD as distributed by ESA and most archives) is warped, lazily, to the UTM zone of
   the scene centre (WGS 84, EPSG 326xx north / 327xx south, zone from the centre of the GCPs' lon/lat
   bounding box; the Norway/Svalbard zone exceptions are not applied) on the grid GDAL suggests
@@ -72,18 +77,30 @@ class WindowReader:
     files) and picklable (for distributed workers). Also array-like (``shape``, ``dtype``, ``ndim``,
     ``__getitem__`` with a tuple of three slices) so that ``dask.array.from_array`` can wrap it."""
 
-    def __init__(self, runs: list[tuple[Any, tuple[tuple[float, ...], ...]]], shape: tuple[int, int, int]):
-        self._runs = runs  # (lazy xarray.DataArray (k, H, W) on the scene grid, nodata values per band)
+    def __init__(
+        self,
+        runs: list[tuple[Any, tuple[tuple[float, ...], ...], tuple[bool, bool]]],
+        shape: tuple[int, int, int],
+    ):
+        # (lazy xarray.DataArray (k, H, W) as stored, nodata values per band, (reverse rows, reverse cols)
+        # to put it on the north-up scene grid)
+        self._runs = runs
         self.shape = shape
         self.dtype = np.dtype(np.float32)
         self.ndim = 3
 
     def read(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
         """Pixels ``[row0:row1, col0:col1]`` of every polarisation: ``(pol, row1 - row0, col1 - col0)``
-        float32 as stored (not yet in dB), NaN = nodata. A fresh array the caller owns."""
+        float32 as stored (not yet in dB), NaN = nodata. A fresh array the caller owns. Rows of a file
+        stored bottom-up are read from its other end and reversed (columns likewise)."""
+        height, width = self.shape[1:]
         pieces = []
-        for array, nodata in self._runs:
-            block = np.asarray(array[:, row0:row1, col0:col1].values)
+        for array, nodata, (flip_rows, flip_cols) in self._runs:
+            r0, r1 = (height - row1, height - row0) if flip_rows else (row0, row1)
+            c0, c1 = (width - col1, width - col0) if flip_cols else (col0, col1)
+            block = np.asarray(array[:, r0:r1, c0:c1].values)
+            if flip_rows or flip_cols:
+                block = np.ascontiguousarray(block[:, :: -1 if flip_rows else 1, :: -1 if flip_cols else 1])
             pieces.append(_mask_nodata(block, nodata))
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
 
@@ -158,6 +175,25 @@ class _FileInfo:
     def has_geotransform(self) -> bool:
         return not self.transform.almost_equals(Affine.identity())
 
+    @property
+    def flips(self) -> tuple[bool, bool]:
+        """(rows stored bottom-up, columns stored right-to-left) of an axis-aligned geotransform."""
+        t = self.transform
+        if not self.has_geotransform or t.b != 0 or t.d != 0:
+            return False, False
+        return t.e > 0, t.a < 0
+
+    @property
+    def north_up_transform(self) -> Affine:
+        """The file's grid with row 0 at the north edge and column 0 at the west edge (see the module)."""
+        t = self.transform
+        flip_rows, flip_cols = self.flips
+        if flip_rows:
+            t = t @ Affine.translation(0, self.height) @ Affine.scale(1, -1)
+        if flip_cols:
+            t = t @ Affine.translation(self.width, 0) @ Affine.scale(-1, 1)
+        return t
+
 
 @dataclass(frozen=True)
 class _Grid:
@@ -225,8 +261,8 @@ def open_scene(scene: Scene, *, tile_size: int = 504) -> SourceRaster:
     pieces = []
     warps: list[dict[str, Any]] = []
     for href, refs in runs:
-        array, nodata, warp = _open_run(infos[href], [ref for _, ref in refs], grid, scene)
-        pieces.append((array, nodata))
+        array, nodata, flips, warp = _open_run(infos[href], [ref for _, ref in refs], grid, scene)
+        pieces.append((array, nodata, flips))
         if warp is not None:
             warps.append({"href": href, **warp})
     warp_attrs = None
@@ -313,7 +349,7 @@ def _inspect(href: str) -> _FileInfo:
 
 def _scene_grid(first: _FileInfo, scene: Scene) -> _Grid:
     if first.crs is not None and first.has_geotransform:
-        return _Grid(first.crs, first.transform, first.height, first.width)
+        return _Grid(first.crs, first.north_up_transform, first.height, first.width)
     if first.gcps:
         lon, lat = gcp_centre_lonlat(first.gcps, first.gcps_crs)
         dst = utm_crs(lon, lat)
@@ -323,7 +359,7 @@ def _scene_grid(first: _FileInfo, scene: Scene) -> _Grid:
         except rasterio.errors.RasterioError as exc:
             raise SceneError(f"{first.href}: cannot warp its GCPs to {dst} ({_one_line(exc)})") from None
     if first.has_geotransform and scene.crs:
-        return _Grid(CRS.from_user_input(scene.crs), first.transform, first.height, first.width)
+        return _Grid(CRS.from_user_input(scene.crs), first.north_up_transform, first.height, first.width)
     raise SceneError(
         f"{first.href}: not georeferenced (no CRS and geotransform, no GCPs); cannot place its tiles"
     )
@@ -348,7 +384,7 @@ def _on_grid(info: _FileInfo, grid: _Grid, scene: Scene) -> bool:
     if info.gcps and not info.has_geotransform:
         return False
     crs = info.crs or (CRS.from_user_input(scene.crs) if scene.crs and info.has_geotransform else None)
-    return crs is not None and _same_grid(crs, info.transform, info.height, info.width, grid)
+    return crs is not None and _same_grid(crs, info.north_up_transform, info.height, info.width, grid)
 
 
 def _same_grid(crs: CRS, transform: Affine, height: int, width: int, grid: _Grid) -> bool:
@@ -381,9 +417,10 @@ def _on_grid_shape(info: _FileInfo, grid: _Grid) -> bool:
 
 def _open_run(
     info: _FileInfo, refs: list[BandRef], grid: _Grid, scene: Scene
-) -> tuple[Any, tuple[tuple[float, ...], ...], dict[str, Any] | None]:
-    """The bands ``refs`` of one file as a lazy ``(len(refs), H, W)`` xarray.DataArray on ``grid``, the
-    nodata values of each band, and how the file is warped (``None``: read as stored)."""
+) -> tuple[Any, tuple[tuple[float, ...], ...], tuple[bool, bool], dict[str, Any] | None]:
+    """The bands ``refs`` of one file as a lazy ``(len(refs), H, W)`` xarray.DataArray (on ``grid``, or
+    on it once its rows / columns are reversed), the nodata values of each band, whether rows and columns
+    are to be reversed, and how the file is warped (``None``: read as stored)."""
     indexes = [ref.band - 1 for ref in refs]
     nodata = tuple(
         tuple(
@@ -394,10 +431,12 @@ def _open_run(
         for ref in refs
     )
     warp: dict[str, Any] | None = None
+    flips = (False, False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             if _on_grid(info, grid, scene):
+                flips = info.flips  # bottom-up / right-to-left: read reversed (WindowReader.read)
                 masked = any(info.has_mask[i] for i in indexes)
                 # One shared handle per file and a lock: GDAL's block cache is per handle, so threads then
                 # share decoded blocks (windows overlap) instead of each decoding them again.
@@ -438,7 +477,7 @@ def _open_run(
         raise
     except Exception as exc:  # rasterio / rioxarray raise many types for unreadable files
         raise SceneError(f"{info.href}: cannot read ({_one_line(exc)})") from None
-    return array, nodata, warp
+    return array, nodata, flips, warp
 
 
 def _mask_nodata(block: np.ndarray, nodata: tuple[tuple[float, ...], ...]) -> np.ndarray:
