@@ -80,7 +80,10 @@ def test_every_pixel_is_a_unit_vector_equal_to_the_raw_pixel_by_hand(real_source
     norms = np.linalg.norm(features.astype(np.float64), axis=1)
     assert norms.min() >= 0.99 and norms.max() <= 1.01
     expected = np.array(
-        [[_dequantised_by_hand(int(v)) for v in raw[:, r, c]] for r, c in zip(rows.ravel(), cols.ravel())]
+        [
+            [_dequantised_by_hand(int(v)) for v in raw[:, r, c]]
+            for r, c in zip(rows.ravel(), cols.ravel(), strict=True)
+        ]
     )
     np.testing.assert_allclose(features, expected, rtol=0, atol=1e-6)
 
