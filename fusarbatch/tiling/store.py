@@ -16,7 +16,9 @@ valid_fraction (tile,)              float32 share of the T x T pixels where ever
 ============== ==================== ======= =========================================================
 
 Tiles are row-major (see :mod:`fusarbatch.tiling.grid`). Group attributes: ``crs`` (WKT2), ``item_id``,
-``datetime`` (ISO 8601, UTC), ``pols``, ``quantity``, ``scale_in``, ``units``, ``tile_size``,
+``datetime`` (ISO 8601, UTC), ``pols``, ``quantity``, ``scale_in`` (declared or detected),
+``scale_detected`` (``null``, or why an undeclared scale was taken), ``calibration`` (``null``, or how
+digital numbers were calibrated), ``units``, ``tile_size``,
 ``overlap``, ``min_valid``, ``n_tiles``, ``n_inferable``, ``source_hrefs``, ``scene_shape`` ``[H, W]``,
 ``scene_transform`` (6 floats), ``warp`` (``null`` or how GCP-only / off-grid files were warped),
 ``status`` and ``complete``. ``xarray.open_zarr(store, group=safe_id, consolidated=False)`` opens a group.
@@ -66,7 +68,7 @@ from pyproj import CRS as ProjCRS
 
 from fusarbatch import __version__
 from fusarbatch.catalog.scene import Scene
-from fusarbatch.errors import FusarbatchError, SceneError
+from fusarbatch.errors import FusarbatchError
 from fusarbatch.tiling.grid import (
     DEFAULT_OVERLAP,
     DEFAULT_TILE_SIZE,
@@ -75,7 +77,7 @@ from fusarbatch.tiling.grid import (
     tile_transforms,
     validate_tiling,
 )
-from fusarbatch.tiling.scaling import check_scale, output_units, to_db
+from fusarbatch.tiling.scaling import check_scale, output_units, prepare_radiometry, to_db
 from fusarbatch.tiling.source import SourceRaster, WindowReader, open_scene
 
 log = logging.getLogger(__name__)
@@ -336,11 +338,8 @@ def _scene_attrs(scene: Scene) -> dict[str, Any]:
 def _write_scene(
     root: zarr.Group, partial: str, scene: Scene, tile_size: int, overlap: int, min_valid: float
 ) -> tuple[int, int]:
-    try:
-        scale = check_scale(scene.scale)
-    except ValueError as exc:
-        raise SceneError(f"scene {scene.item_id!r}: {exc}") from None
-    source = open_scene(scene, tile_size=tile_size)
+    radiometry = prepare_radiometry(scene, open_scene(scene, tile_size=tile_size))
+    source, scale = radiometry.source, radiometry.scale
     grid = tile_grid(source.height, source.width, tile_size, overlap)
     tiles = build_tiles(source, grid, scale)
     fractions = valid_fractions(tiles)
@@ -349,6 +348,9 @@ def _write_scene(
     attrs = {
         **_scene_attrs(scene),
         "pols": list(source.pols),
+        "quantity": radiometry.quantity,
+        "scale_in": radiometry.scale_in,
+        **radiometry.attrs,
         "units": output_units(scale),
         "crs": ProjCRS.from_user_input(source.crs.to_wkt()).to_wkt(),
         "tile_size": tile_size,
@@ -374,7 +376,7 @@ def _write_scene(
         dimension_names=["tile", "pol", "y", "x"],
         attributes={
             "units": attrs["units"],
-            "long_name": f"{scene.quantity} backscatter" + ("" if attrs["units"] == "dn" else " (dB)"),
+            "long_name": f"{radiometry.quantity} backscatter" + ("" if attrs["units"] == "dn" else " (dB)"),
             "pols": list(source.pols),
         },
     )
