@@ -112,7 +112,8 @@ class CalibrationLUT:
 
 
 def read_calibration(href: str, quantity: str, pol: str) -> CalibrationLUT:
-    """Read the ``quantity`` LUT of a Sentinel-1 calibration annotation (local path or fsspec URL).
+    """Read the ``quantity`` LUT of a Sentinel-1 calibration annotation (local path or fsspec URL; ``s3://``
+    needs s3fs, and ``AWS_REQUEST_PAYER=requester`` makes the read requester-pays, as for GDAL).
 
     :raises SceneError: one line naming ``href``: unreadable, larger than :data:`MAX_XML_BYTES`, not a
         calibration annotation, for another polarisation than ``pol``, or an unknown ``quantity``.
@@ -156,7 +157,10 @@ def _read_capped(href: str) -> bytes:
     try:
         if "://" not in href and not os.path.isfile(href):
             raise FileNotFoundError("no such file")
-        with fsspec.open(href, "rb") as f:
+        options: dict[str, Any] = {}
+        if href.startswith("s3://") and os.environ.get("AWS_REQUEST_PAYER", "").lower() == "requester":
+            options["requester_pays"] = True  # as GDAL does for the rasters (Earth Search's bucket)
+        with fsspec.open(href, "rb", **options) as f:
             data = f.read(MAX_XML_BYTES + 1)
     except Exception as exc:
         why = " ".join(str(exc).split()) or type(exc).__name__
