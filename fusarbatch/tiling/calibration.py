@@ -20,10 +20,11 @@ LUT over the DN array's ``line``/``pixel`` coordinates (xarray ``interp``, linea
 Where a scene pixel comes from: (line, pixel) are the row and column of the GRD raster. A raster read as
 stored gives them exactly (reversed for a bottom-up file). A GCP-only raster (the usual GRD) is warped to UTM
 first (:mod:`fusarbatch.tiling.source`): each warped pixel's (line, pixel) is where its centre maps back to
-in the raster through the GCPs, by GDAL's GCP transformer (the one the warp uses), computed every
-:data:`LATTICE_STEP` pixels and interpolated linearly in between (the mapping is a smooth polynomial; the
-LUT itself varies over tens of pixels). The DN are warped (bilinear) before they are squared, as every
-other stored value is warped as stored.
+in the raster through the GCPs, by GDAL's GCP transformer (the one the warp uses); A is interpolated from
+the LUT there at nodes every :data:`LATTICE_STEP` pixels and linearly in between (the mapping is a smooth
+polynomial and the LUT varies over tens of pixels; interpolating at every pixel cost twice the warp
+itself). The DN are warped (bilinear) before they are squared, as every other stored value is warped as
+stored.
 """
 
 from __future__ import annotations
@@ -76,29 +77,42 @@ class CalibrationLUT:
             and self.pixels[-1] >= width - 1
         )
 
+    def _lut(self) -> Any:
+        import xarray as xr
+
+        coords = {"line": self.lines, "pixel": self.pixels}
+        return xr.DataArray(self.values, dims=("line", "pixel"), coords=coords)
+
     def calibrate(self, dn: np.ndarray, lines: np.ndarray, pixels: np.ndarray) -> np.ndarray:
-        """Linear ``quantity`` from digital numbers (xarray-sentinel ``calibrate_intensity``).
+        """Linear ``quantity`` of a raster window read as stored (xarray-sentinel ``calibrate_intensity``:
+        ``|DN / A|**2``, the LUT interpolated over the window's lines and pixels).
 
         :param dn: ``(h, w)`` DN, NaN = nodata.
-        :param lines, pixels: ``(h,)`` and ``(w,)`` (a raster read as stored) or both ``(h, w)`` (a warped
-            one): the raster line and pixel of each value.
+        :param lines, pixels: ``(h,)`` and ``(w,)``: the raster line of each row, pixel of each column.
         :returns: ``(h, w)`` float32; NaN where ``dn`` is NaN or outside the LUT.
         """
         import xarray as xr
         from xarray_sentinel import calibrate_intensity
 
-        lut = xr.DataArray(
-            self.values, dims=("line", "pixel"), coords={"line": self.lines, "pixel": self.pixels}
-        )
-        if lines.ndim == 1:
-            da = xr.DataArray(dn, dims=("line", "pixel"), coords={"line": lines, "pixel": pixels})
-        else:
-            da = xr.DataArray(
-                dn,
-                dims=("y", "x"),
-                coords={"line": (("y", "x"), lines), "pixel": (("y", "x"), pixels)},
-            )
-        return np.asarray(calibrate_intensity(da, lut).values, dtype=np.float32)
+        da = xr.DataArray(dn, dims=("line", "pixel"), coords={"line": lines, "pixel": pixels})
+        return np.asarray(calibrate_intensity(da, self._lut()).values, dtype=np.float32)
+
+    def calibrate_warped(self, dn: np.ndarray, lattice: Lattice) -> np.ndarray:
+        """Linear ``quantity`` of a warped window: ``(DN / A)**2`` with A interpolated from the LUT (xarray
+        ``interp``, as ``calibrate_intensity`` does) at the lattice's (line, pixel) and linearly between
+        lattice nodes (see the module docstring).
+
+        :param dn: ``(h, w)`` warped DN, NaN = nodata.
+        :returns: ``(h, w)`` float32; NaN where ``dn`` is NaN or outside the LUT.
+        """
+        import xarray as xr
+
+        lines = xr.DataArray(lattice.lines, dims=("r", "c"))
+        pixels = xr.DataArray(lattice.pixels, dims=("r", "c"))
+        a = self._lut().interp(line=lines, pixel=pixels).values
+        a_full = lattice.upsample(np.asarray(a, dtype=np.float64))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return ((dn / a_full) ** 2).astype(np.float32)
 
     def record(self) -> dict[str, Any]:
         """What the tile store records about it."""
@@ -170,26 +184,42 @@ def _read_capped(href: str) -> bytes:
     return data
 
 
-def lattice_lines_pixels(
-    to_source: ToSource, transform: Any, row0: int, row1: int, col0: int, col1: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Raster (line, pixel) of every pixel ``[row0:row1, col0:col1]`` of a warped scene grid (see the
-    module): ``to_source`` at pixel centres every :data:`LATTICE_STEP` pixels (and the last row and
-    column), interpolated linearly in between. Returns two ``(h, w)`` float64 arrays (pixel-centre
-    indices: integer = the centre of that raster pixel)."""
-    import xarray as xr
+@dataclass(frozen=True)
+class Lattice:
+    """Raster (line, pixel) of a warped scene window at lattice nodes ``rows x cols`` (scene pixels)."""
 
+    rows: np.ndarray
+    """``(n,)`` scene rows of the nodes: every :data:`LATTICE_STEP` from the window's first, and its last."""
+    cols: np.ndarray
+    lines: np.ndarray
+    """``(n, m)`` raster line at each node (pixel-centre index: integer = that raster row's centre)."""
+    pixels: np.ndarray
+    window: tuple[int, int, int, int]
+    """``(row0, row1, col0, col1)``."""
+
+    def upsample(self, values: np.ndarray) -> np.ndarray:
+        """``(n, m)`` node values -> ``(row1 - row0, col1 - col0)``, linear between nodes per axis."""
+        import xarray as xr
+
+        row0, row1, col0, col1 = self.window
+        da = xr.DataArray(values, dims=("r", "c"), coords={"r": self.rows, "c": self.cols})
+        for dim, axis, full in (
+            ("r", self.rows, np.arange(row0, row1)),
+            ("c", self.cols, np.arange(col0, col1)),
+        ):
+            da = da.interp({dim: full}) if axis.size > 1 else da.reindex({dim: full}, method="nearest")
+        return np.asarray(da.values)
+
+
+def lattice(to_source: ToSource, transform: Any, row0: int, row1: int, col0: int, col1: int) -> Lattice:
+    """The :class:`Lattice` of the window ``[row0:row1, col0:col1]`` of a warped scene grid (affine
+    ``transform``): ``to_source`` at the nodes' pixel centres."""
     rows = np.unique(np.r_[np.arange(row0, row1, LATTICE_STEP), row1 - 1])
     cols = np.unique(np.r_[np.arange(col0, col1, LATTICE_STEP), col1 - 1])
     cc, rr = np.meshgrid(cols + 0.5, rows + 0.5)
     xs = transform.c + transform.a * cc + transform.b * rr
     ys = transform.f + transform.d * cc + transform.e * rr
     src_rows, src_cols = to_source(xs.ravel(), ys.ravel())
-    out = []
-    for values in (src_rows, src_cols):
-        grid = np.asarray(values, dtype=np.float64).reshape(rr.shape) - 0.5  # corner -> centre index
-        da = xr.DataArray(grid, dims=("r", "c"), coords={"r": rows, "c": cols})
-        for dim, axis, full in (("r", rows, np.arange(row0, row1)), ("c", cols, np.arange(col0, col1))):
-            da = da.interp({dim: full}) if axis.size > 1 else da.reindex({dim: full}, method="nearest")
-        out.append(np.asarray(da.values))
-    return out[0], out[1]
+    lines = np.asarray(src_rows, dtype=np.float64).reshape(rr.shape) - 0.5  # corner -> centre index
+    pixels = np.asarray(src_cols, dtype=np.float64).reshape(rr.shape) - 0.5
+    return Lattice(rows, cols, lines, pixels, (row0, row1, col0, col1))

@@ -59,7 +59,7 @@ from rasterio.warp import transform as warp_points
 
 from fusarbatch.catalog.scene import BandRef, Scene
 from fusarbatch.errors import SceneError
-from fusarbatch.tiling.calibration import LATTICE_STEP, LUT_NAMES, lattice_lines_pixels
+from fusarbatch.tiling.calibration import LATTICE_STEP, LUT_NAMES, lattice
 
 #: Resampling of every warp (GCP -> UTM, and aligning a polarisation onto the scene grid).
 WARP_RESAMPLING = Resampling.bilinear
@@ -113,18 +113,29 @@ class _Run:
     """Per band, a :class:`~fusarbatch.tiling.calibration.CalibrationLUT` (or None); empty: values as
     stored."""
 
-    def lines_pixels(
-        self, grid_transform: Affine, shape: tuple[int, int], row0: int, row1: int, col0: int, col1: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Raster (line, pixel) of the scene window: 1-D (read as stored) or 2-D (warped) arrays."""
+    def calibrate(
+        self,
+        block: np.ndarray,
+        grid_transform: Affine,
+        shape: tuple[int, int],
+        window: tuple[int, int, int, int],
+    ) -> None:
+        """Calibrate ``block`` (this run's bands of the scene ``window``) in place with :attr:`luts`."""
+        row0, row1, col0, col1 = window
         if self.locate is not None:
-            return lattice_lines_pixels(self.locate, grid_transform, row0, row1, col0, col1)
-        rows, cols = np.arange(row0, row1), np.arange(col0, col1)
+            nodes = lattice(self.locate, grid_transform, row0, row1, col0, col1)
+            for i, lut in enumerate(self.luts):
+                if lut is not None:
+                    block[i] = lut.calibrate_warped(block[i], nodes)
+            return
+        lines, pixels = np.arange(row0, row1), np.arange(col0, col1)
         if self.flips[0]:
-            rows = shape[0] - 1 - rows
+            lines = shape[0] - 1 - lines
         if self.flips[1]:
-            cols = shape[1] - 1 - cols
-        return rows, cols
+            pixels = shape[1] - 1 - pixels
+        for i, lut in enumerate(self.luts):
+            if lut is not None:
+                block[i] = lut.calibrate(block[i], lines, pixels)
 
 
 class WindowReader:
@@ -157,10 +168,7 @@ class WindowReader:
                 block = np.ascontiguousarray(block[:, :: -1 if flip_rows else 1, :: -1 if flip_cols else 1])
             block = _mask_nodata(block, run.nodata)
             if any(lut is not None for lut in run.luts) and block.size:
-                lines, pixels = run.lines_pixels(self.transform, (height, width), row0, row1, col0, col1)
-                for i, lut in enumerate(run.luts):
-                    if lut is not None:
-                        block[i] = lut.calibrate(block[i], lines, pixels)
+                run.calibrate(block, self.transform, (height, width), (row0, row1, col0, col1))
             pieces.append(block)
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
 
