@@ -21,7 +21,9 @@ Tiles are row-major (see :mod:`fusarbatch.tiling.grid`). Group attributes: ``crs
 digital numbers were calibrated), ``units``, ``tile_size``,
 ``overlap``, ``min_valid``, ``n_tiles``, ``n_inferable``, ``source_hrefs``, ``scene_shape`` ``[H, W]``,
 ``scene_transform`` (6 floats), ``warp`` (``null`` or how GCP-only / off-grid files were warped),
-``status`` and ``complete``. ``xarray.open_zarr(store, group=safe_id, consolidated=False)`` opens a group.
+``tiling_id`` (new for every write), ``status`` and ``complete``; ``run`` adds ``outputs_made_from`` once a
+scene's GeoParquet is written (:mod:`fusarbatch.outputs.provenance`).
+``xarray.open_zarr(store, group=safe_id, consolidated=False)`` opens a group.
 
 **Crash safety.** A scene is written to ``tiles.zarr/.<safe_id>.partial-<pid>``; ``complete`` is set to
 true last; then the directory is renamed to ``<safe_id>``, replacing an older group (the older one is first
@@ -362,6 +364,7 @@ def _write_scene(
         "scene_transform": list(tuple(source.transform)[:6]),
         "transform_order": "a,b,c,d,e,f (affine/rasterio): x = a*col + b*row + c, y = d*col + e*row + f",
         "warp": source.warp,
+        "tiling_id": uuid.uuid4().hex,  # this write: outputs made from it record it (outputs.provenance)
         "status": "running",
         "complete": False,
     }
