@@ -247,3 +247,33 @@ def test_calibration_annotation_of_another_polarisation_or_extent_fails(
     )
     result = tile_scene(_grd_scene(make_scene, wide, item_id="generated-wide"), tmp_path / "tiles.zarr")
     assert result.status == "failed" and "pixels 0..21631" in result.error and "not its LUT" in result.error
+
+
+def test_bottom_up_grd_is_calibrated_at_its_own_lines(tmp_path, write_generated_tif, make_scene):
+    """Stored bottom-up, the scene's first row is the raster's LAST line: the LUT is read there."""
+    rows, cols = np.mgrid[0:200, 0:150]
+    bottom_up = Affine(10.0, 0.0, 500_000.0, 0.0, 10.0, 5_000_000.0)
+    path = write_generated_tif(
+        "generated_grd_dn_bottom_up.tif", _dn(rows, cols), crs="EPSG:32631", transform=bottom_up
+    )
+    scene = _grd_scene(make_scene, path)
+    reader = prepare_radiometry(scene, open_scene(scene)).source.reader
+    lut = _lut_by_hand()
+    for r, c in [(0, 0), (0, 149), (57, 33), (199, 0)]:
+        line = 199 - r  # north-up scene row r is raster line 199 - r
+        expected = float(_dn(np.array(line), np.array(c))) ** 2 / _a_by_hand(line, c, lut) ** 2
+        assert reader.read(r, r + 1, c, c + 1)[0, 0, 0] == pytest.approx(expected, rel=1e-5), (r, c)
+
+
+def test_off_grid_file_locates_its_rows_through_its_geotransform():
+    from rasterio.crs import CRS
+
+    from fusarbatch.tiling.source import _Locate
+
+    shifted = Affine(10.0, 0.0, 500_035.0, 0.0, -10.0, 4_999_980.0)
+    locate = _Locate(CRS.from_epsg(32631), CRS.from_epsg(32631), transform=shifted)
+    rows, cols = locate(
+        np.array([500_035.0 + 5.0, 500_035.0 + 105.0]), np.array([4_999_980.0 - 5.0, 4_999_980.0 - 205.0])
+    )
+    np.testing.assert_allclose(rows, [0.5, 20.5])
+    np.testing.assert_allclose(cols, [0.5, 10.5])
