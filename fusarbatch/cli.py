@@ -111,7 +111,7 @@ def tile(
     """Search, then tile every scene into <out>/tiles.zarr (DESIGN 3.2)."""
     from fusarbatch.catalog import search_scenes
     from fusarbatch.outputs import ensure_writable_dir
-    from fusarbatch.report import print_scenes, print_tiling
+    from fusarbatch.report import print_line, print_scenes, print_tiling
     from fusarbatch.tiling import tile_scenes
     from fusarbatch.tiling.grid import validate_tiling
 
@@ -130,6 +130,12 @@ def tile(
     print_scenes(console, result)
     results = tile_scenes(result.scenes, out / "tiles.zarr", tile_size=tile_size, overlap=overlap)
     print_tiling(console, results, out / "tiles.zarr")
+    if (out / "ledger.sqlite").exists():  # a run folder: its GeoParquet was made from the old groups
+        print_line(
+            console,
+            "note: this folder holds the outputs of `fusarbatch run`; the scenes tiled here are redone by "
+            "its next run, so that tiles.zarr and the GeoParquet agree (`fusarbatch status` lists them)",
+        )
     if any(r.status == "failed" for r in results):
         raise typer.Exit(1)
 
