@@ -414,6 +414,10 @@ def train(
             "--probe-loss-weight", min=0.0, help="Stage 0: deep supervision of the answer position."
         ),
     ] = 0.0,
+    freeze_language_model: Annotated[
+        bool,
+        typer.Option("--freeze-language-model", help="Stage 0: train the vision tower and merger only."),
+    ] = False,
     task: Annotated[
         list[str] | None, typer.Option("--task", help="Train only on records of this task (repeatable).")
     ] = None,
@@ -449,6 +453,7 @@ def train(
             target_loss_weight=target_loss_weight,
             spread_loss_weight=spread_loss_weight,
             probe_loss_weight=probe_loss_weight,
+            freeze_language_model=freeze_language_model,
             tasks=list(task) if task else None,
         )
     )
