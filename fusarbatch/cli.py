@@ -203,6 +203,10 @@ def run(
         int | None, typer.Option("--max-new-tokens", help="Generation budget per prompt (128).")
     ] = None,
     iou_threshold: Annotated[float | None, typer.Option("--iou-threshold", help="Cross-tile NMS.")] = None,
+    min_score: Annotated[
+        float | None,
+        typer.Option("--min-score", help="Drop boxes scored below this (0..1) before NMS and counts (0)."),
+    ] = None,
     scheduler: Annotated[
         str | None, typer.Option("--scheduler", help="Dask scheduler address (default: a LocalCluster).")
     ] = None,

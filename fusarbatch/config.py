@@ -32,7 +32,7 @@ _NAME = re.compile(r"[\w][\w .\-/]*")  # labels and classes: words, no control c
 
 #: Bumped when a code change alters what a scene's outputs contain (part of every output hash), so that
 #: reruns redo scenes made by older code.
-OUTPUTS_VERSION = 1
+OUTPUTS_VERSION = 2  # 2: per-box score, answer_score column, boxes on the model's own grid
 
 #: Fields that decide the tiles, the anchors, the answers and the tables of a scene. Everything else
 #: (where to search, where to run, batch size, timeouts, locking, logging) does not change a scene's
@@ -50,6 +50,7 @@ OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
         "classes",
         "max_new_tokens",
         "iou_threshold",
+        "min_score",
         "quicklooks",
     ),
 }
@@ -93,6 +94,13 @@ class RunConfig(BaseModel):
     batch_size: int = Field(8, ge=1, le=256, description="Tiles per generate() call.")
     max_new_tokens: int = Field(128, ge=1, le=4096, description="Generation budget per prompt.")
     iou_threshold: float = Field(0.5, gt=0, le=1, description="Cross-tile NMS IoU threshold.")
+    min_score: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Boxes whose own score (geometric mean of their coordinate tokens' probabilities) is "
+        "below this are dropped before NMS and counts; 0 keeps every box.",
+    )
     scheduler: str | None = Field(None, description="Dask scheduler address; default: a LocalCluster.")
     scheduler_timeout_s: float = Field(
         20.0, gt=0, description="Seconds to reach --scheduler before giving up."

@@ -166,6 +166,8 @@ class _Context:
     model_spec: ModelSpec | None = None
     task: TaskSpec | None = None
     searched_at: str = ""
+    image_size: int = 504
+    """The model's input side in pixels (``tlm_config.json``): tiles are rendered at it, boxes are on it."""
 
 
 def run(
@@ -200,7 +202,7 @@ def _run_locked(
     cfg: RunConfig, progress: Progress | None, lock: RunLock, run_id: str, argv: list[str]
 ) -> RunSummary:
     from fusarbatch.model.demo import demo_model_dir
-    from fusarbatch.model.fusar_gpt import resolve_model_dirs
+    from fusarbatch.model.fusar_gpt import model_image_size, resolve_model_dirs
 
     notify = progress or (lambda event, fields: None)
     started = time.perf_counter()
@@ -215,6 +217,7 @@ def _run_locked(
         # every model file checked (headers, JSON) before any scene is tiled
         model_dir, adapter_dir = resolve_model_dirs(cfg.model or demo_model_dir(), cfg.base_model)
         fingerprint = model_hash(*(d for d in (model_dir, adapter_dir) if d is not None))
+        image_size = model_image_size(model_dir, adapter_dir)
     except BaseException:
         ledger.close()
         raise
@@ -228,6 +231,7 @@ def _run_locked(
         model_hash=fingerprint,
         ledger=ledger,
         notify=notify,
+        image_size=image_size,
     )
     ledger.start_run(
         run_id,
@@ -597,7 +601,14 @@ def _tile_and_submit(ctx: _Context, scene: Scene) -> _Pending:
             # scene are prepared ahead (memory stays flat whatever the scene size)
             after = p.futures[k - PREFETCH_BATCHES] if k >= PREFETCH_BATCHES else None
             prepared = ctx.client.submit(
-                prepare_tiles, str(ctx.store), p.group, batch, ctx.task.render_mode, after, pure=False
+                prepare_tiles,
+                str(ctx.store),
+                p.group,
+                batch,
+                ctx.task.render_mode,
+                after,
+                size=ctx.image_size,
+                pure=False,
             )
             p.futures.append(
                 ctx.client.submit(
@@ -711,6 +722,9 @@ def _write_scene(ctx: _Context, p: _Pending, answers: dict[int, Any]) -> None:
         TileGeometry(Affine(*transforms[i]), int(rows[i]), int(cols[i]), size, size) for i in range(len(rows))
     ]
     ids = sorted(answers)
+    grids = {answers[i].grid for i in ids}  # the model's own input size: the boxes' grid
+    if len(grids) > 1:
+        raise FusarbatchError(f"answers on different grids {sorted(grids)}: one model per run")
     detections: list[Detection] = scene_detections(
         scene.item_id,
         crs,
@@ -718,7 +732,10 @@ def _write_scene(ctx: _Context, p: _Pending, answers: dict[int, Any]) -> None:
         [answers[i].boxes for i in ids],
         [answers[i].scores for i in ids],
         [answers[i].model_labels for i in ids],
+        grid=grids.pop() if grids else ctx.image_size,
         iou_threshold=cfg.iou_threshold,
+        answer_scores_per_tile=[answers[i].answer_scores for i in ids],
+        min_score=cfg.min_score,
     )
     # scene_detections numbers tiles by position in the list it was given: map back to store tile ids
     detections = [Detection(**{**d.__dict__, "tile_id": ids[d.tile_id]}) for d in detections]
@@ -773,6 +790,7 @@ def _write_scene(ctx: _Context, p: _Pending, answers: dict[int, Any]) -> None:
             "label": d.label,
             "model_label": d.model_label,
             "score": d.score,
+            "answer_score": d.answer_score,
             "geometry": d.geometry,
         }
         for d in detections

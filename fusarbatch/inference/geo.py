@@ -1,8 +1,10 @@
 """Pixel boxes -> map polygons, tile ownership and cross-tile de-duplication (DESIGN 3.5).
 
-The model answers on a ``grid`` x ``grid`` (504) input. A box ``[x1, y1, x2, y2]`` on that grid is clipped to
-the grid, scaled per axis to the tile's pixels (``x * W / grid``, ``y * H / grid``), placed in the scene
-with the tile's affine (rasterio order a..f, scene CRS) and reprojected to EPSG:4326.
+The model answers on a ``grid`` x ``grid`` input, its own ``image_size`` (``tlm_config.json``; 504 for
+FUSAR-GPT). A box ``[x1, y1, x2, y2]`` on that grid is clipped to the grid, scaled per axis to the tile's
+pixels (``x * W / grid``, ``y * H / grid``), placed in the scene with the tile's affine (rasterio order
+a..f, scene CRS) and reprojected to EPSG:4326. Callers must pass the model's grid: placing a 336 px model's
+boxes on 504 would shrink them toward the tile origin by 2/3.
 
 Overlapping tiles see the same target twice. Each detection is first *owned* by the tile whose core
 contains its centre: cores partition the scene, the boundary between two neighbouring tiles lying in the
@@ -66,6 +68,9 @@ class Detection:
     model_label: str | None = None
     """The label the model wrote for this box, where it differs from :attr:`label` (the label asked for)
     or is otherwise known; None when not recorded."""
+    answer_score: float | None = None
+    """Probability of the whole generated answer the box came from (shared by its boxes); None when not
+    recorded. :attr:`score` is the box's own confidence."""
 
 
 def axis_cores(origins: Sequence[int], tile: int) -> list[tuple[float, float]]:
@@ -172,15 +177,23 @@ def scene_detections(
     *,
     grid: int = 504,
     iou_threshold: float = 0.5,
+    answer_scores_per_tile: Sequence[Sequence[float | None]] | None = None,
+    min_score: float = 0.0,
 ) -> list[Detection]:
-    """All detections of one scene: polygons, ownership by tile core, NMS, EPSG:4326 geometry and ids.
+    """All detections of one scene: score threshold, polygons, ownership by tile core, NMS, EPSG:4326
+    geometry and ids.
 
     :param tiles: every tile of the scene (tile id = index), all of one size.
     :param boxes_per_tile: parsed model boxes per tile (on the ``grid`` input), same order as ``tiles``;
         ``box.label`` is the detection's label (NMS and ids are per label).
-    :param scores_per_tile: optional score per box (sequence probability) or ``None``.
+    :param scores_per_tile: optional score per box in [0, 1] (the box's own confidence) or ``None``.
     :param model_labels_per_tile: optional label the model itself wrote, per box (kept as
         :attr:`Detection.model_label`).
+    :param grid: side of the model's input in pixels (its ``image_size``): the boxes' grid.
+    :param answer_scores_per_tile: optional probability of the answer each box came from (kept as
+        :attr:`Detection.answer_score`).
+    :param min_score: boxes scored below it are dropped before ownership and NMS (so they neither count
+        nor suppress a neighbour); with ``min_score > 0`` a box without a score is dropped too.
     """
     if not tiles:
         return []
@@ -194,9 +207,14 @@ def scene_detections(
         none = [None] * len(boxes)
         scores = list(scores_per_tile[tile_id]) if scores_per_tile is not None else none
         model_labels = list(model_labels_per_tile[tile_id]) if model_labels_per_tile is not None else none
+        answer_scores = list(answer_scores_per_tile[tile_id]) if answer_scores_per_tile is not None else none
         r_lo, r_hi = row_cores[tile.row_off]
         c_lo, c_hi = col_cores[tile.col_off]
-        for box, score, model_label in zip(boxes, scores, model_labels, strict=True):
+        for box, score, model_label, answer_score in zip(
+            boxes, scores, model_labels, answer_scores, strict=True
+        ):
+            if min_score > 0 and (score is None or score < min_score):
+                continue
             placed = _box_polygon(box, tile, grid)  # per box: scores stay aligned when one is dropped
             if placed is None:
                 continue
@@ -217,6 +235,7 @@ def scene_detections(
                     geometry_map=poly_map,
                     center_px=(cr, cc),
                     model_label=model_label,
+                    answer_score=answer_score,
                 )
             )
     return deduplicate(found, iou_threshold=iou_threshold)
