@@ -424,9 +424,30 @@ def train(
 
 @app.command(name="eval")
 def evaluate(
-    model: Annotated[Path, typer.Option("--model", help="Training output or full model directory.")],
     data: DataOpt,
-    out: Annotated[Path | None, typer.Option("--out", help="Default: <model>/eval (eval_no_tlm).")] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Training output or full model directory (not with --engine cfar)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Default: ./eval_<model folder name> (_no_tlm), ./eval_cfar."),
+    ] = None,
+    engine: Annotated[
+        str, typer.Option("--engine", help="model, or cfar: the CFAR detector alone (no model).")
+    ] = "model",
+    train_data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--train-data",
+            help="Training manifest (repeatable): source of the majority and median-box baselines "
+            "(default: the evaluated records).",
+        ),
+    ] = None,
+    min_score: Annotated[
+        float,
+        typer.Option("--min-score", min=0.0, max=1.0, help="Box score threshold, as run --min-score (0)."),
+    ] = 0.0,
     base_model: Annotated[
         Path | None, typer.Option("--base-model", help="Base model (default: recorded by training).")
     ] = None,
@@ -436,10 +457,27 @@ def evaluate(
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most N records per task.")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", help="Only this task (repeatable).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cuda or cpu.")] = None,
+    cfar_guard: Annotated[
+        int | None, typer.Option("--cfar-guard", help="CFAR guard window, pixels of the images (odd).")
+    ] = None,
+    cfar_background: Annotated[
+        int | None, typer.Option("--cfar-background", help="CFAR background window, pixels (odd).")
+    ] = None,
+    cfar_k: Annotated[float | None, typer.Option("--cfar-k", help="CFAR threshold on the statistic.")] = None,
 ) -> None:
-    """Score a model on a triplet manifest with the paper's metrics; writes metrics.json and metrics.md."""
+    """Score a model (or CFAR) on triplet manifests with the paper's metrics, beside the baselines
+    (majority answers, median box, shuffled images, CFAR); writes metrics.json, metrics.md and
+    predictions.jsonl."""
+    import dataclasses
+
+    from fusarbatch.engines.cfar import CHIP_PARAMS
     from training.evaluate import EvalConfig, evaluate_and_report
 
+    cfar_options = {"guard": cfar_guard, "background": cfar_background, "k": cfar_k}
+    try:
+        cfar = dataclasses.replace(CHIP_PARAMS, **{k: v for k, v in cfar_options.items() if v is not None})
+    except ValueError as exc:
+        raise UsageError(f"--cfar-*: {exc}") from None
     console.print(
         evaluate_and_report(
             EvalConfig(
@@ -453,6 +491,10 @@ def evaluate(
                 limit=limit,
                 tasks=task,
                 device=device,
+                engine=engine,
+                train_data=list(train_data) if train_data else None,
+                min_score=min_score,
+                cfar=cfar,
             )
         ),
         highlight=False,

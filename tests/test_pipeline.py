@@ -523,4 +523,3 @@ def test_a_336_model_places_boxes_on_its_own_grid_with_per_box_scores(tmp_path, 
     kept = read_dataset(out, "detections")
     assert list(kept.score) == [scores[1]]
     assert read_dataset(out, "counts")["count"].tolist() == [1]
-

@@ -247,7 +247,9 @@ def infer_prepared(model_spec: ModelSpec, task: TaskSpec, prepared: PreparedTile
                 res = parse_detection(gen.text, default_label=label, grid=grid)
                 answer_score = float(np.exp(gen.logprob)) if np.isfinite(gen.logprob) else None
                 scores = (
-                    box_confidences(gen.token_logprobs, model.token_spans(gen), res.spans) if res.value else []
+                    box_confidences(gen.token_logprobs, model.token_spans(gen), res.spans)
+                    if res.value
+                    else []
                 )
                 for box, score in zip(res.value, scores, strict=True):
                     # the answer to "detect: {label}" is a {label} box; what the model called it is kept

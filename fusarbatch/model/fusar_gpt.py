@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -66,9 +65,9 @@ __all__ = [
     "check_model_dir",
     "decoded_token_spans",
     "load_processor",
-    "model_image_size",
     "load_tlm",
     "lora_config",
+    "model_image_size",
     "resolve_model_dirs",
     "save_tlm",
 ]
@@ -156,14 +155,22 @@ def decoded_token_spans(tokenizer: Any, token_ids: Sequence[int]) -> tuple[tuple
     done = 0  # characters of `full` covered by the tokens so far
     for k in range(len(ids)):
         prefix = tokenizer.decode(ids[: k + 1], skip_special_tokens=True)
-        if full.startswith(prefix):
-            end = len(prefix)
-        else:  # an incomplete UTF-8 sequence (U+FFFD) or a clean-up rule: the agreeing part only
-            end = len(os.path.commonprefix([prefix, full]))
+        # past an incomplete UTF-8 sequence (U+FFFD) or a clean-up rule, only the agreeing part counts
+        end = len(prefix) if full.startswith(prefix) else _agreeing(prefix, full)
         end = max(end, done)
         spans.append((min(max(done - lead, 0), size), min(max(end - lead, 0), size)))
         done = end
     return tuple(spans)
+
+
+def _agreeing(a: str, b: str) -> int:
+    """Length of the common prefix of two strings."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 # --------------------------------------------------------------------------------------------- loading
