@@ -314,8 +314,9 @@ def generate_answers(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Any]:
     """Greedy :class:`~fusarbatch.model.Generation` per record, records of one task batched. Images are
-    resized to the model's grid (:attr:`~fusarbatch.model.FusarGPT.image_size`) and classification
-    questions are moved to it (:func:`~fusarbatch.model.prompts.regrid_classification_prompt`)."""
+    resized to the model's grid (:attr:`~fusarbatch.model.FusarGPT.image_size`); the box of a
+    classification question on a record of another grid (``coordinate_size``) is moved to it
+    (:func:`~fusarbatch.model.prompts.regrid_classification_prompt`)."""
     from training.data import load_anchors, load_image
 
     grid = int(model.image_size)
@@ -332,7 +333,9 @@ def generate_answers(
             images = [load_image(r.image, grid) for r in recs]
             anchors = [None if no_tlm else load_anchors(r) for r in recs]
             questions = [
-                regrid_classification_prompt(r.question, grid) if r.task == "classification" else r.question
+                regrid_classification_prompt(r.question, grid, from_grid=r.coordinate_size)
+                if r.task == "classification"
+                else r.question
                 for r in recs
             ]
             gens = model.generate_detailed(images, questions, anchors, max_new_tokens=budget, image_size=grid)

@@ -136,16 +136,19 @@ _CLASSIFICATION_BOX_RE = re.compile(
 )
 
 
-def regrid_classification_prompt(question: str, grid: int) -> str:
+def regrid_classification_prompt(question: str, grid: int, *, from_grid: int | None = None) -> str:
     """``question`` (a :func:`classification_prompt`) with its box and grid size moved to ``grid``.
 
-    The box is scaled per axis by ``grid / old_grid`` and rounded as :func:`classification_prompt` rounds.
-    A question that is not fusarbatch's classification prompt, or already on ``grid``, is returned as it is.
+    The box is scaled per axis by ``grid / from_grid`` and rounded as :func:`classification_prompt` rounds;
+    ``from_grid`` is the grid the box is on (a manifest record's ``coordinate_size``, which is
+    authoritative), by default the one the question names. A question that is not fusarbatch's
+    classification prompt, or whose box is already on ``grid``, is returned as it is.
     """
     m = _CLASSIFICATION_BOX_RE.search(question)
-    if m is None or int(m["g"]) == int(grid):
+    old = int(from_grid) if from_grid is not None else int(m["g"]) if m is not None else int(grid)
+    if m is None or old == int(grid):
         return question
-    f = int(grid) / int(m["g"])
+    f = int(grid) / old
     box = [round(int(m[k]) * f) for k in ("x1", "y1", "x2", "y2")]
     text = (
         f"in the box [{box[0]}, {box[1]}, {box[2]}, {box[3]}] "

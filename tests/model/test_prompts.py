@@ -69,6 +69,10 @@ def test_classification_question_moves_to_the_models_grid() -> None:
     assert "[67, 34, 167, 335]" in regrid_classification_prompt(q, 336)
     assert regrid_classification_prompt(q, 504) == q
     assert regrid_classification_prompt("What is it?", 336) == "What is it?"  # not ours: left as it is
+    # the record's grid wins over the one the text names (manifests whose text said 504 for a 336 box)
+    said_504 = classification_prompt([0, 0, 336, 336], ["ship"], grid=504)
+    assert "[0, 0, 224, 224]" in regrid_classification_prompt(said_504, 224, from_grid=336)
+    assert regrid_classification_prompt(said_504, 336, from_grid=336) == said_504
 
 
 def test_detection_spans_point_at_each_boxs_numbers_in_every_answer_form() -> None:
