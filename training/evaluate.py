@@ -161,7 +161,10 @@ def _as_prediction(p: Prediction | tuple) -> Prediction:
     if isinstance(p, Prediction):
         return p
     value, ok = p[0], p[1]
-    scores = tuple(p[2]) if len(p) > 2 else tuple(None for _ in (value or ())) if ok else ()
+    if len(p) > 2:
+        scores = tuple(p[2])
+    else:  # boxes without scores
+        scores = tuple(None for _ in value) if ok and isinstance(value, tuple | list) else ()
     return Prediction(value, ok, scores=scores)
 
 

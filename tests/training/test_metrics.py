@@ -162,6 +162,11 @@ def test_score_predictions_from_raw_model_text():
     ]
     parsed = [read_answer(r, t) for r, t in zip(recs, texts, strict=True)]
     m = score_predictions(recs, parsed)
+    as_tuples = score_predictions(recs, [(p.value, p.ok) for p in parsed])  # (value, ok): no box scores
+    assert (
+        as_tuples["counting"] == m["counting"]
+        and as_tuples["detection"]["iou_0.5"] == m["detection"]["iou_0.5"]
+    )
     assert m["counting"]["accuracy"] == 0.5 and m["counting"]["parse"]["failures"] == 1
     assert m["grounding"]["acc100"] == 1.0
     assert m["classification"]["accuracy"] == 0.5 and m["classification"]["parse"]["failures"] == 1
