@@ -111,7 +111,7 @@ def tile(
     """Search, then tile every scene into <out>/tiles.zarr (DESIGN 3.2)."""
     from fusarbatch.catalog import search_scenes
     from fusarbatch.outputs import ensure_writable_dir
-    from fusarbatch.report import print_scenes, print_tiling
+    from fusarbatch.report import print_line, print_scenes, print_tiling
     from fusarbatch.tiling import tile_scenes
     from fusarbatch.tiling.grid import validate_tiling
 
@@ -130,6 +130,12 @@ def tile(
     print_scenes(console, result)
     results = tile_scenes(result.scenes, out / "tiles.zarr", tile_size=tile_size, overlap=overlap)
     print_tiling(console, results, out / "tiles.zarr")
+    if (out / "ledger.sqlite").exists():  # a run folder: its GeoParquet was made from the old groups
+        print_line(
+            console,
+            "note: this folder holds the outputs of `fusarbatch run`; the scenes tiled here are redone by "
+            "its next run, so that tiles.zarr and the GeoParquet agree (`fusarbatch status` lists them)",
+        )
     if any(r.status == "failed" for r in results):
         raise typer.Exit(1)
 
@@ -351,7 +357,13 @@ DataOpt = Annotated[list[Path], typer.Option("--data", help="Triplet manifest (J
 @app.command()
 def train(
     stage: Annotated[
-        int, typer.Option("--stage", min=1, max=2, help="1: captions, TLM (+LoRA); 2: tasks, LoRA.")
+        int,
+        typer.Option(
+            "--stage",
+            min=0,
+            max=2,
+            help="0: all parameters of a small base (not in the paper); 1: captions + TLM; 2: tasks, LoRA.",
+        ),
     ],
     data: DataOpt,
     base_model: Annotated[Path, typer.Option("--base-model", help="Qwen2.5-VL model directory (frozen).")],
@@ -384,8 +396,33 @@ def train(
         bool, typer.Option("--tlm-zero-init", help="A new TLM starts as the identity (last layer zeroed).")
     ] = False,
     device: Annotated[str | None, typer.Option("--device", help="cuda or cpu.")] = None,
+    loss_mean: Annotated[
+        str | None,
+        typer.Option(
+            "--loss-mean", help="token or answer (each record weighs the same). Default: answer in stage 0."
+        ),
+    ] = None,
+    target_loss_weight: Annotated[
+        float,
+        typer.Option(
+            "--target-loss-weight", min=0.0, help="Stage 0: dense target loss on the visual tokens."
+        ),
+    ] = 0.0,
+    spread_loss_weight: Annotated[
+        float,
+        typer.Option("--spread-loss-weight", min=0.0, help="Stage 0: keep the visual tokens centred."),
+    ] = 0.0,
+    probe_loss_weight: Annotated[
+        float,
+        typer.Option(
+            "--probe-loss-weight", min=0.0, help="Stage 0: deep supervision of the answer position."
+        ),
+    ] = 0.0,
+    task: Annotated[
+        list[str] | None, typer.Option("--task", help="Train only on records of this task (repeatable).")
+    ] = None,
 ) -> None:
-    """Train FUSAR-GPT stage 1 or 2 on triplet manifests (DESIGN 4)."""
+    """Train FUSAR-GPT stage 0, 1 or 2 on triplet manifests (DESIGN 4)."""
     from training.train import TrainConfig
     from training.train import train as run_training
 
@@ -412,6 +449,11 @@ def train(
             no_tlm=no_tlm,
             tlm_zero_init=tlm_zero_init,
             device=device,
+            loss_mean=loss_mean,
+            target_loss_weight=target_loss_weight,
+            spread_loss_weight=spread_loss_weight,
+            probe_loss_weight=probe_loss_weight,
+            tasks=list(task) if task else None,
         )
     )
     console.print(

@@ -9,11 +9,13 @@ within ``task_timeout_s`` fails its scene instead of hanging the run.
 **Ledger and reruns** (:mod:`fusarbatch.outputs.ledger`). A run holds ``<out>/run.lock`` and records every
 scene's stages in ``<out>/ledger.sqlite``. A scene is skipped when the ledger has it done with the same
 config hash (:meth:`RunConfig.output_hash`) and model hash, and its output files are on disk; otherwise
-(new, failed, interrupted, changed, files missing, ``--force``) it is redone. A redone scene reuses its Zarr
-group when the ledger has its tiling (and anchors) done with the same stage hash and the group is
-``complete`` (``aef_complete``); everything after that is recomputed, and every output file is replaced
-atomically, so a run killed at any point and started again ends with the outputs of an uninterrupted run.
-Leftovers of killed runs (temporary files, partial Zarr groups of dead processes) are removed at start.
+(new, failed, interrupted, changed, files missing, its Zarr group re-tiled or re-anchored since its
+outputs were made (e.g. by ``fusarbatch tile --tile-size``), ``--force``) it is redone. A redone scene
+reuses its Zarr group when the ledger has its tiling (and anchors) done with the same stage hash and the
+group is ``complete`` (``aef_complete``); everything after that is recomputed, and every output file is
+replaced atomically, so a run killed at any point and started again ends with the outputs of an
+uninterrupted run. Leftovers of killed runs (temporary files, partial Zarr groups of dead processes) are
+removed at start.
 
 **Windows.** ``--start``/``--end`` (calendar dates or ``-P2D``-style rolling windows), or
 ``--since-last-run``: from the search time of the last finished run minus ``since_margin`` (scenes
@@ -70,6 +72,7 @@ from fusarbatch.inference.workers import (
 )
 from fusarbatch.outputs.geoparquet import KINDS, count_column, write_table
 from fusarbatch.outputs.ledger import Ledger, RunLock, model_hash, new_run_id, prepare_out, utc_now
+from fusarbatch.outputs.provenance import OUTPUTS_MADE_FROM, group_attrs, outputs_out_of_step
 from fusarbatch.outputs.quicklook import write_quicklook
 from fusarbatch.tiling import tile_scene
 from fusarbatch.tiling.store import left_by_gone_process
@@ -428,6 +431,9 @@ def _redo_reason(ctx: _Context, rec: Any) -> str | None:
     missing = [p for p in rec.outputs if not (ctx.cfg.out / p).is_file()]
     if missing or not rec.outputs:
         return f"output file(s) missing ({', '.join(missing[:2]) or 'none recorded'}): redoing it"
+    out_of_step = outputs_out_of_step(group_attrs(ctx.store, rec.group))
+    if out_of_step:
+        return f"{out_of_step}: redoing it, so that tiles.zarr and the GeoParquet agree"
     return None
 
 
@@ -675,6 +681,12 @@ def _finish(ctx: _Context, p: _Pending) -> tuple[float, int]:
         before = ctx.ledger.scene(outcome.scene_id)
         _write_scene(ctx, p, answers)
         _remove_outputs_moved(cfg.out, before.outputs if before else (), outcome.outputs)
+        group = zarr.open_group(str(ctx.store / p.group), mode="r+", zarr_format=3)
+        group.attrs[OUTPUTS_MADE_FROM] = {  # what these outputs were made from (outputs_out_of_step)
+            "tiling_id": group.attrs.get("tiling_id"),
+            "aef_id": group.attrs.get("aef_id"),
+            "run_id": ctx.run_id,
+        }
         ctx.ledger.scene_done(
             outcome.scene_id,
             ctx.run_id,

@@ -147,13 +147,19 @@ def print_run_summary(console: Console, summary: RunSummary) -> None:
         f"detections per label: {per_label}",
         f"wall time {summary.seconds:.1f} s, generate {summary.generate_seconds:.1f} s "
         f"({summary.prompts} prompts; {100 * outside:.0f}% of the time outside generate)",
-        f"outputs: {summary.out}/detections, {summary.out}/tiles, {summary.out}/counts (GeoParquet), "
-        + (f"{summary.out}/quicklooks (PNG), " if (Path(summary.out) / "quicklooks").is_dir() else "")
-        + f"{summary.out}/tiles.zarr, {summary.out}/scenes.parquet; "
+        f"outputs: {_existing_outputs(Path(summary.out))}; "
         f"ledger {summary.out}/ledger.sqlite (fusarbatch status --out {summary.out})",
     ]
     for line in lines:
         print_line(console, line)
+
+
+def _existing_outputs(out: Path) -> str:
+    """The output paths of a run folder that exist (an empty first run has written none of them)."""
+    kinds = [("detections", "GeoParquet"), ("tiles", "GeoParquet"), ("counts", "GeoParquet")]
+    kinds += [("quicklooks", "PNG"), ("tiles.zarr", "Zarr"), ("scenes.parquet", "stac-geoparquet")]
+    found = [f"{out / name} ({what})" for name, what in kinds if (out / name).exists()]
+    return ", ".join(found) or "none written yet"
 
 
 def _when(value: Any) -> str:
@@ -257,6 +263,9 @@ def print_status(console: Console, status: dict[str, Any]) -> None:
         f"leftovers of killed runs: {len(status['leftovers'])}"
         + (" (removed by the next run)" if status["leftovers"] else ""),
     ]
+    stale = status.get("out_of_step", [])
+    lines.append(f"done scenes whose tiles.zarr group changed since their outputs were made: {len(stale)}")
+    lines += [f"  {s['scene_id']}: {s['reason']}; {s['action']}" for s in stale[:10]]
     for line in lines:
         print_line(console, line)
 

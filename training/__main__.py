@@ -61,7 +61,13 @@ def build(
     val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=1.0)] = 0.2,
     augment: Annotated[str, typer.Option("--augment", help="none or dihedral (train split).")] = "none",
     max_per_class: Annotated[int | None, typer.Option("--max-per-class", min=1)] = None,
-    split: Annotated[list[str] | None, typer.Option("--split", help="train and/or val (repeatable).")] = None,
+    split: Annotated[
+        list[str] | None,
+        typer.Option("--split", help="Split to write (repeatable): train, val, test, ... Default: all."),
+    ] = None,
+    grid: Annotated[
+        int, typer.Option("--grid", help="Model input and box grid side in pixels (multiple of 28).")
+    ] = 504,
 ) -> None:
     """Render labelled chips and write triplet manifests for every task (training/builders.py)."""
     from training.builders import TASK_NAMES, build_dataset
@@ -77,7 +83,8 @@ def build(
         val_fraction=val_fraction,
         augment=augment,
         max_per_class=max_per_class,
-        splits=tuple(split) if split else ("train", "val"),
+        splits=tuple(split) if split else None,
+        grid=grid,
     )
     typer.echo(f"{summary.images} image(s) rendered into {summary.out}")
     for fname, counts in summary.manifests.items():

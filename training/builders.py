@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -103,6 +104,7 @@ MSTAR_KINDS = _MSTAR_KINDS
 
 _NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 TASK_NAMES = ("counting", "grounding", "classification", "detection")
+_SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 
 
 # --------------------------------------------------------------------------------------------- chips
@@ -112,7 +114,7 @@ class Chip:
 
     :ivar id: unique id within the build (``<source>/<name>``, plus ``~<aug>`` for augmented copies).
     :ivar path: the image file.
-    :ivar split: ``train`` or ``val``.
+    :ivar split: the split name (``train``, ``val``, ``test``, ... as the dataset names it).
     :ivar coarse: the coarse category asked in detection/counting/grounding (``ship``, ``vehicle``).
     :ivar boxes: labelled boxes in chip pixels (fine class names), before clipping; empty for class folders.
     :ivar label: the chip's class for class-folder data (classification of the whole chip), else None.
@@ -243,11 +245,13 @@ def scan_voc(
         raise UsageError(f"VOC folder {r}: no annotated image found (expected *.xml with images beside them)")
     split_of: dict[str, str] = {}
     for base in (r / "ImageSets", r / "ImageSets" / "Main"):
-        for split in ("train", "val"):
-            f = base / f"{split}.txt"
+        # every split file the dataset ships (train, val, test, trainval, ...); an id listed in several keeps
+        # the first in the order train, val, test, then the others by name (trainval never hides val)
+        files = sorted(base.glob("*.txt"), key=lambda f: (_SPLIT_ORDER.get(f.stem, 9), f.stem))
+        for f in files:
             if f.is_file():
                 for line in f.read_text(encoding="utf-8").split():
-                    split_of.setdefault(line.strip(), split)
+                    split_of.setdefault(line.strip(), f.stem)
     if not split_of:
         split_of = _hash_split(list(pairs), val_fraction)
     chips = []
@@ -339,7 +343,13 @@ def dihedral(values: np.ndarray, boxes: Sequence[Box], k: int) -> tuple[np.ndarr
 
 
 def _clip_scale(boxes: Sequence[Box], width: int, height: int, grid: int) -> tuple[Box, ...]:
-    """Clip to the chip, scale per axis to ``grid``; boxes with no area left are dropped."""
+    """Clip to the chip, scale per axis to ``grid`` and snap the corners to whole grid pixels (the answers
+    hold integers); boxes with no area on the chip are dropped.
+
+    A box that is less than one grid pixel wide or tall after scaling (a 2 px ship on a 1,000 px chip scaled
+    to 336) keeps one whole pixel around its centre instead of rounding to zero width: the answers, counts and
+    the scorer then all see the same, non-degenerate box.
+    """
     out = []
     sx, sy = grid / width, grid / height
     for b in boxes:
@@ -347,8 +357,20 @@ def _clip_scale(boxes: Sequence[Box], width: int, height: int, grid: int) -> tup
         y1, y2 = (min(max(v, 0.0), float(height)) for v in (b.y1, b.y2))
         if x2 <= x1 or y2 <= y1:
             continue
-        out.append(Box(b.label, x1 * sx, y1 * sy, x2 * sx, y2 * sy))
+        gx1, gx2 = _snap(x1 * sx, x2 * sx, grid)
+        gy1, gy2 = _snap(y1 * sy, y2 * sy, grid)
+        out.append(Box(b.label, gx1, gy1, gx2, gy2))
     return tuple(out)
+
+
+def _snap(lo: float, hi: float, grid: int) -> tuple[float, float]:
+    """Integer edges ``a < b`` in ``[0, grid]`` for the interval ``[lo, hi]``: rounded, or the one grid pixel
+    holding the interval's centre when rounding leaves no width."""
+    a, b = round(lo), round(hi)
+    if b <= a:
+        a = min(max(math.floor((lo + hi) / 2), 0), grid - 1)
+        b = a + 1
+    return float(a), float(b)
 
 
 def load_chip(chip: Chip) -> tuple[np.ndarray, tuple[Box, ...]]:
@@ -445,6 +467,8 @@ def chip_records(
     """
     meta = {**chip.meta, "split": chip.split, "aug": chip.aug}
     out: list[Triplet] = []
+    # every target's box on the grid (class folders: none known), for stage 0's dense target loss
+    grid_boxes = None if chip.label is not None else [[round(v) for v in b.as_list()] for b in boxes]
 
     def add(task: str, suffix: str, question: str, answer: str, extra: dict[str, Any] | None = None) -> None:
         out.append(
@@ -456,7 +480,7 @@ def chip_records(
                 aef=None,
                 coordinate_size=grid,
                 task=task,
-                meta={**meta, "label": chip.coarse, **(extra or {})},
+                meta={**meta, "label": chip.coarse, "boxes": grid_boxes, **(extra or {})},
             )
         )
 
@@ -542,7 +566,7 @@ def build_dataset(
     val_fraction: float = 0.2,
     augment: str = "none",
     max_per_class: int | None = None,
-    splits: Sequence[str] = ("train", "val"),
+    splits: Sequence[str] | None = None,
     grid: int = GRID,
     progress: Callable[[int, int], None] | None = None,
 ) -> BuildSummary:
@@ -558,8 +582,11 @@ def build_dataset(
     :param val_fraction: hash-split share of ``val`` when the data has no split of its own.
     :param augment: ``none`` or ``dihedral`` (train split only).
     :param max_per_class: class folders: at most this many chips per class and split.
-    :param splits: the splits to write.
-    :raises UsageError: unknown kind/task/augment, or a source with no chips.
+    :param splits: the splits to write (None: every split the source has: its ImageSets files, its split
+        folders, or the hash split's ``train`` and ``val``).
+    :param grid: side of the square model input and box grid in pixels (``coordinate_size``; a multiple of
+        28, the Qwen2.5-VL patch x merge size).
+    :raises UsageError: unknown kind/task/augment/split, a bad grid, or a source with no chips.
     """
     src, dst = Path(source), Path(out)
     unknown = set(tasks) - {"caption", *TASK_NAMES}
@@ -584,7 +611,14 @@ def build_dataset(
         )
     else:
         raise UsageError(f"--kind {kind!r}: choose voc, folders or auto")
-    chips = [c for c in chips if c.split in splits]
+    if grid < 28 or grid % 28:
+        raise UsageError(f"--grid {grid}: use a multiple of 28 (patch 14 x merge 2), e.g. 336 or 504")
+    found = sorted({c.split for c in chips}, key=lambda s: (_SPLIT_ORDER.get(s, 9), s))
+    if splits is not None:
+        missing = sorted(set(splits) - set(found))
+        if missing:
+            raise UsageError(f"--split {', '.join(missing)}: {src} has the splits {', '.join(found)}")
+        chips = [c for c in chips if c.split in splits]
     if cmap:
         classes = sorted(set(cmap.values()))
     else:

@@ -66,7 +66,22 @@ class TripletDataset(torch.utils.data.Dataset):
             "question": rec.question,
             "answer": rec.answer,
             "anchors": load_anchors(rec),
+            "target_boxes": _target_boxes(rec),
+            "target_class": rec.meta.get("class") if isinstance(rec.meta.get("class"), str) else None,
+            "grid": rec.coordinate_size,
         }
+
+
+def _target_boxes(rec: Triplet) -> list[list[float]] | None:
+    """The record's target boxes on its grid (``meta.boxes``, from the builders); None when unknown."""
+    boxes = rec.meta.get("boxes") if isinstance(rec.meta, dict) else None
+    if not isinstance(boxes, list):
+        return None
+    out = []
+    for b in boxes:
+        if isinstance(b, list | tuple) and len(b) == 4 and all(isinstance(v, int | float) for v in b):
+            out.append([float(v) for v in b])
+    return out
 
 
 class SeededSampler(torch.utils.data.Sampler[int]):
@@ -98,7 +113,9 @@ class Collator:
     :ivar padding_side: ``right`` (training default) or ``left``.
 
     Output: ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``labels`` ``(B, L)``, ``pixel_values``
-    ``(sum of patches, 1176)``, ``image_grid_thw`` ``(B, 3)`` and ``anchors`` (a list of :class:`Anchors`).
+    ``(sum of patches, 1176)``, ``image_grid_thw`` ``(B, 3)``, ``anchors`` (a list of :class:`Anchors`),
+    ``target_boxes`` (per record its boxes on its grid, or None), ``grids`` (per record its grid side) and
+    ``target_classes`` (per record its class, or None).
     """
 
     processor: Any
@@ -172,4 +189,7 @@ class Collator:
             "pixel_values": torch.cat(pixel_values, dim=0),
             "image_grid_thw": torch.cat(grids, dim=0),
             "anchors": [item["anchors"] for item in items],
+            "target_boxes": [item.get("target_boxes") for item in items],
+            "grids": [int(item.get("grid") or 0) for item in items],
+            "target_classes": [item.get("target_class") for item in items],
         }

@@ -1,70 +1,96 @@
 #!/usr/bin/env bash
-# Rebuild the packaged demo model (fusarbatch/model/demo_model/) from the real SAR data, with the shipped
-# commands only, and evaluate it. Wall times go to $WORK/times.tsv, logs to $WORK/*.log.
+# Rebuild the packaged demo model (fusarbatch/model/demo_model/) from real SAR data with the shipped commands
+# only, and evaluate it against its baselines. Wall times go to $WORK/times.tsv, logs to $WORK/*.log.
 #
-#   DATA=/work/shared/data WORK=out/demo_train training/make_demo.sh
+#   DATA=/work/shared/data WORK=out/demo3 training/make_demo.sh
 #
-# DATA holds ship_chips/, mstar_soc10/ and mstar_composite_detection/ (see their SOURCE.txt). The MSTAR data
-# may not be committed: it is read from DATA. Set EXPORT=0 to leave the packaged model alone.
+# DATA holds ssdd/, mstar_soc10/ and mstar_composite_detection/ (see their SOURCE.txt); they may not be
+# committed and are read from DATA. Set EXPORT=0 to leave the packaged model alone. Every training step resumes
+# from its latest checkpoint when started again (a step whose final model exists is skipped).
+#
+# Stage 0 (all parameters of the small base on the image tasks; NOT part of FUSAR-GPT's method: it stands in
+# for the pretraining a real Qwen2.5-VL base already has) runs as a curriculum: counting, grounding and
+# classification first (STEPS0A), then every task with the detection boxes (STEPS0B). Then the paper's stages 1
+# (captions: TLM + LoRA) and 2 (tasks: LoRA) run unchanged on top of it.
 set -euo pipefail
 DATA=${DATA:-/work/shared/data}
-WORK=${WORK:-out/demo_train}
+WORK=${WORK:-out/demo3}
 EXPORT=${EXPORT:-1}
 BIN=${BIN:-.venv/bin}
+GRID=${GRID:-336}
 export HF_HUB_OFFLINE=1
-# One torch thread: on a shared 2-core machine two OpenMP threads per process oversubscribe the cores and a
-# training step ran 6x slower (measured: 3.1 s vs 0.48 s per sample under load); uncontended, 2 threads are
-# about 1.5x faster. Override with OMP_NUM_THREADS=2 on an idle machine.
+# One torch thread: on a shared 2-core machine two OpenMP threads per process oversubscribe the cores (a training
+# step ran 6x slower under load). Override with OMP_NUM_THREADS=2 on an idle machine.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$WORK"
-: > "$WORK/times.tsv"
+touch "$WORK/times.tsv"
 
 step() {  # step NAME COMMAND...: run, log, record the wall time
   local name=$1; shift
   local t0 t1
   t0=$(date +%s%N)
-  "$@" > "$WORK/$name.log" 2>&1 || { echo "step $name failed, see $WORK/$name.log" >&2; tail -20 "$WORK/$name.log" >&2; exit 1; }
+  "$@" >> "$WORK/$name.log" 2>&1 || { echo "step $name failed, see $WORK/$name.log" >&2; tail -20 "$WORK/$name.log" >&2; exit 1; }
   t1=$(date +%s%N)
   printf '%s\t%d.%d\n' "$name" $(( (t1 - t0) / 1000000000 )) $(( (t1 - t0) / 100000000 % 10 )) | tee -a "$WORK/times.tsv"
 }
 
-# 1. the tiny base (random weights) and the triplet datasets
-step base "$BIN/python" -m training base --out "$WORK/base" --preset demo --seed 0
-if [ -f "$WORK/data/soc_test/stage2_val.jsonl" ]; then
-  echo "datasets already in $WORK/data: not rebuilt (deterministic)" | tee -a "$WORK/times.tsv"
-else
-step data_ship "$BIN/python" -m training build "$DATA/ship_chips" --out "$WORK/data/ship" --augment dihedral
-step data_composite "$BIN/python" -m training build "$DATA/mstar_composite_detection" --out "$WORK/data/composite" \
-  --name mstar_composite --class-map "$DATA/mstar_soc10/classes.json"
-step data_soc "$BIN/python" -m training build "$DATA/mstar_soc10" --out "$WORK/data/soc" --name mstar_soc10 \
-  --max-per-class "${SOC_PER_CLASS:-70}" --split train
-step data_soc_test "$BIN/python" -m training build "$DATA/mstar_soc10" --out "$WORK/data/soc_test" --name mstar_soc10 \
-  --split val --task classification
-fi
+train() {  # train NAME fusarbatch-train-args...: skipped when done, resumed when interrupted
+  local name=$1; shift
+  local out="$WORK/$name"
+  if [ -f "$out/fusarbatch_train.json" ] && grep -q '"wall_s"' "$out/fusarbatch_train.json"; then
+    echo "$name: done already ($out)"; return
+  fi
+  local resume=()
+  if compgen -G "$out/checkpoint-*" > /dev/null; then resume=(--resume); fi
+  step "$name" "$BIN/fusarbatch" train --out "$out" "$@" "${resume[@]}"
+}
 
-# 2. stage 1 (captions: TLM + LoRA) and stage 2 (tasks: LoRA; TLM frozen)
-COMMON=(--base-model "$WORK/base" --batch-size 4 --grad-accum 1 --save-steps 200 --log-steps 10 --lr "${LR:-2e-3}")
-step stage1 "$BIN/fusarbatch" train --stage 1 --out "$WORK/stage1" --epochs "${EPOCHS1:-1}" --tlm-zero-init "${COMMON[@]}" \
-  --data "$WORK/data/ship/stage1_train.jsonl" --data "$WORK/data/composite/stage1_train.jsonl" \
-  --data "$WORK/data/soc/stage1_train.jsonl"
-step stage2 "$BIN/fusarbatch" train --stage 2 --init "$WORK/stage1" --out "$WORK/stage2" --epochs "${EPOCHS2:-1}" "${COMMON[@]}" \
-  --data "$WORK/data/ship/stage2_train.jsonl" --data "$WORK/data/composite/stage2_train.jsonl" \
-  --data "$WORK/data/soc/stage2_train.jsonl"
+# 1. the tiny base (random weights) and the triplet datasets on the GRID x GRID input
+[ -f "$WORK/base/config.json" ] || step base "$BIN/python" -m training base --out "$WORK/base" --preset demo --seed 0
+build() {  # build NAME ARGS...: skipped when its folder holds manifests
+  local name=$1; shift
+  compgen -G "$WORK/data/$name/stage*_*.jsonl" > /dev/null || step "data_$name" "$BIN/python" -m training build "$@" \
+    --out "$WORK/data/$name" --grid "$GRID"
+}
+build ssdd "$DATA/ssdd" --name ssdd --split train --augment dihedral
+build ssdd_test "$DATA/ssdd" --name ssdd --split test
+build composite "$DATA/mstar_composite_detection" --name mstar_composite --class-map "$DATA/mstar_soc10/classes.json"
+build soc "$DATA/mstar_soc10" --name mstar_soc10 --max-per-class 150 --split train
+build soc_test "$DATA/mstar_soc10" --name mstar_soc10 --split val --task classification
 
-# 3. evaluation on the validation splits: MSTAR SOC test split (classification), composite val (all tasks)
-SOC_VAL=(--data "$WORK/data/soc_test/stage2_val.jsonl" --batch-size 16)
-COMP_VAL=(--data "$WORK/data/composite/stage2_val.jsonl" --batch-size 16)
-for model in stage1 stage2; do
-  step "eval_${model}_soc" "$BIN/fusarbatch" eval --model "$WORK/$model" --out "$WORK/$model/eval_soc" "${SOC_VAL[@]}"
-  step "eval_${model}_composite" "$BIN/fusarbatch" eval --model "$WORK/$model" --out "$WORK/$model/eval_composite" \
-    "${COMP_VAL[@]}"
+TASKS=(--data "$WORK/data/ssdd/stage2_train.jsonl" --data "$WORK/data/composite/stage2_train.jsonl"
+       --data "$WORK/data/soc/stage2_train.jsonl")
+CAPTIONS=(--data "$WORK/data/ssdd/stage1_train.jsonl" --data "$WORK/data/composite/stage1_train.jsonl"
+          --data "$WORK/data/soc/stage1_train.jsonl")
+S0=(--stage 0 --batch-size 8 --grad-accum 1 --save-steps 100 --log-steps 10 --loss-mean answer
+    --target-loss-weight 1 --spread-loss-weight 1)
+
+# 2. stage 0, curriculum: the short answers first, then every task
+train stage0a "${S0[@]}" --base-model "$WORK/base" --lr 1e-3 --max-steps "${STEPS0A:-250}" "${TASKS[@]}" \
+  --task counting --task grounding --task classification
+train stage0 "${S0[@]}" --base-model "$WORK/stage0a" --lr 1e-3 --max-steps "${STEPS0B:-1500}" "${TASKS[@]}"
+
+# 3. the paper's stages on top: 1 (captions: TLM + LoRA), 2 (tasks: LoRA, TLM frozen)
+C12=(--base-model "$WORK/stage0" --batch-size 8 --grad-accum 1 --save-steps 100 --log-steps 10)
+train stage1 --stage 1 "${C12[@]}" --lr "${LR1:-2e-4}" --max-steps "${STEPS1:-150}" "${CAPTIONS[@]}"
+train stage2 --stage 2 --init "$WORK/stage1" "${C12[@]}" --lr "${LR2:-2e-4}" --max-steps "${STEPS2:-400}" "${TASKS[@]}"
+
+# 4. evaluation on the held-out splits, each beside its baselines (eval prints them)
+ev() {  # ev NAME MODEL DATA [ARGS]
+  local name=$1 model=$2 data=$3; shift 3
+  [ -f "$WORK/eval/$name/metrics.json" ] || step "eval_$name" "$BIN/fusarbatch" eval --model "$model" --data "$data" \
+    --out "$WORK/eval/$name" --batch-size 16 "$@"
+}
+for m in stage0 stage1 stage2; do
+  ev "${m}_ssdd" "$WORK/$m" "$WORK/data/ssdd_test/stage2_test.jsonl"
+  ev "${m}_composite" "$WORK/$m" "$WORK/data/composite/stage2_val.jsonl"
+  ev "${m}_soc" "$WORK/$m" "$WORK/data/soc_test/stage2_val.jsonl"
 done
-step eval_stage2_no_tlm_soc "$BIN/fusarbatch" eval --model "$WORK/stage2" --no-tlm --out "$WORK/stage2/eval_no_tlm_soc" \
-  "${SOC_VAL[@]}"
-step eval_stage2_no_tlm_composite "$BIN/fusarbatch" eval --model "$WORK/stage2" --no-tlm \
-  --out "$WORK/stage2/eval_no_tlm_composite" "${COMP_VAL[@]}"
+for d in ssdd:ssdd_test/stage2_test composite:composite/stage2_val soc:soc_test/stage2_val; do
+  ev "stage2_no_tlm_${d%%:*}" "$WORK/stage2" "$WORK/data/${d#*:}.jsonl" --no-tlm
+done
 
-# 4. the packaged model: LoRA merged into the base, one self-contained folder
+# 5. the packaged model: LoRA merged into the stage-0 base, one self-contained folder
 if [ "$EXPORT" = 1 ]; then
   step export "$BIN/python" -m training export --model "$WORK/stage2" --out fusarbatch/model/demo_model \
     --card training/DEMO_MODEL_CARD.md

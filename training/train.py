@@ -1,5 +1,15 @@
-"""Two-stage supervised fine-tuning of FUSAR-GPT with the Hugging Face Trainer (DESIGN 4; PAPER 1.4).
+"""Two-stage supervised fine-tuning of FUSAR-GPT with the Hugging Face Trainer (DESIGN 4; PAPER 1.4), and a
+stage 0 that stands in for the base model's own pretraining.
 
+- **Stage 0** (not part of the paper's method): every parameter of the base Qwen2.5-VL -- vision tower,
+  merger, language model -- is trained on the image tasks; no LoRA, no TLM. The 7B base already knows how
+  to look at images; a small, randomly initialised base does not, and stages 1-2 (which freeze it) then learn
+  only the answer prior (training/RESULTS.md). Its output folder is a full model directory with an identity
+  TLM (no modulation until stage 1 trains it): the ``--base-model`` of stages 1 and 2. Options that make the
+  image matter at toy scale (measured in training/RESULTS.md): ``loss_mean="answer"`` (each record's answer
+  weighs the same; default in stage 0) and ``target_loss_weight`` (a dense "target here" loss on the merged
+  visual tokens, training/objectives.py).
+  Checkpoints hold the full weights and the target head; ``resume`` works as in the other stages.
 - **Stage 1** (captions): the TLM MLP is trained, and a new LoRA adapter with it (the official ``set_stage``;
   ``stage1_lora=False`` follows the paper's text: TLM only). Default lr 1e-4, 30 epochs.
 - **Stage 2** (tasks): ``init`` is the stage-1 output; its TLM is frozen and its LoRA adapter is trained
@@ -40,15 +50,25 @@ TRAIN_INFO_FILE = "fusarbatch_train.json"
 LOG_FILE = "train_log.jsonl"
 LOSS_PNG = "loss.png"
 
-STAGE_DEFAULTS = {1: {"lr": 1e-4, "epochs": 30.0}, 2: {"lr": 1e-5, "epochs": 5.0}}
-"""Paper: stage I 30 epochs at 1e-4, stage II 5 epochs at 1e-5."""
+STAGE_DEFAULTS = {
+    0: {"lr": 1e-3, "epochs": 10.0},
+    1: {"lr": 1e-4, "epochs": 30.0},
+    2: {"lr": 1e-5, "epochs": 5.0},
+}
+"""Paper: stage I 30 epochs at 1e-4, stage II 5 epochs at 1e-5. Stage 0 (ours): 10 epochs at 1e-3."""
+TARGET_HEAD_FILE = "target_head.safetensors"
+"""Stage-0 checkpoints: the weights of the dense target head (training only)."""
+PROBE_FILE = "image_probe.safetensors"
+"""Stage-0 checkpoints: the weights of the image probe (training only)."""
+AUX_MODULES = {"target_head": TARGET_HEAD_FILE, "image_probe": PROBE_FILE}
+LOSS_MEANS = ("token", "answer")
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run needs (the ``fusarbatch train`` flags).
 
-    :ivar stage: 1 or 2.
+    :ivar stage: 0 (all parameters of the base; not in the paper), 1 or 2.
     :ivar data: manifest files (JSON Lines triplets).
     :ivar base_model: the Qwen2.5-VL model directory (frozen).
     :ivar out: output folder (checkpoints, final model, log, loss curve).
@@ -75,6 +95,17 @@ class TrainConfig:
         (PAPER 6.1 option; the official code uses PyTorch's default init: it modulates from the first step).
         A TLM that never sees an anchor -- the demo model, trained on chips without geolocation -- then stays
         the identity instead of scrambling the visual tokens of images that do have anchors.
+    :ivar loss_mean: ``token`` (the model's loss: mean over all answer tokens of the batch) or ``answer``
+        (mean over each record's answer tokens, then over records;
+        :func:`~training.objectives.answer_mean_loss`).
+        Default: ``answer`` in stage 0, ``token`` in stages 1-2 (official).
+    :ivar target_loss_weight: stage 0: weight of the dense target loss on the merged visual tokens
+        (:func:`training.objectives.target_loss`; records need ``meta.boxes``); 0 = off.
+    :ivar spread_loss_weight: stage 0: weight of :func:`training.objectives.spread_loss` (keeps the visual
+        tokens centred so that the language model sees what differs between images); 0 = off.
+    :ivar probe_loss_weight: stage 0: weight of :func:`training.objectives.probe_loss` (deep supervision of
+        the pooled visual tokens: cells, count, class); 0 = off.
+    :ivar tasks: train only on the records of these tasks (None: all), e.g. a curriculum's first phase.
     """
 
     stage: int
@@ -103,12 +134,34 @@ class TrainConfig:
     num_workers: int = 0
     no_tlm: bool = False
     tlm_zero_init: bool = False
+    loss_mean: str | None = None
+    target_loss_weight: float = 0.0
+    spread_loss_weight: float = 0.0
+    probe_loss_weight: float = 0.0
+    tasks: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> TrainConfig:
         """A copy with the per-stage defaults filled in; raises :class:`UsageError` on bad values."""
-        if self.stage not in (1, 2):
-            raise UsageError(f"--stage {self.stage}: choose 1 (captions, TLM) or 2 (tasks, LoRA)")
+        if self.stage not in (0, 1, 2):
+            raise UsageError(
+                f"--stage {self.stage}: choose 0 (all parameters of a small base), 1 (captions, TLM) or 2 "
+                "(tasks, LoRA)"
+            )
+        if self.stage == 0 and self.init is not None:
+            raise UsageError("--stage 0 trains the --base-model itself; --init is for stages 1 and 2")
+        if self.loss_mean is not None and self.loss_mean not in LOSS_MEANS:
+            raise UsageError(f"--loss-mean {self.loss_mean!r}: choose token or answer")
+        weights = (
+            ("--target-loss-weight", self.target_loss_weight),
+            ("--spread-loss-weight", self.spread_loss_weight),
+            ("--probe-loss-weight", self.probe_loss_weight),
+        )
+        for name, w in weights:
+            if not (math.isfinite(w) and w >= 0):
+                raise UsageError(f"{name} must be a finite number >= 0")
+            if w and self.stage != 0:
+                raise UsageError(f"{name} trains the vision tower: stage 0 only")
         if self.stage == 2 and self.init is None:
             raise UsageError("--stage 2 needs --init STAGE1_DIR (the stage-1 output: TLM and LoRA)")
         if not self.data:
@@ -123,6 +176,7 @@ class TrainConfig:
         cfg.data = [Path(p) for p in self.data]
         cfg.lr = self.lr if self.lr is not None else d["lr"]
         cfg.epochs = self.epochs if self.epochs is not None else d["epochs"]
+        cfg.loss_mean = self.loss_mean or ("answer" if self.stage == 0 else "token")
         return cfg
 
 
@@ -149,6 +203,14 @@ def _set_trainable(fusar: Any, stage: int, stage1_lora: bool, no_tlm: bool) -> i
     """Freeze everything, then unfreeze the stage's parameters; returns the trainable count."""
     for p in fusar.parameters():
         p.requires_grad_(False)
+    if stage == 0:  # the whole base model (and the training-only target head); the TLM is not used
+        for p in fusar.model.parameters():
+            p.requires_grad_(True)
+        for name in AUX_MODULES:
+            head = getattr(fusar, name, None)
+            for p in head.parameters() if head is not None else ():
+                p.requires_grad_(True)
+        return sum(p.numel() for p in fusar.parameters() if p.requires_grad)
     train_tlm = stage == 1 and not no_tlm
     train_lora = stage == 2 or stage1_lora
     for p in fusar.tlm.parameters():
@@ -162,7 +224,9 @@ def _set_trainable(fusar: Any, stage: int, stage1_lora: bool, no_tlm: bool) -> i
     return n
 
 
-def _load_model(cfg: TrainConfig, device: torch.device) -> Any:
+def _load_model(
+    cfg: TrainConfig, device: torch.device, image_size: int | None = None, classes: list[str] | None = None
+) -> Any:
     from fusarbatch.model.fusar_gpt import FusarGPT, lora_config
 
     lcfg = lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
@@ -173,10 +237,44 @@ def _load_model(cfg: TrainConfig, device: torch.device) -> Any:
         adapter_dir=cfg.init,
         device=device,
         dtype=torch.float32 if device.type != "cuda" else None,
-        init_tlm=cfg.stage == 1 or cfg.no_tlm,
+        init_tlm=cfg.stage in (0, 1) or cfg.no_tlm,
         trainable=True,
     )
     fusar.tlm.to(torch.float32)
+    if cfg.stage == 0:
+        # the output is a full model directory with an identity TLM (last layer zeroed: no modulation) at the
+        # records' input size, so that eval and run take it as is and stage 1 trains that TLM on anchors
+        from dataclasses import replace
+
+        last = fusar.tlm.film_mlp[-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.zero_()
+        if image_size is not None:
+            fusar.tlm.config = replace(fusar.tlm.config, image_size=int(image_size))
+        if cfg.target_loss_weight:
+            from training.objectives import TargetHead
+
+            hidden = int(fusar.base_model.config.text_config.hidden_size)
+            fusar.add_module("target_head", TargetHead(hidden).to(device))
+        if cfg.probe_loss_weight:
+            from training.objectives import ImageProbe
+
+            hidden = int(fusar.base_model.config.text_config.hidden_size)
+            fusar.add_module("image_probe", ImageProbe(hidden, classes or []).to(device))
+        return fusar
+    new_tlm = not any(
+        (Path(d) / f).is_file()
+        for d in (cfg.init, cfg.base_model)
+        if d is not None
+        for f in ("tlm.safetensors", "vec64_film.pt")
+    )
+    if new_tlm and image_size is not None and fusar.tlm.config.image_size != image_size:
+        # a new TLM is trained at the records' input size (tlm_config.json image_size: the model's grid)
+        from dataclasses import replace
+
+        fusar.tlm.config = replace(fusar.tlm.config, image_size=int(image_size))
+        log.info("new TLM: image_size %d (the records' coordinate_size)", image_size)
     if cfg.tlm_zero_init:
         from fusarbatch.model.fusar_gpt import TLM_LEGACY_FILE, TLM_WEIGHTS_FILE
 
@@ -202,12 +300,45 @@ def _trainer_class() -> type:
         """Trainer for :class:`~fusarbatch.model.FusarGPT`: anchors travel in the batch; checkpoints hold only
         the trained weights (LoRA adapter + TLM, release layout) plus the Trainer's optimizer/RNG state."""
 
-        def __init__(self, *args: Any, fusar: Any, train_info: dict[str, Any], no_tlm: bool, **kwargs: Any):
+        def __init__(
+            self,
+            *args: Any,
+            fusar: Any,
+            train_info: dict[str, Any],
+            no_tlm: bool,
+            stage: int = 1,
+            loss_mean: str = "token",
+            target_loss_weight: float = 0.0,
+            spread_loss_weight: float = 0.0,
+            probe_loss_weight: float = 0.0,
+            **kwargs: Any,
+        ):
             self.fusar = fusar
             self.train_info = train_info
             self.no_tlm = no_tlm
+            self.stage = stage
+            self.loss_mean = loss_mean
+            self.target_loss_weight = float(target_loss_weight)
+            self.spread_loss_weight = float(spread_loss_weight)
+            self.probe_loss_weight = float(probe_loss_weight)
+            self._visual_tokens: Any = None
             super().__init__(*args, **kwargs)
-            self.model_accepts_loss_kwargs = True  # Qwen's loss divides by num_items_in_batch
+            # token mean: Qwen's loss divides by num_items_in_batch (the answer tokens of the accumulated
+            # batch); answer mean: our loss is a per-batch mean and the Trainer divides by grad_accum
+            self.model_accepts_loss_kwargs = loss_mean == "token"
+            if self.target_loss_weight or self.spread_loss_weight or self.probe_loss_weight:
+                fusar.visual.register_forward_hook(self._keep_visual_tokens, with_kwargs=True)
+
+        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            if "loss" in logs:
+                for name in ("target_loss", "spread_loss", "probe_loss"):
+                    if hasattr(self, f"_last_{name}"):
+                        logs = {**logs, name: round(getattr(self, f"_last_{name}"), 4)}
+            super().log(logs, *args, **kwargs)
+
+        def _keep_visual_tokens(self, module: Any, args: Any, kwargs: Any, output: Any) -> Any:
+            self._visual_tokens = output.pooler_output
+            return output
 
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             from training.data import SeededSampler
@@ -223,11 +354,55 @@ def _trainer_class() -> type:
             num_items_in_batch: Any = None,
         ) -> Any:
             anchors = inputs.pop("anchors")
-            if self.no_tlm:
+            target_boxes = inputs.pop("target_boxes", None)
+            grids = inputs.pop("grids", None)
+            target_classes = inputs.pop("target_classes", None)
+            if self.no_tlm or self.stage == 0:
                 anchors = [None] * len(anchors)
-            kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-            outputs = model(anchors, **inputs, **kwargs)
-            loss = outputs.loss
+            if self.loss_mean == "answer":
+                from training.objectives import answer_mean_loss
+
+                labels = inputs.pop("labels")
+                outputs = model(anchors, **inputs)
+                loss = answer_mean_loss(outputs.logits, labels)
+            else:
+                kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+                outputs = model(anchors, **inputs, **kwargs)
+                loss = outputs.loss
+            if self.probe_loss_weight and target_boxes is not None:
+                from training.objectives import probe_loss
+
+                probe = probe_loss(
+                    self.fusar.image_probe,
+                    self._visual_tokens,
+                    inputs["image_grid_thw"],
+                    target_boxes,
+                    grids or [0] * len(target_boxes),
+                    target_classes or [None] * len(target_boxes),
+                    int(self.fusar.visual.spatial_merge_size),
+                )
+                self._last_probe_loss = float(probe.detach())
+                loss = loss + self.probe_loss_weight * probe
+            if self.target_loss_weight and target_boxes is not None:
+                from training.objectives import target_loss
+
+                aux = target_loss(
+                    self.fusar.target_head,
+                    self._visual_tokens,
+                    inputs["image_grid_thw"],
+                    target_boxes,
+                    grids or [0] * len(target_boxes),
+                    int(self.fusar.visual.spatial_merge_size),
+                )
+                self._last_target_loss = float(aux.detach())
+                loss = loss + self.target_loss_weight * aux
+            if self.spread_loss_weight and self._visual_tokens is not None:
+                from training.objectives import spread_loss
+
+                spread = spread_loss(self._visual_tokens)
+                self._last_spread_loss = float(spread.detach())
+                loss = loss + self.spread_loss_weight * spread
+            self._visual_tokens = None
             if not loss.requires_grad:
                 # a batch without anchors while only the TLM trains: no trainable parameter is on the path;
                 # a zero term keeps backward() valid (the optimizer step then changes nothing)
@@ -237,7 +412,19 @@ def _trainer_class() -> type:
         def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
             out = Path(output_dir or self.args.output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            self.fusar.save(out)
+            if self.stage == 0:  # a full model directory (identity TLM): the base of stages 1 and 2
+                from fusarbatch.model.fusar_gpt import save_tlm
+
+                self.fusar.base_model.save_pretrained(out)
+                save_tlm(self.fusar.tlm, out)
+                for name, fname in AUX_MODULES.items():
+                    head = getattr(self.fusar, name, None)
+                    if head is not None and "checkpoint-" in out.name:
+                        from safetensors.torch import save_file
+
+                        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / fname))
+            else:
+                self.fusar.save(out)
             self.fusar.processor.save_pretrained(out)
             info = {**self.train_info, "global_step": int(self.state.global_step)}
             (out / TRAIN_INFO_FILE).write_text(
@@ -251,6 +438,9 @@ def _trainer_class() -> type:
             from fusarbatch.model.fusar_gpt import TLM_WEIGHTS_FILE
 
             ckpt = Path(resume_from_checkpoint)
+            if self.stage == 0:
+                self._load_full_checkpoint(ckpt)
+                return
             tlm_file = ckpt / TLM_WEIGHTS_FILE
             if not tlm_file.is_file():
                 raise UsageError(f"checkpoint {ckpt}: {TLM_WEIGHTS_FILE} missing")
@@ -265,6 +455,27 @@ def _trainer_class() -> type:
                         f"checkpoint {ckpt}: adapter does not fit ({result.unexpected_keys[:3]})"
                     )
             log.info("resumed weights from %s", ckpt)
+
+        def _load_full_checkpoint(self, ckpt: Path) -> None:
+            """Stage 0: every weight of the base model (its safetensors shards) and the target head."""
+            from safetensors.torch import load_file
+            from transformers import Qwen2_5_VLForConditionalGeneration
+
+            if not any(ckpt.glob("model*.safetensors")):
+                raise UsageError(f"checkpoint {ckpt}: model.safetensors missing")
+            # transformers maps the saved key layout back to the module's (it renames on save)
+            saved = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                ckpt, local_files_only=True, dtype=self.fusar.dtype, device_map="cpu"
+            )
+            result = self.fusar.base_model.load_state_dict(saved.state_dict(), strict=True)
+            del saved, result
+            for name, fname in AUX_MODULES.items():
+                head = getattr(self.fusar, name, None)
+                if head is not None:
+                    if not (ckpt / fname).is_file():
+                        raise UsageError(f"checkpoint {ckpt}: {fname} missing")
+                    head.load_state_dict(load_file(str(ckpt / fname)))
+            log.info("resumed all weights from %s", ckpt)
 
     return FusarTrainer
 
@@ -347,8 +558,17 @@ def train(config: TrainConfig) -> TrainResult:
     cfg = config.resolved()
     out = Path(cfg.out)
     records = read_manifests(cfg.data)
+    if cfg.tasks:
+        records = [r for r in records if r.task in set(cfg.tasks)]
     if not records:
-        raise UsageError(f"--data {', '.join(map(str, cfg.data))}: no records")
+        what = f" of the tasks {', '.join(cfg.tasks)}" if cfg.tasks else ""
+        raise UsageError(f"--data {', '.join(map(str, cfg.data))}: no records{what}")
+    sizes = sorted({r.coordinate_size for r in records})
+    if len(sizes) > 1:
+        raise UsageError(
+            f"--data: the records mix input sizes {sizes} (coordinate_size); build every manifest with the "
+            "same --grid"
+        )
     latest = _latest_checkpoint(out) if out.is_dir() else None
     if cfg.resume and latest is None:
         raise UsageError(f"--resume: no checkpoint-* folder in {out}")
@@ -364,7 +584,8 @@ def train(config: TrainConfig) -> TrainResult:
     hf_logging.disable_progress_bar()
     set_seed(cfg.seed)
     started = time.perf_counter()
-    fusar = _load_model(cfg, device)
+    classes = sorted({r.meta["class"] for r in records if isinstance(r.meta.get("class"), str)})
+    fusar = _load_model(cfg, device, image_size=sizes[0], classes=classes)
     n_trainable = _set_trainable(fusar, cfg.stage, cfg.stage1_lora, cfg.no_tlm)
     fusar.train()
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -377,7 +598,18 @@ def train(config: TrainConfig) -> TrainResult:
         "records": len(records),
         "tasks": {t: sum(r.task == t for r in records) for t in sorted({r.task for r in records})},
         "trainable_params": n_trainable,
-        "trains": {"tlm": cfg.stage == 1 and not cfg.no_tlm, "lora": cfg.stage == 2 or cfg.stage1_lora},
+        "trains": (
+            {
+                "all": True,
+                "target_loss_weight": cfg.target_loss_weight,
+                "spread_loss_weight": cfg.spread_loss_weight,
+                "probe_loss_weight": cfg.probe_loss_weight,
+            }
+            if cfg.stage == 0
+            else {"tlm": cfg.stage == 1 and not cfg.no_tlm, "lora": cfg.stage == 2 or cfg.stage1_lora}
+        ),
+        "image_size": sizes[0],
+        "loss_mean": cfg.loss_mean,
         "precision": "bf16" if bf16 else "fp32",
         "device": str(device),
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "base_model", "init")},
@@ -428,6 +660,11 @@ def train(config: TrainConfig) -> TrainResult:
         fusar=fusar,
         train_info=info,
         no_tlm=cfg.no_tlm,
+        stage=cfg.stage,
+        loss_mean=cfg.loss_mean or "token",
+        target_loss_weight=cfg.target_loss_weight,
+        spread_loss_weight=cfg.spread_loss_weight,
+        probe_loss_weight=cfg.probe_loss_weight,
     )
     from transformers.trainer_callback import PrinterCallback
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import shapely
 from shapely.geometry import shape
@@ -33,6 +34,8 @@ POL_ORDER: tuple[str, ...] = ("VV", "VH", "HH", "HV")
 _DB_UNITS = {"db", "decibel", "decibels"}
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
 _RESERVED = {"zarr.json", "c", "scenes.parquet"}
+#: Asset key of a polarisation's calibration annotation (Earth Search, Planetary Computer, stactools).
+CALIBRATION_ASSET = "schema-calibration-{pol}"
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,10 @@ class Scene:
     """Polarisation (``VV``, ``VH``, ``HH``, ``HV``) -> pixels, in :data:`POL_ORDER`."""
     quantity: str = "sigma0"
     """Backscatter quantity: ``sigma0`` (GRD), ``gamma0`` (RTC), ``beta0``, or ``dn`` (uncalibrated)."""
-    scale: str = "db"
-    """How values are scaled in the assets: ``db``, ``power``, ``amplitude`` or ``dn``."""
+    scale: str = ""
+    """How values are scaled in the assets: ``db``, ``power``, ``amplitude`` or ``dn``; empty when neither
+    the catalog nor the item says (the tiler then decides from the data, see
+    :func:`fusarbatch.tiling.scaling.detect_scale`)."""
     crs: str | None = None
     """The assets' CRS as ``EPSG:n`` or WKT2 (``proj:code``/``proj:wkt2``); ``None`` when unknown or
     GCP-only (the tiler then reads the raster itself)."""
@@ -72,6 +77,10 @@ class Scene:
     orbit_direction: str | None = None
     """``ascending`` or ``descending`` (``sat:orbit_state``), when the item says."""
     product_type: str | None = None
+    calibration: dict[str, str] = field(default_factory=dict)
+    """Polarisation -> href of its radiometric calibration annotation (the ``schema-calibration-<pol>``
+    asset of a Sentinel-1 GRD item), used to calibrate digital numbers
+    (:mod:`fusarbatch.tiling.calibration`)."""
     item: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     """The STAC Item as a dict, with absolute asset hrefs."""
 
@@ -101,7 +110,15 @@ class Scene:
         """Build a scene from a STAC Item dict whose asset hrefs are already absolute.
 
         Polarisations are found per ``spec.assets`` (pol -> asset keys, first present wins, band 1), then in
-        any data asset whose ``sar:polarizations`` lists several polarisations (band i+1 holds the i-th).
+        any data asset that holds several polarisations (band i+1 holds the i-th). An asset's
+        polarisations are its ``sar:polarizations``, else its bands' (``bands`` / ``raster:bands`` /
+        ``eo:bands`` entries with one ``sar:polarizations`` each, or named ``VV``, ``VH``, ...), else, for
+        the item's only data asset, the item's ``sar:polarizations`` (when the asset does not list fewer
+        bands; not for an asset found by key). An asset found under one polarisation's key that lists
+        several gives all of them.
+        Calibration annotations (``schema-calibration-<pol>`` assets, Sentinel-1 GRD) are kept per
+        polarisation in :attr:`calibration`. Local hrefs are URI references: ``%20`` and the like are
+        decoded (a path that exists only as written is kept as written).
 
         :raises CatalogError: the item has no datetime or no asset for any polarisation.
         """
@@ -122,25 +139,36 @@ class Scene:
             raise CatalogError(f"item {item_id!r}: no geometry or bbox; fix the catalog")
         assets: dict[str, dict[str, Any]] = item.get("assets") or {}
         signer = spec.signer()
+        data_assets = [a for a in assets.values() if isinstance(a, dict) and _is_data(a)]
         bands: dict[str, BandRef] = {}
         scales: list[str] = []
         quantities: list[str] = []
+
+        def take(asset: dict[str, Any], pols: Sequence[str]) -> None:
+            """Every polarisation ``pols`` lists (band i+1 holds the i-th) not found yet."""
+            href = _sign(_local_href(asset["href"]), signer)
+            for i, pol in enumerate(pols):
+                if pol not in bands:
+                    bands[pol] = BandRef(href, i + 1, _nodata(asset, i))
+            scales.append(_asset_scale(asset, props))
+            quantities.append(asset.get("fusarbatch:quantity", ""))
+
         for pol in POL_ORDER:
             for key in spec.assets.get(pol, ()):
-                if key in assets and assets[key].get("href"):
+                if key in assets and isinstance(assets[key], dict) and assets[key].get("href"):
                     asset = assets[key]
-                    bands[pol] = BandRef(_sign(asset["href"], signer), 1, _nodata(asset, 0))
-                    scales.append(_asset_scale(asset, props))
-                    quantities.append(asset.get("fusarbatch:quantity", ""))
+                    pols = _asset_pols(asset, props, sole=False)
+                    # a multi-band asset under a polarisation's key holds the others too (VV and VH in one
+                    # file): each from its own band, not band 1 for the key's polarisation alone
+                    take(asset, pols if pol in pols else [pol])
                     break
         if not bands:
             for asset in assets.values():
-                asset_pols = [str(p).upper() for p in asset.get("sar:polarizations") or ()]
-                if len(asset_pols) > 1 and asset.get("href") and "data" in (asset.get("roles") or ["data"]):
-                    for i, pol in enumerate(asset_pols):
-                        bands[pol] = BandRef(_sign(asset["href"], signer), i + 1, _nodata(asset, i))
-                    scales.append(_asset_scale(asset, props))
-                    quantities.append(asset.get("fusarbatch:quantity", ""))
+                if not (isinstance(asset, dict) and asset.get("href") and _is_data(asset)):
+                    continue
+                pols = _asset_pols(asset, props, sole=data_assets == [asset])
+                if len(pols) > 1:
+                    take(asset, pols)
                     break
         if not bands:
             raise CatalogError(
@@ -157,6 +185,12 @@ class Scene:
             or ("gamma0" if str(product_type).upper() == "RTC" else spec.quantity)
         )
         scale = next((s for s in scales if s), "") or spec.scale
+        calibration = {
+            pol: _sign(_local_href(assets[key]["href"]), signer)
+            for pol in bands
+            if isinstance(assets.get(key := CALIBRATION_ASSET.format(pol=pol.lower())), dict)
+            and assets[key].get("href")
+        }
         crs = None
         if props.get("proj:code"):
             crs = str(props["proj:code"])
@@ -172,6 +206,7 @@ class Scene:
             quantity=quantity,
             scale=scale,
             crs=crs,
+            calibration=calibration,
             collection=item.get("collection"),
             platform=_lower(props.get("platform")),
             orbit_direction=_lower(props.get("sat:orbit_state")),
@@ -194,6 +229,61 @@ def _lower(value: Any) -> str | None:
 
 def _sign(href: str, signer: Any) -> str:
     return signer(href) if signer is not None else href
+
+
+def _local_href(href: str) -> str:
+    """A local href (no scheme, or ``file://``) as a file path: STAC hrefs are URI references, so
+    ``../sar%20data/x.tif`` names ``../sar data/x.tif``. A path that exists only as written (a catalog that
+    did not encode a literal ``%``) is kept as written. Other hrefs are returned unchanged."""
+    parsed = urlparse(href)
+    if parsed.scheme == "file":
+        path = unquote(parsed.path)
+    elif parsed.scheme and not (len(parsed.scheme) == 1 and href[1:2] == ":"):  # C:\ is a path
+        return href
+    else:
+        path = href
+        decoded = unquote(href)
+        if decoded != href and (os.path.exists(decoded) or not os.path.exists(href)):
+            path = decoded
+    return path
+
+
+def _is_data(asset: dict[str, Any]) -> bool:
+    return "data" in (asset.get("roles") or ["data"])
+
+
+def _band_entries(asset: dict[str, Any]) -> list[Any]:
+    for key in ("bands", "raster:bands", "eo:bands"):
+        entries = asset.get(key)
+        if isinstance(entries, list) and entries:
+            return entries
+    return []
+
+
+def _asset_pols(asset: dict[str, Any], props: dict[str, Any], *, sole: bool) -> list[str]:
+    """Polarisations of an asset's bands, in band order (see :meth:`Scene.from_item`); [] when unknown."""
+    listed = asset.get("sar:polarizations")
+    if isinstance(listed, list) and listed:
+        return [str(p).upper() for p in listed]
+    entries = _band_entries(asset)
+    per_band = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            break
+        own = entry.get("sar:polarizations")
+        name = str(entry.get("name") or "").upper()
+        if isinstance(own, list) and len(own) == 1:
+            per_band.append(str(own[0]).upper())
+        elif name in POL_ORDER:
+            per_band.append(name)
+        else:
+            break
+    if entries and len(per_band) == len(entries):
+        return per_band
+    item_pols = props.get("sar:polarizations")
+    if sole and isinstance(item_pols, list) and len(item_pols) > 1 and len(entries) in (0, len(item_pols)):
+        return [str(p).upper() for p in item_pols]
+    return []
 
 
 def _nodata(asset: dict[str, Any], index: int) -> float | None:

@@ -55,7 +55,10 @@ class CatalogSpec:
     :param quantity: backscatter quantity of the assets when an item does not say (``sigma0`` for GRD,
         ``gamma0`` for RTC, ``dn`` for uncalibrated digital numbers).
     :param scale: how asset values are scaled when an item does not say: ``db``, ``power`` (linear
-        intensity), ``amplitude`` (linear, sqrt of power) or ``dn`` (kept as they are).
+        intensity), ``amplitude`` (linear, sqrt of power) or ``dn`` (digital numbers: calibrated with the
+        item's calibration annotation when ``quantity`` is sigma0/beta0/gamma0, kept as they are when it
+        is ``dn``). Empty (the default): not declared; the tiler decides from the data and records why,
+        or fails the scene saying to set it (:func:`fusarbatch.tiling.scaling.detect_scale`).
     :param sign: href signer: empty for none, a built-in name (``planetary-computer``) or ``module:function``
         taking and returning an href string.
     :param timeout_s: seconds before a request to an API gives up.
@@ -67,7 +70,7 @@ class CatalogSpec:
     collections: tuple[str, ...] = ()
     assets: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_ASSETS))
     quantity: Quantity = "sigma0"
-    scale: Scale = "db"
+    scale: Scale | Literal[""] = ""
     sign: str = ""
     timeout_s: float = 20.0
     description: str = ""

@@ -20,8 +20,9 @@ Tile store (DESIGN 3.2): ``tiles.zarr/<scene_id>/`` with ``transform (tile, 6) f
 - ``aef_positions (tile, anchor, yx) float32``: ``(y, x)`` in ``[0, 1]`` within the tile
 - ``aef_mask (tile, anchor) bool``: True where the vector is valid
 - attrs ``aef_source``, ``aef_year`` (layer read, or None), ``aef_acquisition_year``, ``aef_n``,
-  ``aef_grid``, ``aef_coverage`` (share of valid anchors), ``aef_attribution`` (CC-BY 4.0), ``aef_error``
-  and ``aef_complete``. ``aef_complete`` is set to False before any array is touched and to True
+  ``aef_grid``, ``aef_coverage`` (share of valid anchors), ``aef_attribution`` (CC-BY 4.0), ``aef_error``,
+  ``aef_id`` (new for every write: see :mod:`fusarbatch.outputs.provenance`) and
+  ``aef_complete``. ``aef_complete`` is set to False before any array is touched and to True
   last, so a crash never leaves a group that claims features it does not fully hold. Readers must check
   it (:func:`read_scene_features` does).
 
@@ -36,6 +37,7 @@ is detected from where the zero rotation terms sit (see :func:`tile_affines`).
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -316,6 +318,7 @@ def write_scene_features(
             "aef_coverage": coverage,
             "aef_attribution": AEF_ATTRIBUTION,
             "aef_error": error,
+            "aef_id": uuid.uuid4().hex,  # this write: outputs made from it record it (outputs.provenance)
         }
     )
     group.attrs["aef_complete"] = True  # last

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from fusarbatch.errors import FusarbatchError, UsageError
+from fusarbatch.outputs.provenance import group_attrs, outputs_out_of_step
 
 log = logging.getLogger(__name__)
 
@@ -773,7 +774,8 @@ _OUTPUT_KINDS = ("detections", "tiles", "counts")
 def collect_status(out: Path, *, runs: int = 5) -> dict[str, Any]:
     """What ``fusarbatch status`` shows, as plain data (also its ``--json`` output): the lock, scene counts
     per status and stage, stage counts, failures with reasons, the latest runs, and the outputs on disk
-    checked against the ledger (done scenes whose files are missing, leftovers of killed runs).
+    checked against the ledger (done scenes whose files are missing, done scenes whose Zarr group changed
+    since their outputs were made (:mod:`fusarbatch.outputs.provenance`), leftovers of killed runs).
 
     :raises UsageError: no ledger in ``out``, or not a fusarbatch ledger.
     """
@@ -792,6 +794,11 @@ def collect_status(out: Path, *, runs: int = 5) -> dict[str, Any]:
         run.pop("config", None)
         run["argv"] = json.loads(run["argv"]) if run.get("argv") else None
     missing = [(s.scene_id, p) for s in done for p in s.outputs if not (out / p).is_file()]
+    out_of_step = [
+        {"scene_id": s.scene_id, "reason": why, "action": "the next run redoes it"}
+        for s in done
+        if (why := outputs_out_of_step(group_attrs(out / "tiles.zarr", s.group)))
+    ]
     disk: dict[str, Any] = {}
     for kind in _OUTPUT_KINDS:
         files = [p for p in (out / kind).glob("date=*/*.parquet") if not p.name.startswith(".")]
@@ -842,5 +849,6 @@ def collect_status(out: Path, *, runs: int = 5) -> dict[str, Any]:
         "runs": recent,
         "disk": disk,
         "missing_outputs": [{"scene_id": s, "path": p} for s, p in missing],
+        "out_of_step": out_of_step,
         "leftovers": sorted(leftovers),
     }

@@ -9,7 +9,12 @@ dask array). Reading goes through ``rioxarray.open_rasterio`` (lazy, ``cache=Fal
   block-aligned), so a shared handle decodes every compressed block once, where per-thread handles
   (``lock=False``) decoded blocks up to 2-3 times and were slower overall (benchmarks/tiling.py). A warped
   file (below) uses one handle per thread (``lock=False``): warping is CPU-bound and runs in parallel.
-- **Grid.** The scene grid is that of its first polarisation's file. A file without a CRS/geotransform but
+- **Grid.** The scene grid is that of its first polarisation's file, always north-up: a file stored
+  bottom-up (positive y pixel size, row 0 at the south edge, as some mirrors and GDAL-written products
+  have) or right-to-left (negative x pixel size) gets the same grid with row 0 at the north (west) edge,
+  ``transform @ translation(0, H) @ scale(1, -1)``, and is read with its rows (columns) reversed: the
+  values are the stored pixels, unresampled. (Rotated or sheared geotransforms are kept as they are.) A
+  file without a CRS/geotransform but
   with GCPs (Sentinel-1 GRD as distributed by ESA and most archives) is warped, lazily, to the UTM zone of
   the scene centre (WGS 84, EPSG 326xx north / 327xx south, zone from the centre of the GCPs' lon/lat
   bounding box; the Norway/Svalbard zone exceptions are not applied) on the grid GDAL suggests
@@ -37,7 +42,7 @@ import math
 import os
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dask.array as da
@@ -54,6 +59,7 @@ from rasterio.warp import transform as warp_points
 
 from fusarbatch.catalog.scene import BandRef, Scene
 from fusarbatch.errors import SceneError
+from fusarbatch.tiling.calibration import LATTICE_STEP, LUT_NAMES, lattice
 
 #: Resampling of every warp (GCP -> UTM, and aligning a polarisation onto the scene grid).
 WARP_RESAMPLING = Resampling.bilinear
@@ -66,26 +72,114 @@ WARP_TOLERANCE = 0.125
 CHUNK_COLS = 2048
 
 
+class _Locate:
+    """Scene-grid map coordinates -> fractional (row, col) of a warped file (corner-based, as GDAL's):
+    through its GCPs (GDAL's GCP transformer, as the warp) or its own geotransform. Picklable."""
+
+    def __init__(
+        self, grid_crs: CRS, src_crs: CRS, *, gcps: tuple[Any, ...] = (), transform: Affine | None = None
+    ) -> None:
+        self.grid_crs, self.src_crs, self.gcps, self.transform = grid_crs, src_crs, gcps, transform
+
+    def __call__(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.src_crs != self.grid_crs:
+            xs, ys = (np.asarray(v) for v in warp_points(self.grid_crs, self.src_crs, xs, ys))
+        if self.gcps:
+            from rasterio.transform import GCPTransformer
+
+            rows, cols = GCPTransformer(list(self.gcps)).rowcol(xs, ys, op=lambda v: v)
+            return np.asarray(rows, dtype=np.float64), np.asarray(cols, dtype=np.float64)
+        inv = ~self.transform
+        xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+        return inv.d * xs + inv.e * ys + inv.f, inv.a * xs + inv.b * ys + inv.c
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Consecutive polarisations read from one file."""
+
+    array: Any
+    """Lazy ``xarray.DataArray (k, H, W)``: the file as stored, or warped onto the scene grid."""
+    nodata: tuple[tuple[float, ...], ...]
+    """Nodata values per band."""
+    pols: tuple[str, ...]
+    flips: tuple[bool, bool] = (False, False)
+    """Reverse rows / columns to put a file read as stored on the north-up scene grid."""
+    file_shape: tuple[int, int] = (0, 0)
+    """(rows, cols) of the file itself."""
+    locate: _Locate | None = None
+    """For a warped file: where scene pixels come from in it (for calibration); None when read as stored."""
+    luts: tuple[Any, ...] = ()
+    """Per band, a :class:`~fusarbatch.tiling.calibration.CalibrationLUT` (or None); empty: values as
+    stored."""
+
+    def calibrate(
+        self,
+        block: np.ndarray,
+        grid_transform: Affine,
+        shape: tuple[int, int],
+        window: tuple[int, int, int, int],
+    ) -> None:
+        """Calibrate ``block`` (this run's bands of the scene ``window``) in place with :attr:`luts`."""
+        row0, row1, col0, col1 = window
+        if self.locate is not None:
+            nodes = lattice(self.locate, grid_transform, row0, row1, col0, col1)
+            for i, lut in enumerate(self.luts):
+                if lut is not None:
+                    block[i] = lut.calibrate_warped(block[i], nodes)
+            return
+        lines, pixels = np.arange(row0, row1), np.arange(col0, col1)
+        if self.flips[0]:
+            lines = shape[0] - 1 - lines
+        if self.flips[1]:
+            pixels = shape[1] - 1 - pixels
+        for i, lut in enumerate(self.luts):
+            if lut is not None:
+                block[i] = lut.calibrate(block[i], lines, pixels)
+
+
 class WindowReader:
     """Reads windows of a scene on its grid: ``read(row0, row1, col0, col1)`` -> ``(pol, h, w)`` float32,
     NaN where nodata. Thread-safe (a locked shared handle per file, or one handle per thread for warped
     files) and picklable (for distributed workers). Also array-like (``shape``, ``dtype``, ``ndim``,
     ``__getitem__`` with a tuple of three slices) so that ``dask.array.from_array`` can wrap it."""
 
-    def __init__(self, runs: list[tuple[Any, tuple[tuple[float, ...], ...]]], shape: tuple[int, int, int]):
-        self._runs = runs  # (lazy xarray.DataArray (k, H, W) on the scene grid, nodata values per band)
+    def __init__(self, runs: list[_Run], shape: tuple[int, int, int], transform: Affine | None = None):
+        self._runs = runs
         self.shape = shape
+        # the scene grid's affine: where warped calibrated files find each pixel's (line, pixel)
+        self.transform = transform or Affine.identity()
         self.dtype = np.dtype(np.float32)
         self.ndim = 3
 
     def read(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
         """Pixels ``[row0:row1, col0:col1]`` of every polarisation: ``(pol, row1 - row0, col1 - col0)``
-        float32 as stored (not yet in dB), NaN = nodata. A fresh array the caller owns."""
+        float32 as stored (not yet in dB; calibrated to linear intensity where a LUT is attached, see
+        :meth:`SourceRaster.calibrated`), NaN = nodata. A fresh array the caller owns. Rows of a file
+        stored bottom-up are read from its other end and reversed (columns likewise)."""
+        height, width = self.shape[1:]
         pieces = []
-        for array, nodata in self._runs:
-            block = np.asarray(array[:, row0:row1, col0:col1].values)
-            pieces.append(_mask_nodata(block, nodata))
+        for run in self._runs:
+            flip_rows, flip_cols = run.flips
+            r0, r1 = (height - row1, height - row0) if flip_rows else (row0, row1)
+            c0, c1 = (width - col1, width - col0) if flip_cols else (col0, col1)
+            block = np.asarray(run.array[:, r0:r1, c0:c1].values)
+            if flip_rows or flip_cols:
+                block = np.ascontiguousarray(block[:, :: -1 if flip_rows else 1, :: -1 if flip_cols else 1])
+            block = _mask_nodata(block, run.nodata)
+            if any(lut is not None for lut in run.luts) and block.size:
+                run.calibrate(block, self.transform, (height, width), (row0, row1, col0, col1))
+            pieces.append(block)
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
+
+    def with_luts(self, luts: dict[str, Any]) -> WindowReader:
+        """A reader that calibrates the polarisations ``luts`` names (pol -> CalibrationLUT)."""
+        runs = [replace(run, luts=tuple(luts.get(pol) for pol in run.pols)) for run in self._runs]
+        return WindowReader(runs, self.shape, self.transform)
+
+    def file_shapes(self) -> dict[str, tuple[int, int]]:
+        """Polarisation -> (rows, cols) of the file it is read from."""
+        return {pol: run.file_shape for run in self._runs for pol in run.pols}
 
     def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
         if not (isinstance(key, tuple) and len(key) == 3 and all(isinstance(k, slice) for k in key)):
@@ -114,6 +208,38 @@ class SourceRaster:
     """``None`` when every file is read as stored; else how files were warped (for the store's attrs)."""
     chunks: tuple[int, int]
     """Preferred (rows, cols) of a read: whole blocks of the first file, at least one tile (see module)."""
+    dtypes: tuple[str, ...] = ()
+    """Data type of each polarisation's file as stored (e.g. ``uint16`` for GRD digital numbers)."""
+    calibration: dict[str, Any] | None = None
+    """``None``: values as stored; else what :meth:`calibrated` applied (for the store's attrs)."""
+
+    def calibrated(self, luts: dict[str, Any]) -> SourceRaster:
+        """The same scene read as linear intensity: each polarisation's DN calibrated with its LUT
+        (:class:`~fusarbatch.tiling.calibration.CalibrationLUT`, see that module)."""
+        first = next(iter(luts.values()))
+        record = {
+            "quantity": first.quantity,
+            "formula": f"{first.quantity} = DN^2 / A^2, A = {LUT_NAMES[first.quantity]} LUT interpolated "
+            "bilinearly over (line, pixel) (ESA-EOPG-CSCOP-TN-0002; xarray-sentinel calibrate_intensity)",
+            "noise_removed": False,
+            "luts": {pol: lut.record() for pol, lut in luts.items()},
+        }
+        if self.warp is not None:
+            record["warped_lines_pixels"] = f"through the GCPs / geotransform every {LATTICE_STEP} px"
+        return replace(self, reader=self.reader.with_luts(luts), calibration=record)
+
+    def sample(self, per_axis: int = 3, size: int = 256) -> np.ndarray:
+        """Values for statistics: ``per_axis``**2 windows of up to ``size`` px spread evenly over the
+        scene (centred at 1/(2n), 3/(2n), ... of each axis), read as :meth:`WindowReader.read` does.
+        Returns ``(pol, N)`` float32 (NaN = nodata)."""
+        pieces = []
+        for fy in (np.arange(per_axis) + 0.5) / per_axis:
+            for fx in (np.arange(per_axis) + 0.5) / per_axis:
+                r0 = max(0, min(self.height - size, int(fy * self.height) - size // 2))
+                c0 = max(0, min(self.width - size, int(fx * self.width) - size // 2))
+                window = self.reader.read(r0, min(r0 + size, self.height), c0, min(c0 + size, self.width))
+                pieces.append(window.reshape(window.shape[0], -1))
+        return np.concatenate(pieces, axis=1)
 
     @property
     def height(self) -> int:
@@ -157,6 +283,25 @@ class _FileInfo:
     @property
     def has_geotransform(self) -> bool:
         return not self.transform.almost_equals(Affine.identity())
+
+    @property
+    def flips(self) -> tuple[bool, bool]:
+        """(rows stored bottom-up, columns stored right-to-left) of an axis-aligned geotransform."""
+        t = self.transform
+        if not self.has_geotransform or t.b != 0 or t.d != 0:
+            return False, False
+        return t.e > 0, t.a < 0
+
+    @property
+    def north_up_transform(self) -> Affine:
+        """The file's grid with row 0 at the north edge and column 0 at the west edge (see the module)."""
+        t = self.transform
+        flip_rows, flip_cols = self.flips
+        if flip_rows:
+            t = t @ Affine.translation(0, self.height) @ Affine.scale(1, -1)
+        if flip_cols:
+            t = t @ Affine.translation(self.width, 0) @ Affine.scale(-1, 1)
+        return t
 
 
 @dataclass(frozen=True)
@@ -225,8 +370,8 @@ def open_scene(scene: Scene, *, tile_size: int = 504) -> SourceRaster:
     pieces = []
     warps: list[dict[str, Any]] = []
     for href, refs in runs:
-        array, nodata, warp = _open_run(infos[href], [ref for _, ref in refs], grid, scene)
-        pieces.append((array, nodata))
+        run, warp = _open_run(infos[href], refs, grid, scene)
+        pieces.append(run)
         if warp is not None:
             warps.append({"href": href, **warp})
     warp_attrs = None
@@ -238,13 +383,14 @@ def open_scene(scene: Scene, *, tile_size: int = 504) -> SourceRaster:
         }
     pols = tuple(pol for _, refs in runs for pol, _ in refs)
     return SourceRaster(
-        reader=WindowReader(pieces, (len(pols), grid.height, grid.width)),
+        reader=WindowReader(pieces, (len(pols), grid.height, grid.width), grid.transform),
         pols=pols,
         crs=grid.crs,
         transform=grid.transform,
         hrefs=tuple(dict.fromkeys(href for href, _ in runs)),
         warp=warp_attrs,
         chunks=_chunk_shape(first, grid, tile_size),
+        dtypes=tuple(infos[href].dtype for href, refs in runs for _ in refs),
     )
 
 
@@ -313,7 +459,7 @@ def _inspect(href: str) -> _FileInfo:
 
 def _scene_grid(first: _FileInfo, scene: Scene) -> _Grid:
     if first.crs is not None and first.has_geotransform:
-        return _Grid(first.crs, first.transform, first.height, first.width)
+        return _Grid(first.crs, first.north_up_transform, first.height, first.width)
     if first.gcps:
         lon, lat = gcp_centre_lonlat(first.gcps, first.gcps_crs)
         dst = utm_crs(lon, lat)
@@ -323,7 +469,7 @@ def _scene_grid(first: _FileInfo, scene: Scene) -> _Grid:
         except rasterio.errors.RasterioError as exc:
             raise SceneError(f"{first.href}: cannot warp its GCPs to {dst} ({_one_line(exc)})") from None
     if first.has_geotransform and scene.crs:
-        return _Grid(CRS.from_user_input(scene.crs), first.transform, first.height, first.width)
+        return _Grid(CRS.from_user_input(scene.crs), first.north_up_transform, first.height, first.width)
     raise SceneError(
         f"{first.href}: not georeferenced (no CRS and geotransform, no GCPs); cannot place its tiles"
     )
@@ -348,7 +494,7 @@ def _on_grid(info: _FileInfo, grid: _Grid, scene: Scene) -> bool:
     if info.gcps and not info.has_geotransform:
         return False
     crs = info.crs or (CRS.from_user_input(scene.crs) if scene.crs and info.has_geotransform else None)
-    return crs is not None and _same_grid(crs, info.transform, info.height, info.width, grid)
+    return crs is not None and _same_grid(crs, info.north_up_transform, info.height, info.width, grid)
 
 
 def _same_grid(crs: CRS, transform: Affine, height: int, width: int, grid: _Grid) -> bool:
@@ -380,10 +526,13 @@ def _on_grid_shape(info: _FileInfo, grid: _Grid) -> bool:
 
 
 def _open_run(
-    info: _FileInfo, refs: list[BandRef], grid: _Grid, scene: Scene
-) -> tuple[Any, tuple[tuple[float, ...], ...], dict[str, Any] | None]:
-    """The bands ``refs`` of one file as a lazy ``(len(refs), H, W)`` xarray.DataArray on ``grid``, the
-    nodata values of each band, and how the file is warped (``None``: read as stored)."""
+    info: _FileInfo, pol_refs: list[tuple[str, BandRef]], grid: _Grid, scene: Scene
+) -> tuple[_Run, dict[str, Any] | None]:
+    """The bands ``pol_refs`` of one file as a :class:`_Run` (a lazy ``(len(refs), H, W)``
+    xarray.DataArray on ``grid``, or on it once its rows / columns are reversed; the nodata values of each
+    band) and how the file is warped (``None``: read as stored)."""
+    refs = [ref for _, ref in pol_refs]
+    locate: _Locate | None = None
     indexes = [ref.band - 1 for ref in refs]
     nodata = tuple(
         tuple(
@@ -394,10 +543,12 @@ def _open_run(
         for ref in refs
     )
     warp: dict[str, Any] | None = None
+    flips = (False, False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             if _on_grid(info, grid, scene):
+                flips = info.flips  # bottom-up / right-to-left: read reversed (WindowReader.read)
                 masked = any(info.has_mask[i] for i in indexes)
                 # One shared handle per file and a lock: GDAL's block cache is per handle, so threads then
                 # share decoded blocks (windows overlap) instead of each decoding them again.
@@ -412,10 +563,12 @@ def _open_run(
                 warp = {"from": "gcps" if gcp_only else "grid"}
                 if gcp_only:
                     kwargs = _warp_kwargs(info, grid.crs, src_nodata)
+                    locate = _Locate(grid.crs, info.gcps_crs or CRS.from_epsg(4326), gcps=info.gcps)
                 else:
                     src_crs = None
                     if info.crs is None and info.has_geotransform and scene.crs:
                         src_crs = CRS.from_user_input(scene.crs)
+                    locate = _Locate(grid.crs, src_crs or info.crs or grid.crs, transform=info.transform)
                     kwargs = {
                         **_warp_kwargs(info, grid.crs, src_nodata),
                         "src_crs": src_crs,
@@ -438,7 +591,15 @@ def _open_run(
         raise
     except Exception as exc:  # rasterio / rioxarray raise many types for unreadable files
         raise SceneError(f"{info.href}: cannot read ({_one_line(exc)})") from None
-    return array, nodata, warp
+    run = _Run(
+        array,
+        nodata,
+        tuple(pol for pol, _ in pol_refs),
+        flips=flips,
+        file_shape=(info.height, info.width),
+        locate=locate,
+    )
+    return run, warp
 
 
 def _mask_nodata(block: np.ndarray, nodata: tuple[tuple[float, ...], ...]) -> np.ndarray:

@@ -16,10 +16,14 @@ valid_fraction (tile,)              float32 share of the T x T pixels where ever
 ============== ==================== ======= =========================================================
 
 Tiles are row-major (see :mod:`fusarbatch.tiling.grid`). Group attributes: ``crs`` (WKT2), ``item_id``,
-``datetime`` (ISO 8601, UTC), ``pols``, ``quantity``, ``scale_in``, ``units``, ``tile_size``,
+``datetime`` (ISO 8601, UTC), ``pols``, ``quantity``, ``scale_in`` (declared or detected),
+``scale_detected`` (``null``, or why an undeclared scale was taken), ``calibration`` (``null``, or how
+digital numbers were calibrated), ``units``, ``tile_size``,
 ``overlap``, ``min_valid``, ``n_tiles``, ``n_inferable``, ``source_hrefs``, ``scene_shape`` ``[H, W]``,
 ``scene_transform`` (6 floats), ``warp`` (``null`` or how GCP-only / off-grid files were warped),
-``status`` and ``complete``. ``xarray.open_zarr(store, group=safe_id, consolidated=False)`` opens a group.
+``tiling_id`` (new for every write), ``status`` and ``complete``; ``run`` adds ``outputs_made_from`` once a
+scene's GeoParquet is written (:mod:`fusarbatch.outputs.provenance`).
+``xarray.open_zarr(store, group=safe_id, consolidated=False)`` opens a group.
 
 **Crash safety.** A scene is written to ``tiles.zarr/.<safe_id>.partial-<pid>``; ``complete`` is set to
 true last; then the directory is renamed to ``<safe_id>``, replacing an older group (the older one is first
@@ -66,7 +70,7 @@ from pyproj import CRS as ProjCRS
 
 from fusarbatch import __version__
 from fusarbatch.catalog.scene import Scene
-from fusarbatch.errors import FusarbatchError, SceneError
+from fusarbatch.errors import FusarbatchError
 from fusarbatch.tiling.grid import (
     DEFAULT_OVERLAP,
     DEFAULT_TILE_SIZE,
@@ -75,7 +79,7 @@ from fusarbatch.tiling.grid import (
     tile_transforms,
     validate_tiling,
 )
-from fusarbatch.tiling.scaling import check_scale, output_units, to_db
+from fusarbatch.tiling.scaling import check_scale, output_units, prepare_radiometry, to_db
 from fusarbatch.tiling.source import SourceRaster, WindowReader, open_scene
 
 log = logging.getLogger(__name__)
@@ -336,11 +340,8 @@ def _scene_attrs(scene: Scene) -> dict[str, Any]:
 def _write_scene(
     root: zarr.Group, partial: str, scene: Scene, tile_size: int, overlap: int, min_valid: float
 ) -> tuple[int, int]:
-    try:
-        scale = check_scale(scene.scale)
-    except ValueError as exc:
-        raise SceneError(f"scene {scene.item_id!r}: {exc}") from None
-    source = open_scene(scene, tile_size=tile_size)
+    radiometry = prepare_radiometry(scene, open_scene(scene, tile_size=tile_size))
+    source, scale = radiometry.source, radiometry.scale
     grid = tile_grid(source.height, source.width, tile_size, overlap)
     tiles = build_tiles(source, grid, scale)
     fractions = valid_fractions(tiles)
@@ -349,6 +350,9 @@ def _write_scene(
     attrs = {
         **_scene_attrs(scene),
         "pols": list(source.pols),
+        "quantity": radiometry.quantity,
+        "scale_in": radiometry.scale_in,
+        **radiometry.attrs,
         "units": output_units(scale),
         "crs": ProjCRS.from_user_input(source.crs.to_wkt()).to_wkt(),
         "tile_size": tile_size,
@@ -360,6 +364,7 @@ def _write_scene(
         "scene_transform": list(tuple(source.transform)[:6]),
         "transform_order": "a,b,c,d,e,f (affine/rasterio): x = a*col + b*row + c, y = d*col + e*row + f",
         "warp": source.warp,
+        "tiling_id": uuid.uuid4().hex,  # this write: outputs made from it record it (outputs.provenance)
         "status": "running",
         "complete": False,
     }
@@ -374,7 +379,7 @@ def _write_scene(
         dimension_names=["tile", "pol", "y", "x"],
         attributes={
             "units": attrs["units"],
-            "long_name": f"{scene.quantity} backscatter" + ("" if attrs["units"] == "dn" else " (dB)"),
+            "long_name": f"{radiometry.quantity} backscatter" + ("" if attrs["units"] == "dn" else " (dB)"),
             "pols": list(source.pols),
         },
     )

@@ -27,7 +27,13 @@ def test_iw_grd_dual_pol_vv_vh():
     )
     assert scene.bands["VH"].href.endswith("-002.tiff")
     assert scene.bands["VV"].band == 1
-    assert (scene.quantity, scene.scale) == ("sigma0", "db")  # the spec's defaults: the item says nothing
+    # the spec's default quantity; the scale is not declared (empty): the tiler decides from the data
+    assert (scene.quantity, scene.scale) == ("sigma0", "")
+    # the GRD calibration annotations, per polarisation
+    assert scene.calibration["VV"].endswith(
+        "annotation/calibration/calibration-s1a-iw-grd-vv-20210809t173953-20210809t174018-039156-049f13-001.xml"
+    )
+    assert scene.calibration["VH"].endswith("-002.xml") and set(scene.calibration) == {"VV", "VH"}
     assert scene.footprint.bounds == pytest.approx((1.512143, 44.536255, 5.188996, 46.436539))
 
 
@@ -80,3 +86,66 @@ def test_demo_items():
     assert quicklook.crs is None  # GCP-only raster
     assert (quicklook.scale, quicklook.quantity) == ("dn", "dn")
     assert quicklook.orbit_direction == "descending"
+
+
+def _generated_item(assets, item_pols=("VV", "VH")):
+    return {
+        "id": "generated-two-band",
+        "properties": {"datetime": "2024-01-01T00:00:00Z", "sar:polarizations": list(item_pols)},
+        "geometry": {"type": "Point", "coordinates": [4.5, 43.6]},
+        "assets": assets,
+    }
+
+
+@pytest.mark.parametrize(
+    "assets",
+    [
+        # under the VV key, an asset that says it holds VV and VH (this gave VV alone)
+        {"vv": {"href": "/data/two.tif", "sar:polarizations": ["VV", "VH"], "roles": ["data"]}},
+        # no key matches; the bands say which polarisation they hold (STAC 1.1 bands / eo:bands)
+        {"data": {"href": "/data/two.tif", "bands": [{"name": "VV"}, {"name": "VH"}], "roles": ["data"]}},
+        {"image": {"href": "/data/two.tif", "eo:bands": [{"name": "vv"}, {"name": "vh"}]}},
+        {
+            "image": {
+                "href": "/data/two.tif",
+                "bands": [{"sar:polarizations": ["VV"]}, {"sar:polarizations": ["VH"]}],
+            }
+        },
+        # the item's only data asset, two bands, the item's sar:polarizations
+        {
+            "image": {"href": "/data/two.tif", "raster:bands": [{}, {}], "roles": ["data"]},
+            "thumbnail": {"href": "/data/q.png", "roles": ["thumbnail"]},
+        },
+    ],
+    ids=["key-vv-asset-lists-two", "bands-names", "eo-bands-names", "bands-sar-pols", "item-pols"],
+)
+def test_two_band_asset_gives_both_polarisations(assets):
+    scene = Scene.from_item(_generated_item(assets), ANY)
+    assert scene.pols == ("VV", "VH")
+    assert (scene.bands["VV"].band, scene.bands["VH"].band) == (1, 2)
+    assert scene.bands["VV"].href == scene.bands["VH"].href == "/data/two.tif"
+
+
+def test_single_band_asset_under_a_key_is_not_split_by_the_item_polarisations():
+    # the item says VV+VH, but only the VV asset is there: VV from band 1, no invented VH band 2
+    assets = {"vv": {"href": "/data/vv.tif", "roles": ["data"]}}
+    scene = Scene.from_item(_generated_item(assets), ANY)
+    assert scene.pols == ("VV",) and scene.bands["VV"].band == 1
+
+
+def test_percent_encoded_local_hrefs_are_decoded(tmp_path):
+    folder = tmp_path / "sar data"
+    folder.mkdir()
+    (folder / "x y.tif").write_bytes(b"")
+    literal = tmp_path / "odd%20name.tif"  # a file whose name really holds "%20", written unencoded
+    literal.write_bytes(b"")
+    assets = {
+        "vv": {"href": f"{tmp_path}/sar%20data/x%20y.tif"},
+        "vh": {"href": f"file://{tmp_path}/sar%20data/x%20y.tif"},
+        "hh": {"href": str(literal)},
+        "hv": {"href": "https://example.org/sar%20data/x.tif"},  # URLs stay URLs
+    }
+    scene = Scene.from_item(_generated_item(assets, ("VV", "VH", "HH", "HV")), ANY)
+    assert scene.bands["VV"].href == scene.bands["VH"].href == str(folder / "x y.tif")
+    assert scene.bands["HH"].href == str(literal)
+    assert scene.bands["HV"].href == "https://example.org/sar%20data/x.tif"

@@ -457,3 +457,46 @@ def test_broken_signer_is_reported_as_the_catalogs_error(tmp_path):
         search_scenes(
             aoi=REPO / "catalogs/demo/aois/camargue.geojson", start="2015-01", end=None, catalog=str(toml)
         )
+
+
+def test_static_catalog_with_percent_encoded_relative_hrefs_is_tiled(tmp_path):
+    """A static catalog (generated) whose item points at ``../sar%20data/camargue%20vv.tif``: the file is
+    ``sar data/camargue vv.tif`` (STAC hrefs are URI references); search finds it and the tiler reads it."""
+    import shutil
+
+    import numpy as np
+    import rasterio
+    import zarr
+
+    from fusarbatch.tiling import tile_scene
+
+    item = next(i for i in demo_items_absolute() if i["id"] == CAMARGUE_ID)
+    source = Path(item["assets"]["vv"]["href"])
+    (tmp_path / "sar data").mkdir()
+    shutil.copy(source, tmp_path / "sar data" / "camargue vv.tif")
+    (tmp_path / "catalog" / "item").mkdir(parents=True)
+    item = {
+        **item,
+        "links": [{"rel": "root", "href": "../catalog.json"}, {"rel": "parent", "href": "../catalog.json"}],
+    }
+    item["assets"] = {"vv": {**item["assets"]["vv"], "href": "../../sar%20data/camargue%20vv.tif"}}
+    item.pop("collection", None)
+    (tmp_path / "catalog" / "item" / "item.json").write_text(json.dumps(item))
+    catalog = {
+        "type": "Catalog",
+        "stac_version": "1.0.0",
+        "id": "generated-percent-encoded",
+        "description": "generated",
+        "links": [{"rel": "root", "href": "./catalog.json"}, {"rel": "item", "href": "./item/item.json"}],
+    }
+    (tmp_path / "catalog" / "catalog.json").write_text(json.dumps(catalog))
+    spec = resolve_catalog(str(tmp_path / "catalog" / "catalog.json"))
+    [scene] = run(spec, DEMO_AOIS / "camargue.geojson", "2015-03").scenes
+    assert scene.bands["VV"].href == str(tmp_path / "sar data" / "camargue vv.tif")
+    result = tile_scene(scene, tmp_path / "tiles.zarr", tile_size=128, overlap=16)
+    assert result.status == "ok", result.error
+    g = zarr.open_group(str(tmp_path / "tiles.zarr"), path=scene.safe_id, mode="r")
+    with rasterio.open(source) as src:
+        first = src.read(1, window=((0, 128), (0, 128))).astype(np.float32)
+    first[first == -99] = np.nan
+    np.testing.assert_array_equal(g["backscatter"][0, 0], first)

@@ -38,9 +38,11 @@ def _write_generated_counting(root: Path, n: int, size: int, seed: int) -> Path:
     for i in range(n):
         pixels = rng.integers(0, 60, size=(size, size), dtype=np.uint8)
         count = i % 4
+        boxes = []
         for k in range(count):
             y, x = 4 + 12 * k, 4 + 10 * k
             pixels[y : y + 8, x : x + 8] = 250
+            boxes.append([x, y, x + 8, y + 8])
         path = root / "images" / f"{i:03d}.png"
         Image.fromarray(pixels).convert("RGB").save(path)
         records.append(
@@ -51,7 +53,7 @@ def _write_generated_counting(root: Path, n: int, size: int, seed: int) -> Path:
                 answer=str(count),
                 coordinate_size=size,
                 task="counting",
-                meta={"generated": True},
+                meta={"generated": True, "boxes": boxes},
             )
         )
     manifest = root / "generated_counting.jsonl"

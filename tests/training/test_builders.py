@@ -192,3 +192,49 @@ def test_training_cli_build_generated_and_base(tmp_path):
     assert json.loads((tmp_path / "base" / "fusarbatch_base.json").read_text())["preset"] == "test"
     res = runner.invoke(app, ["base", "--out", str(tmp_path / "b2"), "--preset", "huge"])
     assert res.exit_code != 0
+
+
+def test_any_split_file_and_grid(generated_voc, tmp_path):
+    # a VOC folder whose ImageSets/Main has train and test files (SSDD's layout), built on a 336 grid
+    main = generated_voc / "ImageSets" / "Main"
+    main.mkdir()
+    for f in ("train.txt", "val.txt"):
+        (generated_voc / "ImageSets" / f).unlink()
+    (main / "train.txt").write_text("000001\n000002\n")
+    (main / "test.txt").write_text("000003\n")
+    build_dataset(generated_voc, tmp_path / "all", class_map=generated_voc / "classes.json", grid=336)
+    assert sorted(p.name for p in (tmp_path / "all").glob("stage2_*.jsonl")) == [
+        "stage2_test.jsonl",
+        "stage2_train.jsonl",
+    ]
+    test = read_manifest(tmp_path / "all" / "stage2_test.jsonl")
+    assert {r.coordinate_size for r in test} == {336}
+    det = next(r for r in test if r.task == "detection")
+    # (0, 0, 20, 20) on 120 x 100 -> x * 2.8, y * 3.36 on the 336 grid
+    assert [b.as_list() for b in parse_detection(det.answer).value] == [[0, 0, 56, 67]]
+    assert det.meta["boxes"] == [[0, 0, 56, 67]]
+    with Image.open(det.image) as im:
+        assert im.size == (336, 336)
+    build_dataset(generated_voc, tmp_path / "t", class_map=generated_voc / "classes.json", splits=["test"])
+    assert [p.name for p in (tmp_path / "t").glob("stage2_*.jsonl")] == ["stage2_test.jsonl"]
+    with pytest.raises(UsageError, match="has the splits train, test"):
+        build_dataset(generated_voc, tmp_path / "v", splits=["val"])
+    with pytest.raises(UsageError, match="multiple of 28"):
+        build_dataset(generated_voc, tmp_path / "g", grid=300)
+
+
+def test_sub_pixel_boxes_keep_one_grid_pixel(tmp_path):
+    # a 1,000 x 1,000 generated chip with a 1 x 1 px target: 0.5 grid px on 504 must not become zero-width
+    root = tmp_path / "generated_tiny_targets"
+    root.mkdir()
+    Image.fromarray(np.zeros((1000, 1000), dtype=np.uint8)).convert("RGB").save(root / "a.jpg")
+    (root / "a.xml").write_text(
+        _voc_xml(1000, 1000, [("ship", 813, 575, 814, 576), ("ship", 100, 100, 300, 200)])
+    )
+    build_dataset(root, tmp_path / "out", val_fraction=0.0)
+    recs = {r.task: r for r in read_manifest(tmp_path / "out" / "stage2_train.jsonl")}
+    boxes = [b.as_list() for b in parse_detection(recs["detection"].answer).value]
+    # 813..814 x 0.504 = 409.75..410.26 -> the grid pixel 410; 575..576 -> 289.8..290.3 -> 290
+    assert boxes == [[410, 290, 411, 291], [50, 50, 151, 101]]
+    assert all(x2 > x1 and y2 > y1 for x1, y1, x2, y2 in boxes)
+    assert recs["counting"].answer == "2"

@@ -32,6 +32,7 @@ def _mean_loss(fusar, manifest):
     ds = TripletDataset(records)
     batch = Collator(fusar.processor)([ds[i] for i in range(len(ds))])
     anchors = batch.pop("anchors")
+    batch.pop("target_boxes"), batch.pop("grids")
     fusar.eval()
     return float(fusar(anchors, **batch).loss)
 
@@ -183,3 +184,59 @@ def test_usage_errors(generated_base_model, generated_counting_manifest, tmp_pat
         app, ["train", "--stage", "3", "--data", str(data), "--base-model", "b", "--out", "o"]
     )
     assert res.exit_code == 2
+
+
+def test_stage0_trains_every_weight_and_resumes(generated_base_model, generated_counting_manifest, tmp_path):
+    from safetensors.torch import load_file as load
+
+    from training.train import TARGET_HEAD_FILE
+
+    data = generated_counting_manifest(n=8, size=56, seed=2)
+    kw = {
+        "stage": 0,
+        "batch_size": 2,
+        "grad_accum": 1,
+        "max_steps": 4,
+        "save_steps": 2,
+        "save_total_limit": None,
+    }
+    kw |= {"lr": 1e-3, "target_loss_weight": 1.0}
+    full = train(_config(generated_base_model, data, tmp_path / "full", **kw))
+    assert full.steps == 4
+    out = tmp_path / "full"
+    info = json.loads((out / "fusarbatch_train.json").read_text())
+    assert info["stage"] == 0 and info["loss_mean"] == "answer" and info["image_size"] == 56
+    base = load(str(generated_base_model / "model.safetensors"))
+    trained = load(str(out / "model.safetensors"))
+    # every part of the base moved: vision tower, merger and language model
+    for prefix in ("visual.blocks.0.", "visual.merger.", "model.layers.0."):
+        keys = [k for k in base if k.startswith(prefix)]
+        assert keys and any(not torch.equal(base[k], trained[k]) for k in keys), prefix
+    # a full model directory: loads as is, with an identity TLM at the records' size
+    fusar = FusarGPT.from_pretrained(out)
+    assert fusar.image_size == 56
+    assert torch.count_nonzero(fusar.tlm.film_mlp[-1].weight) == 0
+    assert (out / "checkpoint-2" / TARGET_HEAD_FILE).is_file()
+    assert not (out / TARGET_HEAD_FILE).exists()  # training-only head: not in the model
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert all(0 < r["target_loss"] < 10 and r["probe_loss"] > 0 for r in log if "loss" in r)
+    # resume from checkpoint-2: the same weights as the uninterrupted run
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed_dir / "checkpoint-2")
+    train(_config(generated_base_model, data, resumed_dir, resume=True, **kw))
+    again = load(str(resumed_dir / "model.safetensors"))
+    for k in trained:
+        torch.testing.assert_close(trained[k], again[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_stage0_usage_errors(generated_base_model, generated_counting_manifest, tmp_path):
+    data = generated_counting_manifest(n=4)
+    with pytest.raises(UsageError, match="--init is for stages 1 and 2"):
+        train(_config(generated_base_model, data, tmp_path / "a", stage=0, init=tmp_path))
+    with pytest.raises(UsageError, match="stage 0 only"):
+        train(_config(generated_base_model, data, tmp_path / "b", stage=1, target_loss_weight=1.0))
+    with pytest.raises(UsageError, match="no records of the tasks detection"):
+        train(_config(generated_base_model, data, tmp_path / "c", stage=0, tasks=["detection"]))
+    with pytest.raises(UsageError, match="--loss-mean"):
+        train(_config(generated_base_model, data, tmp_path / "d", stage=0, loss_mean="sum"))

@@ -1,0 +1,211 @@
+"""Training objectives beyond the model's own next-token loss (stage 0, DESIGN 4; not in the paper).
+
+- :func:`answer_mean_loss`: cross-entropy averaged over each record's answer tokens first, then over the
+  records. With the model's per-token mean, a detection answer (about 31 tokens per box) outweighs a count
+  (2 tokens) by 15-100x and the model learns the box format before it learns to look; per answer, every record
+  weighs the same.
+- :class:`TargetHead` + :func:`target_maps` + :func:`target_loss`: a dense "target here" loss on the merged
+  visual tokens (the merger output, before the TLM). A linear head predicts, for each token's
+  ``28 x 28`` px cell (patch 14 x spatial merge 2), whether a target's box centre lies in it and whether a
+  target box overlaps it; binary cross-entropy against the ground-truth boxes. It gives the vision tower a
+  direct, per-token signal about where the targets are, which a 1 M-parameter model does not get from the
+  answers alone in the time available on a CPU (training/RESULTS.md). The head is used in training only and
+  is not part of the exported model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = [
+    "ImageProbe",
+    "TargetHead",
+    "answer_mean_loss",
+    "probe_loss",
+    "spread_loss",
+    "target_loss",
+    "target_maps",
+]
+
+TARGET_CHANNELS = ("centre", "overlap")
+"""Channels of the dense target map (one logit each per visual token)."""
+
+
+def answer_mean_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token cross-entropy, mean over each record's supervised tokens, then mean over records.
+
+    :param logits: ``(B, L, V)`` float, the model's logits for ``input_ids``.
+    :param labels: ``(B, L)`` int64, the token ids to predict (``ignore_index`` on prompt/padding); shifted
+        by one inside, as the causal LM loss does.
+    :returns: scalar loss; records with no supervised token are left out (0 when none has one).
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    per_token = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=ignore_index,
+        reduction="none",
+    ).view(shift_labels.shape)
+    mask = (shift_labels != ignore_index).to(per_token.dtype)
+    n = mask.sum(dim=1)
+    keep = n > 0
+    if not bool(keep.any()):
+        return per_token.sum() * 0.0
+    per_record = (per_token * mask).sum(dim=1)[keep] / n[keep]
+    return per_record.mean()
+
+
+class TargetHead(nn.Module):
+    """Linear head: merged visual token ``(N, C)`` -> ``(N, 2)`` logits (:data:`TARGET_CHANNELS`)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, len(TARGET_CHANNELS))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # on the RMS-normalised tokens: the language model first RMS-normalises each token, so
+        # only a token's direction reaches it; a head on raw tokens could read "target here" from its norm
+        return self.proj(F.rms_norm(tokens.float(), (tokens.shape[-1],)))
+
+
+def spread_loss(tokens: torch.Tensor) -> torch.Tensor:
+    """Squared norm of the mean RMS-normalised visual token of the batch, in [0, C] (C = channels).
+
+    Trained from scratch, the merger's output grows a large component shared by every token of every image
+    (norms x20-800, training/RESULTS.md); after the language model's RMSNorm all tokens then point the same
+    way and any attention over them averages to the same vector, whatever the image. Penalising the mean
+    direction keeps the tokens centred, so that what differs between images is what the model reads.
+    """
+    unit = F.rms_norm(tokens.float(), (tokens.shape[-1],)) / tokens.shape[-1] ** 0.5
+    return unit.mean(dim=0).pow(2).sum() * tokens.shape[-1]
+
+
+def target_maps(
+    boxes: Sequence[Sequence[float]], grid_thw: Sequence[int], grid: int, merge: int = 2
+) -> torch.Tensor:
+    """Ground-truth target map of one image for :class:`TargetHead`.
+
+    :param boxes: ``[x1, y1, x2, y2]`` boxes in pixels of the ``grid`` x ``grid`` model input.
+    :param grid_thw: the image's ``(t, h, w)`` in 14 px patches (``image_grid_thw``).
+    :param grid: input side in pixels (the record's ``coordinate_size``).
+    :param merge: spatial merge size (2 in Qwen2.5-VL): one visual token per ``merge x merge`` patches.
+    :returns: ``(t * h/merge * w/merge, 2)`` float32 in {0, 1}, raster order (the merger's output order):
+        channel 0 = a box centre lies in the token's cell, channel 1 = a box overlaps the cell.
+    """
+    t, h, w = (int(v) for v in grid_thw)
+    rows, cols = h // merge, w // merge
+    cell_y, cell_x = grid / rows, grid / cols
+    out = torch.zeros((rows, cols, len(TARGET_CHANNELS)), dtype=torch.float32)
+    for x1, y1, x2, y2 in boxes:
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        r, c = min(max(int(cy // cell_y), 0), rows - 1), min(max(int(cx // cell_x), 0), cols - 1)
+        out[r, c, 0] = 1.0
+        r0, r1 = max(int(y1 // cell_y), 0), min(int((y2 - 1e-6) // cell_y), rows - 1)
+        c0, c1 = max(int(x1 // cell_x), 0), min(int((x2 - 1e-6) // cell_x), cols - 1)
+        if r1 >= r0 and c1 >= c0:
+            out[r0 : r1 + 1, c0 : c1 + 1, 1] = 1.0
+    return out.reshape(rows * cols, len(TARGET_CHANNELS)).repeat(t, 1)
+
+
+def target_loss(
+    head: TargetHead,
+    tokens: torch.Tensor,
+    grid_thw: torch.Tensor,
+    boxes: Sequence[Sequence[Sequence[float]] | None],
+    grids: Sequence[int],
+    merge: int = 2,
+) -> torch.Tensor:
+    """Binary cross-entropy of :class:`TargetHead` over the visual tokens of the images with known boxes.
+
+    :param tokens: ``(sum of tokens, C)`` merged visual tokens of the batch, image after image.
+    :param grid_thw: ``(B, 3)`` patches per image.
+    :param boxes: per image its boxes on its grid, or None when its targets are unknown (left out).
+    :param grids: per image its input side in pixels.
+    :returns: scalar; 0 (with a graph) when no image has known boxes.
+    """
+    sizes = [int(t * h * w) // (merge * merge) for t, h, w in grid_thw.tolist()]
+    if sum(sizes) != tokens.shape[0]:
+        raise ValueError(f"{tokens.shape[0]} visual tokens but image_grid_thw gives {sum(sizes)}")
+    logits = head(tokens)
+    parts, targets = [], []
+    start = 0
+    for n, thw, b, g in zip(sizes, grid_thw.tolist(), boxes, grids, strict=True):
+        if b is not None:
+            parts.append(logits[start : start + n])
+            targets.append(target_maps(b, thw, g, merge).to(logits.device))
+        start += n
+    if not parts:
+        return logits.sum() * 0.0
+    pred, target = torch.cat(parts), torch.cat(targets)
+    # positives are rare (a few cells of 144): weight them up so the head cannot settle on "nothing anywhere"
+    pos_weight = torch.tensor([8.0, 4.0], device=pred.device)
+    return F.binary_cross_entropy_with_logits(pred, target, pos_weight=pos_weight)
+
+
+class ImageProbe(nn.Module):
+    """Linear heads on the mean of an image's RMS-normalised merged visual tokens: the 3 x 3 cells holding
+    targets (9 logits), the number of targets (``log1p``) and, for records with a class, the class
+    (``len(classes)`` logits). Deep supervision for stage 0 (training only).
+
+    From scratch, the language model's first way of reading an image is attention spread over all its visual
+    tokens, i.e. roughly their mean; a target that only a few tokens show averages away, and the answer
+    stays the prior (training/RESULTS.md). A global signal in every token survives: the TLM's anchor
+    modulation is learnt in tens of steps that way (tests/training/test_tlm_information.py). The probe asks
+    the pooled tokens for the image-level facts the answers need, so the vision tower writes them where
+    that first reading finds them.
+    """
+
+    def __init__(self, hidden_size: int, classes: Sequence[str]) -> None:
+        super().__init__()
+        self.classes = list(classes)
+        self.proj = nn.Linear(hidden_size, 9 + 1 + len(self.classes))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.proj(pooled.float())
+
+
+def probe_loss(
+    probe: ImageProbe,
+    tokens: torch.Tensor,
+    grid_thw: torch.Tensor,
+    boxes: Sequence[Sequence[Sequence[float]] | None],
+    grids: Sequence[int],
+    classes: Sequence[str | None],
+    merge: int = 2,
+) -> torch.Tensor:
+    """Loss of :class:`ImageProbe` over a batch: BCE on the cells + squared error on ``log1p(count)`` for
+    images with known boxes, cross-entropy on the class for images whose class is in ``probe.classes``.
+
+    :param tokens: ``(sum of tokens, C)`` merged visual tokens of the batch, image after image.
+    :param grid_thw: ``(B, 3)`` patches per image.
+    :returns: scalar (0 with a graph when no image has a target).
+    """
+    from fusarbatch.model.prompts import grounding_cell
+
+    sizes = [int(t * h * w) // (merge * merge) for t, h, w in grid_thw.tolist()]
+    unit = F.rms_norm(tokens.float(), (tokens.shape[-1],))
+    terms = []
+    for i, part in enumerate(torch.split(unit, sizes)):
+        b, g, c = boxes[i], grids[i], classes[i]
+        has_class = c is not None and c in probe.classes
+        if (b is None or not g) and not has_class:
+            continue
+        out = probe(part.mean(dim=0))
+        if b is not None and g:
+            cells = torch.zeros(9, device=out.device)
+            for x1, y1, x2, y2 in b:
+                cells[grounding_cell((x1 + x2) / 2, (y1 + y2) / 2, grid=g) - 1] = 1.0
+            count = torch.tensor(math.log1p(len(b)), device=out.device)
+            terms.append(F.binary_cross_entropy_with_logits(out[:9], cells) + (out[9] - count) ** 2)
+        if has_class:
+            target = torch.tensor(probe.classes.index(c), device=out.device)
+            terms.append(F.cross_entropy(out[10:][None], target[None]))
+    if not terms:
+        return tokens.sum() * 0.0
+    return torch.stack(terms).mean()
