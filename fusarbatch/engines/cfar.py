@@ -25,12 +25,18 @@ DSTO-RR-0272 (2004), section 5.2.1 (the "two-parameter CFAR"), in its cell-avera
    pixels (nodata excluded): monotone in ``t_max``, in [0, 1), 0.5 at ``t_max = SCORE_HALF``, and
    independent of ``k``, so scores compare across thresholds, tiles and scenes.
 
+Two consequences of the method, both visible in the tests: a strong target's box is its pixels grown by
+the pre-filter radius (``prefilter // 2`` px on each side: the mean around a pixel next to the target holds
+target pixels); and the guard window must be about twice the longest target, or the far end of a target
+falls in the background of its other end, raises ``sigma_b`` there and is cut off (Crisp, section 5.2.1).
+
 The counts of a tile are the number of its boxes. Inputs are *linear intensity* (power), not dB and not
 amplitude: :func:`db_to_linear` for calibrated dB tiles, :func:`image_to_linear` for 8-bit image chips.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -42,6 +48,7 @@ __all__ = [
     "SCORE_HALF",
     "CfarBox",
     "CfarParams",
+    "boxes_from_statistic",
     "cfar_statistic",
     "db_to_linear",
     "detect",
@@ -132,13 +139,15 @@ def db_to_linear(db: np.ndarray) -> np.ndarray:
 
 
 def image_to_linear(image: object) -> np.ndarray:
-    """8-bit image chip -> linear intensity, ``value ** 2`` (float64, ``(y, x)``).
+    """8-bit image chip -> the intensity the CFAR runs on: the grey value itself (float64, ``(y, x)``).
 
-    The grey values of SAR image chips (SSDD, SAR-Ship-Dataset JPEGs) are taken as amplitude-like, so
-    their square is proportional to intensity; the CFAR statistic is scale-invariant, so no calibration
-    constant is needed. ``benchmarks/cfar_ssdd.py`` measures this choice against using the values as
-    intensity. A colour input (grey stored as RGB) is converted to luma first as PIL's ``convert("L")``
-    does (ITU-R 601: 0.299 R + 0.587 G + 0.114 B).
+    What the grey values of SAR image chips are (SSDD, SAR-Ship-Dataset JPEGs) is not documented: a
+    stretched amplitude or intensity, clipped to 8 bits. The choice is measured: on the SSDD train split,
+    with the same parameters, the grey value taken as intensity scores F1 0.49 at IoU 0.5, its square
+    (value taken as amplitude) 0.43 (``benchmarks/cfar_ssdd.py``; benchmarks/RESULTS.md, "CFAR on
+    SSDD"). The CFAR statistic is scale-invariant, so no calibration constant is needed. A colour input
+    (grey stored as RGB) is converted to luma first as PIL's ``convert("L")`` does (ITU-R 601:
+    0.299 R + 0.587 G + 0.114 B).
 
     :param image: a PIL image, or a ``(y, x)`` or ``(y, x, 3|4)`` array (uint8 or float, NaN = nodata).
     :raises ValueError: any other shape.
@@ -146,14 +155,13 @@ def image_to_linear(image: object) -> np.ndarray:
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        values = np.asarray(image.convert("L"), dtype=np.float64)
-    else:
-        values = np.asarray(image, dtype=np.float64)
-        if values.ndim == 3 and values.shape[2] in (3, 4):
-            values = values[..., 0] * 0.299 + values[..., 1] * 0.587 + values[..., 2] * 0.114
-        elif values.ndim != 2:
-            raise ValueError(f"image of shape {values.shape}: expected (y, x) or (y, x, 3)")
-    return values * values
+        return np.asarray(image.convert("L"), dtype=np.float64)
+    values = np.asarray(image, dtype=np.float64)
+    if values.ndim == 3 and values.shape[2] in (3, 4):
+        return values[..., 0] * 0.299 + values[..., 1] * 0.587 + values[..., 2] * 0.114
+    if values.ndim != 2:
+        raise ValueError(f"image of shape {values.shape}: expected (y, x) or (y, x, 3)")
+    return values
 
 
 def metres_to_window(metres: float, pixel_size_m: float, *, minimum: int = 1) -> int:
@@ -257,7 +265,23 @@ def detect(
     :raises ValueError: ``intensity`` is not 2-D, or ``valid`` has another shape.
     """
     arr, ok = _checked(intensity, valid)
-    t = cfar_statistic(arr, params, valid=ok)
+    return boxes_from_statistic(cfar_statistic(arr, params, valid=ok), params, valid=ok)
+
+
+def boxes_from_statistic(
+    t: np.ndarray, params: CfarParams = CfarParams(), *, valid: np.ndarray | None = None
+) -> list[CfarBox]:
+    """Steps 3-5 of the module docstring on a statistic made by :func:`cfar_statistic`: threshold at
+    ``params.k``, opening, closing, components, boxes and scores. Lets a caller try several thresholds
+    (or morphology settings) on one statistic; :func:`detect` is ``cfar_statistic`` then this.
+
+    :param t: ``(y, x)`` CFAR statistic, NaN = not tested.
+    :param valid: ``(y, x)`` bool mask of valid pixels (closing never grows into the others); default:
+        the pixels where ``t`` is not NaN.
+    :returns: as :func:`detect`.
+    """
+    t = np.asarray(t, dtype=np.float64)
+    ok = ~np.isnan(t) if valid is None else np.asarray(valid, dtype=bool)
     hit = np.nan_to_num(t, nan=-np.inf) > params.k
     if params.open_size > 1:
         hit = ndimage.binary_opening(hit, structure=_square(params.open_size))
@@ -294,7 +318,36 @@ def detect(
     return boxes
 
 
-def detect_chip(image: object, params: CfarParams = CHIP_PARAMS) -> list[CfarBox]:
-    """Detect ships in an 8-bit image chip (a PIL image or an array): :func:`image_to_linear`, then
-    :func:`detect` with ``params`` (pixels of ``image``). Boxes are in ``image`` pixel coordinates."""
-    return detect(image_to_linear(image), params)
+def detect_chip(
+    image: object, params: CfarParams = CHIP_PARAMS, *, native_size: tuple[int, int] | None = None
+) -> list[CfarBox]:
+    """Detect ships in an 8-bit image chip: :func:`image_to_linear`, then :func:`detect` with ``params``
+    (window sizes in pixels of the chip at its own size).
+
+    ``fusarbatch eval`` reads chips rendered to the model's square grid (504 x 504, bicubic), which
+    stretches them (an SSDD chip of about 480 x 330 px by 1.05 x 1.5) and correlates neighbouring speckle
+    samples: CFAR run on that image loses about 0.08 F1 on SSDD train. Give the chip's own size as
+    ``native_size`` and the image is resampled back to it (bicubic) before detection, which recovers the
+    score of the original chip (within 0.01 F1 on SSDD train); the boxes are then scaled back per axis.
+
+    :param image: a PIL image or a ``(y, x)`` / ``(y, x, 3)`` array.
+    :param native_size: ``(width, height)`` of the chip before it was rendered, pixels (a record's
+        ``meta["width"]``, ``meta["height"]``); None: ``image`` is at its own size.
+    :returns: boxes in ``image`` pixel coordinates (pixel edges), sorted by decreasing score.
+    """
+    from PIL import Image
+
+    if native_size is None:
+        return detect(image_to_linear(image), params)
+    width, height = (int(v) for v in native_size)
+    if width < 1 or height < 1:
+        raise ValueError(f"native_size {native_size!r}: give (width, height) in pixels")
+    if isinstance(image, Image.Image):
+        pil = image if image.mode in ("L", "F") else image.convert("L")
+    else:  # float image of the grey values (NaN, nodata, stays NaN around its area)
+        pil = Image.fromarray(image_to_linear(image).astype(np.float32), mode="F")
+    if pil.size == (width, height):
+        return detect(image_to_linear(pil), params)
+    sx, sy = pil.size[0] / width, pil.size[1] / height
+    boxes = detect(image_to_linear(pil.resize((width, height), Image.Resampling.BICUBIC)), params)
+    return [dataclasses.replace(b, x1=b.x1 * sx, y1=b.y1 * sy, x2=b.x2 * sx, y2=b.y2 * sy) for b in boxes]
