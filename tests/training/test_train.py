@@ -200,7 +200,7 @@ def test_stage0_trains_every_weight_and_resumes(generated_base_model, generated_
         "save_steps": 2,
         "save_total_limit": None,
     }
-    kw |= {"lr": 1e-3, "target_loss_weight": 1.0}
+    kw |= {"lr": 1e-3, "target_loss_weight": 1.0, "probe_loss_weight": 1.0}
     full = train(_config(generated_base_model, data, tmp_path / "full", **kw))
     assert full.steps == 4
     out = tmp_path / "full"
