@@ -218,7 +218,10 @@ def cfar_predictions(
         w, h = image.size
         sx, sy = r.coordinate_size / w, r.coordinate_size / h
         label = label_of(r)
-        found = detect_chip(image, params)
+        # the windows are in pixels of the chip at its own size (the builders record it; odd dihedral copies
+        # swap width and height): the rendered image is resampled back to it, as on the tuning split
+        native = _native_size(r)
+        found = detect_chip(image, params, native_size=native)
         boxes = tuple(Box(label, b.x1 * sx, b.y1 * sy, b.x2 * sx, b.y2 * sy) for b in found)
         scores = tuple(float(b.score) for b in found)
         kept = [b for b, s in zip(boxes, scores, strict=True) if s >= min_score]
@@ -229,3 +232,12 @@ def cfar_predictions(
         else:
             out.append(Prediction(tuple(grounding_cells(kept, grid=r.coordinate_size))))
     return out
+
+
+def _native_size(rec: Triplet) -> tuple[int, int] | None:
+    """``(width, height)`` of the record's chip before rendering (``meta.width/height``), or None."""
+    w, h = rec.meta.get("width"), rec.meta.get("height")
+    if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
+        return None
+    aug = rec.meta.get("aug") or 0
+    return (h, w) if isinstance(aug, int) and aug % 2 == 1 else (w, h)
