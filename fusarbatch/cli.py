@@ -196,6 +196,10 @@ def run(
     min_valid: Annotated[
         float | None, typer.Option("--min-valid", help="Tiles with less valid data are not inferred.")
     ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option("--engine", help="hf (transformers, default) or vllm (extra fusarbatch[vllm])."),
+    ] = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Tiles per generate call (8).")
     ] = None,
@@ -254,6 +258,10 @@ def run(
     from fusarbatch.report import set_log_context, setup_run_logging
 
     cfg = load_config(config, _run_overrides(params))
+    if cfg.engine == "vllm":  # before anything is written: exit 2 naming the extra
+        from fusarbatch.engines.vllm_engine import require_vllm
+
+        require_vllm()
     setup_run_logging(json_lines=not err_console.is_terminal, log_file=cfg.log_file)
     run_id = new_run_id()
     set_log_context(run_id=run_id)

@@ -22,7 +22,7 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -90,6 +90,11 @@ class RunConfig(BaseModel):
     tile_size: int = Field(504, ge=28, description="Tile edge, pixels.")
     overlap: int = Field(56, ge=0, description="Overlap between tiles, pixels.")
     min_valid: float = Field(0.05, ge=0, le=1, description="Tiles with less valid data are not inferred.")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="hf: transformers generate; vllm: the language model served by vLLM (extra "
+        "fusarbatch[vllm]; use a larger batch_size, e.g. 128). Same prompts, parsers and greedy answers.",
+    )
     batch_size: int = Field(8, ge=1, le=256, description="Tiles per generate() call.")
     max_new_tokens: int = Field(128, ge=1, le=4096, description="Generation budget per prompt.")
     iou_threshold: float = Field(0.5, gt=0, le=1, description="Cross-tile NMS IoU threshold.")

@@ -204,6 +204,10 @@ def _run_locked(
 
     notify = progress or (lambda event, fields: None)
     started = time.perf_counter()
+    if cfg.engine == "vllm":
+        from fusarbatch.engines.vllm_engine import require_vllm
+
+        require_vllm()
     ledger = Ledger.open(cfg.out)
     try:
         dead = ledger.recover(run_id)
@@ -254,6 +258,7 @@ def _run_locked(
                 device=device,
                 max_new_tokens=cfg.max_new_tokens,
                 batch_size=cfg.batch_size,
+                engine=cfg.engine,
             )
             ctx.task = TaskSpec(labels=cfg.labels, classes=cfg.classes or (*cfg.labels, "background"))
             _arm_tile_pause(client, cluster)
