@@ -52,7 +52,6 @@ __all__ = [
     "EngineStats",
     "VllmFusarGPT",
     "check_image_embeds",
-    "default_cache_dir",
     "require_vllm",
     "serving_dir",
     "vllm_available",
@@ -78,14 +77,6 @@ def require_vllm() -> None:
             f'--engine vllm: vLLM is not installed; install the extra: pip install "{VLLM_EXTRA}" '
             "(or use --engine hf)"
         )
-
-
-def default_cache_dir() -> Path:
-    """``$FUSARBATCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/fusarbatch``, else ``~/.cache/fusarbatch``."""
-    if os.environ.get("FUSARBATCH_CACHE_DIR"):
-        return Path(os.environ["FUSARBATCH_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "fusarbatch"
 
 
 # --------------------------------------------------------------------------------------------- serving dir
@@ -120,7 +111,11 @@ def serving_dir(
     """
     if fusar.has_lora:
         raise ModelError("serving_dir: merge the LoRA adapter first (FusarGPT.merge_lora)")
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if cache_dir is None:
+        from fusarbatch.model.demo import cache_dir as fusarbatch_cache
+
+        cache_dir = fusarbatch_cache()
+    root = Path(cache_dir)
     final = root / "vllm" / f"{fingerprint}-f{_SERVING_FORMAT}"
     if (final / ".complete").is_file():
         return final
@@ -146,7 +141,9 @@ def serving_dir(
     tok_config = json.loads((tmp / "tokenizer_config.json").read_text(encoding="utf-8"))
     tok_config["processor_class"] = "Qwen2_5_VLProcessor"  # ours (ImageOnly...) is unknown to vLLM
     (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2), encoding="utf-8")
-    (tmp / ".complete").write_text(json.dumps({"format": _SERVING_FORMAT, "merged": merged}), encoding="utf-8")
+    (tmp / ".complete").write_text(
+        json.dumps({"format": _SERVING_FORMAT, "merged": merged}), encoding="utf-8"
+    )
     try:
         tmp.rename(final)
     except OSError:  # another worker made it first
@@ -157,7 +154,9 @@ def serving_dir(
 
 
 # --------------------------------------------------------------------------------------------- shape check
-def check_image_embeds(tokens: torch.Tensor, image: ProcessedImage, hidden_size: int, merge_size: int) -> None:
+def check_image_embeds(
+    tokens: torch.Tensor, image: ProcessedImage, hidden_size: int, merge_size: int
+) -> None:
     """Check one image's embeddings before they reach vLLM (DESIGN 3.5: untrusted-shape rule).
 
     ``tokens`` must be ``(t * hp * wp / merge**2, hidden_size)``, floating point and finite, and the grid a
@@ -170,7 +169,9 @@ def check_image_embeds(tokens: torch.Tensor, image: ProcessedImage, hidden_size:
     grid = [int(v) for v in image.grid_thw.tolist()]
     t, hp, wp = grid if len(grid) == 3 else (0, 0, 0)
     if t < 1 or hp < merge_size or wp < merge_size or hp % merge_size or wp % merge_size:
-        raise ModelError(f"image embeddings: grid_thw {grid} is not a positive (t, h, w) grid of {merge_size}s")
+        raise ModelError(
+            f"image embeddings: grid_thw {grid} is not a positive (t, h, w) grid of {merge_size}s"
+        )
     expected = (t * hp * wp // merge_size**2, hidden_size)
     if tuple(tokens.shape) != expected or expected[0] != image.n_tokens:
         raise ModelError(
@@ -240,7 +241,8 @@ class VllmFusarGPT:
         :param max_new_tokens: the longest answer; sizes ``max_model_len``.
         :param max_tiles_per_call: tiles whose embeddings are made and handed over per ``LLM.generate``
             call, so that worker memory stays flat whatever the batch.
-        :param cache_dir: where serving directories live (:func:`default_cache_dir`).
+        :param cache_dir: where serving directories live (default ``$FUSARBATCH_CACHE``, else
+            ``~/.cache/fusarbatch``: :func:`fusarbatch.model.demo.cache_dir`).
         :param gpu_memory_utilization: vLLM's share of the GPU memory (weights + KV cache), after ours.
         :param enforce_eager: no CUDA graphs / torch.compile; default True on the CPU, False on a GPU.
         :raises UsageError: vLLM is not installed.
@@ -349,7 +351,9 @@ class VllmFusarGPT:
             embeds = self.embed_tiles(processed, anchors[start:stop])
             t1 = time.perf_counter()
             requests, owners = [], []
-            for k, (tokens, image, asks) in enumerate(zip(embeds, processed, prompts[start:stop], strict=True)):
+            for k, (tokens, image, asks) in enumerate(
+                zip(embeds, processed, prompts[start:stop], strict=True)
+            ):
                 mm = {"image": {"image_embeds": tokens, "image_grid_thw": image.grid_thw[None]}}
                 for p in asks:
                     requests.append({"prompt": self.fusar.chat_text(p), "multi_modal_data": mm})

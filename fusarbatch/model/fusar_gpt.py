@@ -920,7 +920,8 @@ class FusarGPT(nn.Module):
             raise ValueError(f"{len(processed)} images but {len(prompts)} prompts")
         pad = self.processor.image_token
         texts = [
-            self.chat_text(p).replace(pad, pad * im.n_tokens, 1) for im, p in zip(processed, prompts, strict=True)
+            self.chat_text(p).replace(pad, pad * im.n_tokens, 1)
+            for im, p in zip(processed, prompts, strict=True)
         ]
         enc = self.processor.tokenizer(texts, padding=True, return_tensors="pt")
         ids = enc["input_ids"]
