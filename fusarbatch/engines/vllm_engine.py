@@ -90,7 +90,7 @@ def _weight_files(model_dir: Path) -> list[str]:
 
 def serving_dir(
     fusar: FusarGPT,
-    model_dir: str | Path,
+    model_dir: str | Path | None,
     fingerprint: str,
     cache_dir: str | Path | None = None,
     *,
@@ -105,6 +105,7 @@ def serving_dir(
     (safetensors, the model dtype).
 
     :param fusar: the loaded model, after :meth:`FusarGPT.merge_lora`.
+    :param model_dir: where the weights are; None: no weights (for ``load_format="dummy"``, benchmarks).
     :param merged: an adapter was merged into ``fusar`` (its weights differ from ``model_dir``'s).
     :param fingerprint: :func:`~fusarbatch.outputs.ledger.model_hash` of the model (and adapter) dirs.
     :raises ModelError: the model still carries an unmerged adapter.
@@ -124,15 +125,16 @@ def serving_dir(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     base = fusar.base_model
-    src = Path(model_dir)
     if merged:
         base.save_pretrained(tmp, safe_serialization=True)  # config + generation config + merged weights
         log.info("vLLM serving copy: LoRA merged into the weights, written to %s", final)
     else:
         base.config.save_pretrained(tmp)
         base.generation_config.save_pretrained(tmp)
-        for name in _weight_files(src):
-            os.symlink((src / name).resolve(), tmp / name)
+        if model_dir is not None:
+            src = Path(model_dir)
+            for name in _weight_files(src):
+                os.symlink((src / name).resolve(), tmp / name)
     fusar.processor.tokenizer.save_pretrained(tmp)
     (tmp / "chat_template.jinja").write_text(fusar.processor.chat_template, encoding="utf-8")
     image_config = fusar.processor.image_processor.to_dict()
@@ -249,8 +251,6 @@ class VllmFusarGPT:
         :raises ModelError: the model cannot be loaded (by transformers or by vLLM).
         """
         require_vllm()
-        import torch
-
         from fusarbatch.model.fusar_gpt import FusarGPT
         from fusarbatch.outputs.ledger import model_hash
 
@@ -260,8 +260,42 @@ class VllmFusarGPT:
         dirs = [Path(model_dir)] + ([Path(adapter_dir)] if adapter_dir is not None else [])
         fingerprint = f"{model_hash(*dirs)}-{str(fusar.dtype).removeprefix('torch.')}"
         serve = serving_dir(fusar, model_dir, fingerprint, cache_dir, merged=merged)
-        # the language model now lives in vLLM: drop the PyTorch copy's decoder layers (the vision tower,
-        # the merger and the token embeddings, whose device and dtype the inputs follow, stay)
+        return cls.from_fusar(
+            fusar,
+            serve,
+            max_num_seqs=max_num_seqs,
+            max_new_tokens=max_new_tokens,
+            max_tiles_per_call=max_tiles_per_call,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            seed=seed,
+        )
+
+    @classmethod
+    def from_fusar(
+        cls,
+        fusar: FusarGPT,
+        serve: str | Path,
+        *,
+        max_num_seqs: int = 256,
+        max_new_tokens: int = 128,
+        max_tiles_per_call: int = 256,
+        gpu_memory_utilization: float = 0.85,
+        enforce_eager: bool | None = None,
+        seed: int = 0,
+        **llm_kwargs: Any,
+    ) -> VllmFusarGPT:
+        """The engine for a loaded ``fusar`` (LoRA merged) and its :func:`serving_dir` ``serve``.
+
+        The PyTorch copy's decoder layers are dropped (the language model lives in vLLM; the vision tower,
+        the merger and the token embeddings, whose device and dtype the inputs follow, stay).
+        ``llm_kwargs`` go to ``vllm.LLM`` (e.g. ``load_format="dummy"``: random weights, for benchmarks).
+        Other parameters: :meth:`from_pretrained`.
+
+        :raises ModelError: vLLM cannot load the serving directory.
+        """
+        import torch
+
         fusar.base_model.model.language_model.layers = torch.nn.ModuleList()
         if fusar.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -287,6 +321,7 @@ class VllmFusarGPT:
                 enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
                 gpu_memory_utilization=gpu_memory_utilization,
                 disable_log_stats=True,
+                **llm_kwargs,
             )
         except (ImportError, RuntimeError, ValueError, OSError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
@@ -317,6 +352,7 @@ class VllmFusarGPT:
         max_new_tokens: int = 1024,
         batch_size: int | None = None,
         top_logprobs: int = 0,
+        min_new_tokens: int = 0,
     ) -> list[list[Generation]]:
         """Answer several prompts per tile, greedily: each image is processed and embedded once, then all
         its (tile, prompt) sequences are handed to vLLM, ``max_tiles_per_call`` tiles per ``generate``.
@@ -326,6 +362,7 @@ class VllmFusarGPT:
         :param prompts: per image, its prompts (chat template applied here).
         :param batch_size: ignored (vLLM schedules); accepted for the HF engine's signature.
         :param top_logprobs: also keep the top-k log-probabilities per step (``last_top_logprobs``; tests).
+        :param min_new_tokens: no end token before this many (benchmarks fix the answer length with it).
         :returns: per image, one :class:`Generation` per prompt.
         :raises ValueError: the three sequences differ in length.
         """
@@ -337,6 +374,7 @@ class VllmFusarGPT:
         params = SamplingParams(
             temperature=0.0,
             max_tokens=max_new_tokens,
+            min_tokens=min_new_tokens,
             stop_token_ids=list(self._eos),
             logprobs=top_logprobs,
             detokenize=False,
