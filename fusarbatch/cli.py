@@ -180,6 +180,29 @@ def run(
         Path | None,
         typer.Option("--base-model", help="Base Qwen2.5-VL directory of a checkpoint --model."),
     ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            "--engine",
+            help="hf (FUSAR-GPT through transformers, default), vllm (the same model served by vLLM; "
+            "extra fusarbatch[vllm]) or cfar (two-parameter CA-CFAR ship detector on the CPU: detection "
+            "and counting, no model, no GPU).",
+        ),
+    ] = None,
+    cfar_guard_m: Annotated[
+        float | None, typer.Option("--cfar-guard-m", help="--engine cfar: guard window, metres (800).")
+    ] = None,
+    cfar_background_m: Annotated[
+        float | None,
+        typer.Option("--cfar-background-m", help="--engine cfar: background window, metres (1600)."),
+    ] = None,
+    cfar_k: Annotated[
+        float | None, typer.Option("--cfar-k", help="--engine cfar: threshold in background std (5).")
+    ] = None,
+    cfar_min_area_m2: Annotated[
+        float | None,
+        typer.Option("--cfar-min-area-m2", help="--engine cfar: smallest detection, square metres (2000)."),
+    ] = None,
     aef_index: Annotated[
         str | None,
         typer.Option("--aef-index", help="AlphaEarth index (GeoParquet/CSV), local or fsspec URL."),
@@ -195,10 +218,6 @@ def run(
     overlap: Annotated[int | None, typer.Option("--overlap", help="Tile overlap, pixels (56).")] = None,
     min_valid: Annotated[
         float | None, typer.Option("--min-valid", help="Tiles with less valid data are not inferred.")
-    ] = None,
-    engine: Annotated[
-        str | None,
-        typer.Option("--engine", help="hf (transformers, default) or vllm (extra fusarbatch[vllm])."),
     ] = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Tiles per generate call (8).")
@@ -245,7 +264,7 @@ def run(
     ] = None,
     log_file: Annotated[Path | None, typer.Option("--log-file", help="Append JSON-lines logs here.")] = None,
 ) -> None:
-    """Search, tile, attach AlphaEarth anchors, run FUSAR-GPT and write GeoParquet (DESIGN 1, 3.7).
+    """Search, tile, attach AlphaEarth anchors, run FUSAR-GPT (or --engine cfar) and write GeoParquet.
 
     Skips scenes done with the same configuration and model (ledger.sqlite); exit codes: 0 all done,
     1 some scenes failed, 2 usage error, 75 --out locked by another run, 130 interrupted.

@@ -22,7 +22,7 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -53,6 +53,28 @@ OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
         "quicklooks",
     ),
 }
+#: The ``outputs`` fields of a run with another engine than the model (:data:`OUTPUT_FIELDS` is the
+#: model's, for ``hf`` and ``vllm`` alike: they give the same greedy answers): the model's generation
+#: settings and tile classes do not change a CFAR run's outputs, its own parameters do. A model run's hash
+#: does not include ``engine`` (the ledger's model hash tells engines apart), so the hashes of existing
+#: model runs are unchanged.
+ENGINE_OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
+    "cfar": (
+        "tile_size",
+        "overlap",
+        "min_valid",
+        "anchors",
+        "aef_index",
+        "labels",
+        "iou_threshold",
+        "quicklooks",
+        "engine",
+        "cfar_guard_m",
+        "cfar_background_m",
+        "cfar_k",
+        "cfar_min_area_m2",
+    ),
+}
 _PATH_FIELDS = ("aoi", "out", "model", "log_file")
 
 
@@ -81,6 +103,25 @@ class RunConfig(BaseModel):
         description="Base Qwen2.5-VL directory under a checkpoint given as model; default: the one its "
         "training recorded.",
     )
+    engine: str = Field(
+        "hf",
+        description="Detection engine: hf (FUSAR-GPT through transformers: detection, counting, tile "
+        "classes), vllm (the same model, its language model served by vLLM: extra fusarbatch[vllm], use a "
+        "batch_size of 128 or more) or cfar (two-parameter CA-CFAR ship detector on the CPU, no model: "
+        "detection and counting only).",
+    )
+    cfar_guard_m: float = Field(
+        800.0, gt=0, description="--engine cfar: guard window edge, metres on the ground."
+    )
+    cfar_background_m: float = Field(
+        1600.0, gt=0, description="--engine cfar: background window edge, metres (larger than the guard)."
+    )
+    cfar_k: float = Field(
+        5.0, gt=0, le=100, description="--engine cfar: threshold on (x - mean) / std of the background."
+    )
+    cfar_min_area_m2: float = Field(
+        2000.0, ge=0, description="--engine cfar: smallest detection kept, square metres."
+    )
     aef_index: str | None = Field(None, description="AlphaEarth index (GeoParquet/CSV) path or URL.")
     anchors: int = Field(8, ge=1, le=64, description="Anchor grid is anchors x anchors per tile.")
     labels: tuple[str, ...] = Field(("ship",), description="Object labels to detect.")
@@ -90,11 +131,6 @@ class RunConfig(BaseModel):
     tile_size: int = Field(504, ge=28, description="Tile edge, pixels.")
     overlap: int = Field(56, ge=0, description="Overlap between tiles, pixels.")
     min_valid: float = Field(0.05, ge=0, le=1, description="Tiles with less valid data are not inferred.")
-    engine: Literal["hf", "vllm"] = Field(
-        "hf",
-        description="hf: transformers generate; vllm: the language model served by vLLM (extra "
-        "fusarbatch[vllm]; use a larger batch_size, e.g. 128). Same prompts, parsers and greedy answers.",
-    )
     batch_size: int = Field(8, ge=1, le=256, description="Tiles per generate() call.")
     max_new_tokens: int = Field(128, ge=1, le=4096, description="Generation budget per prompt.")
     iou_threshold: float = Field(0.5, gt=0, le=1, description="Cross-tile NMS IoU threshold.")
@@ -166,6 +202,30 @@ class RunConfig(BaseModel):
                 seen[key] = name
         return self
 
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        from fusarbatch.engines import ENGINES
+
+        name = v.strip().lower()
+        if name not in ENGINES:
+            raise ValueError(f"{v!r}: expected one of {', '.join(ENGINES)}")
+        return name
+
+    @model_validator(mode="after")
+    def _cfar(self) -> RunConfig:
+        if self.cfar_background_m <= self.cfar_guard_m:
+            raise ValueError(
+                f"cfar_background_m: {self.cfar_background_m:g} m must be larger than cfar_guard_m "
+                f"{self.cfar_guard_m:g} m"
+            )
+        if self.engine == "cfar" and len(self.labels) != 1:
+            raise ValueError(
+                f"labels: --engine cfar takes one label (got {', '.join(self.labels)}): CFAR finds bright "
+                "targets and cannot tell labels apart"
+            )
+        return self
+
     @model_validator(mode="after")
     def _tiling(self) -> RunConfig:
         from fusarbatch.tiling.grid import validate_tiling
@@ -196,8 +256,12 @@ class RunConfig(BaseModel):
         return self
 
     def stage_hash(self, stage: str) -> str:
-        """Hash of the fields that decide ``stage`` (``tile``, ``features`` or ``outputs``): 16 hex digits."""
-        values = {name: _jsonable(getattr(self, name)) for name in OUTPUT_FIELDS[stage]}
+        """Hash of the fields that decide ``stage`` (``tile``, ``features`` or ``outputs``; for ``outputs``
+        those of the run's engine, :data:`ENGINE_OUTPUT_FIELDS`): 16 hex digits."""
+        fields = OUTPUT_FIELDS[stage]
+        if stage == "outputs" and self.engine in ENGINE_OUTPUT_FIELDS:
+            fields = ENGINE_OUTPUT_FIELDS[self.engine]
+        values = {name: _jsonable(getattr(self, name)) for name in fields}
         text = json.dumps({"v": OUTPUTS_VERSION, "stage": stage, **values}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -129,6 +129,34 @@ class MapProjector:
         lon, lat = self._t.transform(xs, ys)
         return Polygon(zip(lon, lat, strict=True))
 
+    def lonlat(self, xs: Sequence[float], ys: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        """Points of the scene CRS -> ``(lon, lat)`` arrays, degrees."""
+        lon, lat = self._t.transform(np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64))
+        return np.asarray(lon), np.asarray(lat)
+
+
+def pixel_size_m(transform: Affine, project: MapProjector, col: float, row: float) -> tuple[float, float]:
+    """Ground size of one pixel of a grid, metres: ``(along columns, along rows)``.
+
+    The distances on the WGS84 ellipsoid (``pyproj.Geod.inv``) from the centre of the pixel at
+    ``(col, row)`` to the centres of its right and lower neighbours, so it holds for any CRS: projected
+    (metres or feet; ground distance, not grid distance) or geographic (degrees).
+
+    :param transform: the grid's affine (pixel (col, row) -> scene CRS).
+    :param project: scene CRS -> EPSG:4326.
+    :raises ValueError: a size that is not finite and positive (a degenerate affine, or a CRS pyproj
+        cannot place on the ellipsoid).
+    """
+    from fusarbatch.catalog.aoi import GEOD
+
+    pts = [transform @ xy for xy in ((col + 0.5, row + 0.5), (col + 1.5, row + 0.5), (col + 0.5, row + 1.5))]
+    lon, lat = project.lonlat([p[0] for p in pts], [p[1] for p in pts])
+    _, _, dx = GEOD.inv(lon[0], lat[0], lon[1], lat[1])
+    _, _, dy = GEOD.inv(lon[0], lat[0], lon[2], lat[2])
+    if not (np.isfinite(dx) and np.isfinite(dy) and dx > 0 and dy > 0):
+        raise ValueError(f"pixel size {dx!r} x {dy!r} m: the tile's affine or CRS does not place it on Earth")
+    return float(dx), float(dy)
+
 
 def deduplicate(detections: Sequence[Detection], *, iou_threshold: float = 0.5) -> list[Detection]:
     """Per-label IoU NMS over map polygons (scene CRS) with a shapely STRtree.

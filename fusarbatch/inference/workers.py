@@ -251,13 +251,17 @@ def infer_prepared(model_spec: ModelSpec, task: TaskSpec, prepared: PreparedTile
 
 
 def start_client(
-    scheduler: str | None, *, workers: int = 1, connect_timeout_s: float = 20.0
+    scheduler: str | None, *, workers: int = 1, connect_timeout_s: float = 20.0, gpu: bool = True
 ) -> tuple[Any, Any]:
     """A Dask client: joins ``scheduler`` (``tcp://host:port``) or starts a LocalCluster.
 
     The LocalCluster has ``workers`` worker(s) declaring ``GPU=1`` (one per GPU; with dask-cuda installed and
     several GPUs visible, a ``LocalCUDACluster`` with one worker per GPU). Threads, not processes, so that
     start-up is quick and the model stays in this process on a single node.
+
+    :param gpu: whether the run's tasks ask for the ``GPU`` resource (the model engine). False (the CFAR
+        engine): a joined scheduler needs no GPU worker, and no ``LocalCUDACluster`` is made (torch is
+        not imported).
 
     :returns: ``(client, cluster)``; ``cluster`` is None when joining an existing scheduler.
     :raises FusarbatchError: the scheduler cannot be reached within ``connect_timeout_s``, or it has no
@@ -284,7 +288,7 @@ def start_client(
                 f"({type(exc).__name__}); check the address and that `dask scheduler` is running"
             ) from None
         workers_info = client.scheduler_info().get("workers", {})
-        if not any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers_info.values()):
+        if gpu and not any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers_info.values()):
             client.close()
             raise FusarbatchError(
                 f"--scheduler {scheduler}: no worker declares the GPU resource; start workers with "
@@ -292,15 +296,18 @@ def start_client(
             )
         return client, None
     cluster = None
-    try:
-        import torch
+    if gpu:
+        try:
+            import torch
 
-        if torch.cuda.device_count() > 1:
-            from dask_cuda import LocalCUDACluster  # type: ignore[import-not-found]
+            if torch.cuda.device_count() > 1:
+                from dask_cuda import LocalCUDACluster  # type: ignore[import-not-found]
 
-            cluster = LocalCUDACluster(resources=GPU_RESOURCE, dashboard_address=None, threads_per_worker=2)
-    except ImportError:
-        cluster = None
+                cluster = LocalCUDACluster(
+                    resources=GPU_RESOURCE, dashboard_address=None, threads_per_worker=2
+                )
+        except ImportError:
+            cluster = None
     if cluster is None:
         cluster = LocalCluster(
             n_workers=workers,

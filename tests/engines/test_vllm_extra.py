@@ -31,7 +31,7 @@ def test_unknown_engine_is_a_usage_error(tmp_path):
     proc = run_cli(
         "run", "--aoi", "x.geojson", "--start", "2015-01", "--out", str(tmp_path), "--engine", "tgi"
     )
-    assert_usage_error(proc, "engine", "'hf' or 'vllm'")
+    assert_usage_error(proc, "engine", "expected one of hf, vllm, cfar")
 
 
 def _image(t=1, h=36, w=36):
