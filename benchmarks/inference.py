@@ -216,7 +216,9 @@ class Machine:
 
 
 def command_line() -> str:
-    return ".venv/bin/python benchmarks/inference.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
+    exe = Path(sys.executable)
+    python = str(exe.relative_to(REPO)) if exe.is_relative_to(REPO) else "python"
+    return f"{python} benchmarks/inference.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
 
 
 # ====================================================================================== generated data
