@@ -125,6 +125,9 @@ def serving_dir(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     base = fusar.base_model
+    # a model built in code (benchmarks) has no `architectures`: vLLM would then pick the headless
+    # Qwen2_5_VLModel and a pooling runner
+    base.config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     if merged:
         base.save_pretrained(tmp, safe_serialization=True)  # config + generation config + merged weights
         log.info("vLLM serving copy: LoRA merged into the weights, written to %s", final)
@@ -322,6 +325,7 @@ class VllmFusarGPT:
                 max_model_len=max_len,
                 max_num_seqs=max_num_seqs,
                 generation_config="vllm",
+                runner="generate",
                 seed=seed,
                 enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
                 gpu_memory_utilization=gpu_memory_utilization,
