@@ -1780,7 +1780,7 @@ def part_7b_vllm(args: argparse.Namespace) -> tuple[str, str]:
     engine = VllmFusarGPT.from_fusar(
         fusar,
         serve,
-        max_num_seqs=min(2 * max_in_flight, 1024),
+        max_num_seqs=2 * max_in_flight,  # the KV cache then bounds what runs at once
         max_new_tokens=args.new_tokens,
         load_format="dummy",
         enforce_eager=args.vllm_eager or not cuda,

@@ -57,3 +57,32 @@ def test_embeddings_that_do_not_fit_never_reach_the_engine(tokens, image, needle
     with pytest.raises(ModelError, match="image embeddings") as err:
         check_image_embeds(tokens, image, hidden_size=128, merge_size=2)
     assert needle in str(err.value)
+
+
+def test_serving_dir_is_complete_names_the_architecture_and_is_made_once(tmp_path):
+    """What vLLM loads: the config with its architecture (a model built in code has none: vLLM then picks
+    a pooling model), the weights linked, the stock processor's files; made once, atomically."""
+    import json
+
+    from fusarbatch.engines.vllm_engine import serving_dir
+    from fusarbatch.model.demo import PACKAGED
+    from fusarbatch.model.fusar_gpt import FusarGPT
+
+    fusar = FusarGPT.from_pretrained(PACKAGED, device="cpu")
+    fusar.base_model.config.architectures = None
+    d = serving_dir(fusar, PACKAGED, "generated-fingerprint", tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    assert (d / "model.safetensors").resolve() == (PACKAGED / "model.safetensors").resolve()
+    pre = json.loads((d / "preprocessor_config.json").read_text())
+    assert pre["processor_class"] == "Qwen2_5_VLProcessor" and pre["merge_size"] == 2
+    assert json.loads((d / "tokenizer_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
+    assert (d / "chat_template.jinja").read_text() == fusar.processor.chat_template
+    assert json.loads((d / ".complete").read_text()) == {"format": 1, "merged": False}
+    stamp = (d / "config.json").stat().st_mtime_ns
+    assert serving_dir(fusar, PACKAGED, "generated-fingerprint", tmp_path) == d
+    assert (d / "config.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in d.parent.iterdir()] == [d.name]  # no temporary folder left
+    fusar.add_lora()
+    with pytest.raises(ModelError, match="merge the LoRA"):
+        serving_dir(fusar, PACKAGED, "other", tmp_path)
