@@ -197,7 +197,7 @@ def run(
         typer.Option("--cfar-background-m", help="--engine cfar: background window, metres (1600)."),
     ] = None,
     cfar_k: Annotated[
-        float | None, typer.Option("--cfar-k", help="--engine cfar: threshold in background std (5).")
+        float | None, typer.Option("--cfar-k", help="--engine cfar: threshold in background std (4).")
     ] = None,
     cfar_min_area_m2: Annotated[
         float | None,

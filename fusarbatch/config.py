@@ -117,7 +117,7 @@ class RunConfig(BaseModel):
         1600.0, gt=0, description="--engine cfar: background window edge, metres (larger than the guard)."
     )
     cfar_k: float = Field(
-        5.0, gt=0, le=100, description="--engine cfar: threshold on (x - mean) / std of the background."
+        4.0, gt=0, le=1000, description="--engine cfar: threshold on (x - mean) / std of the background."
     )
     cfar_min_area_m2: float = Field(
         2000.0, ge=0, description="--engine cfar: smallest detection kept, square metres."

@@ -66,19 +66,22 @@ SCORE_HALF = 20.0
 class CfarParams:
     """Parameters of :func:`detect` (module docstring); every size is in pixels of the input.
 
-    Defaults: the reference configuration measured on SSDD (guard 61 px, background 121 px, k = 6, 3 x 3
-    mean pre-filter, 3 x 3 opening and closing, 20 px minimum area).
+    Defaults: the parameters chosen on the SSDD train split (``benchmarks/cfar_ssdd.py``; 913 images,
+    grid of windows, thresholds, closings and minimum areas; benchmarks/RESULTS.md, "CFAR on SSDD"):
+    guard 121 px, background 241 px, k = 4, 3 x 3 mean pre-filter, 3 x 3 opening and closing, 80 px
+    minimum area. The reference configuration of SSDD's SOURCE.txt is guard 61, background 121, k = 6,
+    min area 20.
     """
 
-    guard: int = 61
+    guard: int = 121
     """Guard window edge, pixels (odd, >= 1)."""
-    background: int = 121
+    background: int = 241
     """Background window edge, pixels (odd, > guard)."""
-    k: float = 6.0
+    k: float = 4.0
     """Threshold on the CFAR statistic ``(x - mu_b) / sigma_b``."""
     prefilter: int = 3
     """Mean pre-filter edge, pixels (1: none)."""
-    min_area: int = 20
+    min_area: int = 80
     """Smallest component kept, pixels (after opening and closing)."""
     open_size: int = 3
     """Binary opening structuring element edge, pixels (0 or 1: none)."""
@@ -107,8 +110,8 @@ class CfarParams:
 
 
 CHIP_PARAMS = CfarParams()
-"""The parameters for image chips (``eval``, :func:`detect_chip`), tuned on the SSDD train split
-(benchmarks/cfar_ssdd.py; results in benchmarks/RESULTS.md, "CFAR on SSDD")."""
+"""The parameters for image chips (``eval``, :func:`detect_chip`): the defaults, tuned on the SSDD train
+split (benchmarks/cfar_ssdd.py; results in benchmarks/RESULTS.md, "CFAR on SSDD")."""
 
 
 @dataclass(frozen=True)

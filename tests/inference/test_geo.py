@@ -8,11 +8,13 @@ from affine import Affine
 from pyproj import Transformer
 
 from fusarbatch.inference.geo import (
+    MapProjector,
     TileGeometry,
     axis_cores,
     boxes_to_polygons,
     deduplicate,
     detection_id,
+    pixel_size_m,
     scene_detections,
 )
 
@@ -141,3 +143,19 @@ def test_known_answer_text_gives_expected_lonlat_polygons():
         np.asarray(det.geometry.exterior.coords)[:4], np.c_[lon, lat], atol=1e-7, rtol=0
     )
     assert 3.0 < det.geometry.centroid.x < 5.0 and 43.0 < det.geometry.centroid.y < 44.0
+
+
+def test_pixel_size_in_metres_for_projected_and_geographic_grids():
+    # UTM 31N, 10 m grid, at the central meridian (scale factor 0.9996: ground = grid / 0.9996)
+    utm = Affine(10.0, 0, 500000.0, 0, -10.0, 4830000.0)
+    dx, dy = pixel_size_m(utm, MapProjector(UTM31), 0, 0)
+    assert dx == pytest.approx(10 / 0.9996, rel=2e-5) and dy == pytest.approx(10 / 0.9996, rel=2e-5)
+    # EPSG:4326, 1e-4 degree at the equator: 11.13 m east-west, 11.06 m north-south (WGS84 ellipsoid)
+    geo = Affine(1e-4, 0, 10.0, 0, -1e-4, 0.00005)
+    dx, dy = pixel_size_m(geo, MapProjector("EPSG:4326"), 0, 0)
+    assert dx == pytest.approx(11.132, abs=2e-3) and dy == pytest.approx(11.057, abs=2e-3)
+    # at 60 degrees north the east-west size halves
+    dx60, _ = pixel_size_m(Affine(1e-4, 0, 10.0, 0, -1e-4, 60.0), MapProjector("EPSG:4326"), 0, 0)
+    assert dx60 == pytest.approx(dx / 2, rel=5e-3)
+    with pytest.raises(ValueError, match="pixel size"):
+        pixel_size_m(Affine(0, 0, 0, 0, 0, 0), MapProjector(UTM31), 0, 0)

@@ -247,3 +247,23 @@ def test_config_file_errors_name_the_key(tmp_path):
     cfg = load_config(path, {"batch_size": 5, "end": None})
     assert cfg.batch_size == 5 and cfg.start == "-P2D"
     assert cfg.aoi == (tmp_path / "aois" / "a.geojson").resolve()  # relative to the file
+
+
+def test_config_hash_of_the_cfar_engine_covers_its_parameters():
+    base = dict(aoi=Path("a.geojson"), start="2024-01")
+    model = RunConfig(**base)
+    cfar = RunConfig(**base, engine="cfar")
+    assert cfar.output_hash() != model.output_hash()
+    for change in (
+        {"cfar_k": 7.0},
+        {"cfar_guard_m": 500.0},
+        {"cfar_background_m": 2000.0},
+        {"cfar_min_area_m2": 1},
+    ):
+        assert RunConfig(**base, engine="cfar", **change).output_hash() != cfar.output_hash(), change
+        # a model run's hash does not move with CFAR settings (no redo of model scenes)
+        assert RunConfig(**base, **change).output_hash() == model.output_hash(), change
+    # generation settings and tile classes do not change a CFAR run's outputs
+    same = RunConfig(**base, engine="cfar", max_new_tokens=5, classes=("ship", "sea"))
+    assert same.output_hash() == cfar.output_hash()
+    assert cfar.stage_hash("tile") == model.stage_hash("tile")  # the tiles are shared
