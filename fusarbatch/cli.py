@@ -190,8 +190,9 @@ def run(
         str | None,
         typer.Option(
             "--engine",
-            help="model (FUSAR-GPT, default) or cfar (two-parameter CA-CFAR ship detector on the CPU: "
-            "detection and counting, no model, no GPU).",
+            help="hf (FUSAR-GPT through transformers, default), vllm (the same model served by vLLM; "
+            "extra fusarbatch[vllm]) or cfar (two-parameter CA-CFAR ship detector on the CPU: detection "
+            "and counting, no model, no GPU).",
         ),
     ] = None,
     cfar_guard_m: Annotated[
@@ -286,6 +287,10 @@ def run(
     from fusarbatch.report import set_log_context, setup_run_logging
 
     cfg = load_config(config, _run_overrides(params))
+    if cfg.engine == "vllm":  # before anything is written: exit 2 naming the extra
+        from fusarbatch.engines.vllm_engine import require_vllm
+
+        require_vllm()
     setup_run_logging(json_lines=not err_console.is_terminal, log_file=cfg.log_file)
     run_id = new_run_id()
     set_log_context(run_id=run_id)
@@ -503,8 +508,11 @@ def evaluate(
         typer.Option("--out", help="Default: ./eval_<model folder name> (_no_tlm), ./eval_cfar."),
     ] = None,
     engine: Annotated[
-        str, typer.Option("--engine", help="model, or cfar: the CFAR detector alone (no model).")
-    ] = "model",
+        str,
+        typer.Option(
+            "--engine", help="hf (the model, default), or cfar: the CFAR detector alone (no model)."
+        ),
+    ] = "hf",
     train_data: Annotated[
         list[Path] | None,
         typer.Option(

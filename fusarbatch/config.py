@@ -55,9 +55,10 @@ OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
     ),
 }
 #: The ``outputs`` fields of a run with another engine than the model (:data:`OUTPUT_FIELDS` is the
-#: model's): the model's generation settings and tile classes do not change a CFAR run's outputs, its own
-#: parameters do. A model run's hash does not include ``engine`` (the ledger's model hash tells engines
-#: apart), so the hashes of existing model runs are unchanged.
+#: model's, for ``hf`` and ``vllm`` alike: they give the same greedy answers): the model's generation
+#: settings and tile classes do not change a CFAR run's outputs, its own parameters do. A model run's hash
+#: does not include ``engine`` (the ledger's model hash tells engines apart), so the hashes of existing
+#: model runs are unchanged.
 ENGINE_OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
     "cfar": (
         "tile_size",
@@ -105,9 +106,11 @@ class RunConfig(BaseModel):
         "training recorded.",
     )
     engine: str = Field(
-        "model",
-        description="Detection engine: model (FUSAR-GPT: detection, counting, tile classes) or cfar "
-        "(two-parameter CA-CFAR ship detector on the CPU, no model: detection and counting only).",
+        "hf",
+        description="Detection engine: hf (FUSAR-GPT through transformers: detection, counting, tile "
+        "classes), vllm (the same model, its language model served by vLLM: extra fusarbatch[vllm], use a "
+        "batch_size of 128 or more) or cfar (two-parameter CA-CFAR ship detector on the CPU, no model: "
+        "detection and counting only).",
     )
     cfar_guard_m: float = Field(
         800.0, gt=0, description="--engine cfar: guard window edge, metres on the ground."

@@ -3,9 +3,10 @@
 
 Scenes stream: while the engine answers the tiles of one scene, the next scene is tiled and its anchors are
 sampled, so the task graph holds at most two scenes whatever the archive size. The engine
-(``--engine``, :mod:`fusarbatch.engines`: the model by default, or CFAR) gives two tasks per batch of
-tiles: a CPU task that reads (and renders) them, and the answer task, which asks for the engine's Dask
-resources (the model: ``GPU=1``, :mod:`fusarbatch.inference.workers`; CFAR: none). A batch that does not
+(``--engine``, :mod:`fusarbatch.engines`: the model, through transformers (``hf``, the default) or vLLM,
+or CFAR) gives two tasks per batch of tiles: a CPU task that reads (and renders) them, and the answer
+task, which asks for the engine's Dask resources (the model: ``GPU=1``,
+:mod:`fusarbatch.inference.workers`; CFAR: none). A batch that does not
 finish within ``task_timeout_s`` fails its scene instead of hanging the run.
 
 **Ledger and reruns** (:mod:`fusarbatch.outputs.ledger`). A run holds ``<out>/run.lock`` and records every

@@ -91,7 +91,8 @@ DEFAULT_MAX_NEW_TOKENS = {
 }
 """Generation budget per task (a detection answer takes about 25 tokens per box)."""
 
-ENGINES = ("model", "cfar")
+ENGINES = ("hf", "cfar")
+_ALIASES = {"model": "hf"}  # the name before run's engines were named
 DEFAULT_MIN_SCORE = 0.0
 """The default score threshold, the same as ``run --min-score`` (``RunConfig.min_score``)."""
 
@@ -128,7 +129,7 @@ class EvalConfig:
     limit: int | None = None
     tasks: Sequence[str] | None = None
     device: str | None = None
-    engine: str = "model"
+    engine: str = "hf"
     train_data: list[Path] | None = None
     min_score: float = DEFAULT_MIN_SCORE
     cfar: Any = None
@@ -404,10 +405,15 @@ def _model_predictions(cfg: EvalConfig, records: Sequence[Triplet], started: flo
 
 
 def _check(cfg: EvalConfig) -> None:
+    cfg.engine = _ALIASES.get(cfg.engine, cfg.engine)
+    if cfg.engine == "vllm":
+        raise UsageError(
+            "--engine vllm: eval runs the hf engine (the same answers: tests/engines); use --engine hf"
+        )
     if cfg.engine not in ENGINES:
         raise UsageError(f"--engine {cfg.engine!r}: choose {' or '.join(ENGINES)}")
-    if cfg.engine == "model" and cfg.model is None:
-        raise UsageError("--model: required with --engine model (the default); --engine cfar needs none")
+    if cfg.engine == "hf" and cfg.model is None:
+        raise UsageError("--model: required with --engine hf (the default); --engine cfar needs none")
     if cfg.engine == "cfar" and (cfg.model is not None or cfg.no_tlm or cfg.base_model is not None):
         raise UsageError("--engine cfar runs no model: drop --model, --base-model and --no-tlm")
     if cfg.batch_size < 1:
@@ -449,7 +455,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     texts: list[str | None] = [None] * len(records)
     finished: list[bool | None] = [None] * len(records)
     extra: dict[str, Any] = {}
-    if cfg.engine == "model":
+    if cfg.engine == "hf":
         preds, info = _model_predictions(cfg, records, started)
         texts, finished = info.pop("texts"), info.pop("finished")
         extra.update(info)
@@ -473,7 +479,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         train_source=", ".join(str(p) for p in cfg.train_data or ()),
         min_score=cfg.min_score,
         cfar=cfg.cfar,
-        with_cfar=cfg.engine == "model",
+        with_cfar=cfg.engine == "hf",
     )
     wall = time.perf_counter() - started
     result = {

@@ -82,7 +82,7 @@ train stage2 --stage 2 --init "$WORK/stage1" "${C12[@]}" --lr "${LR2:-2e-4}" --m
 ev() {  # ev NAME MODEL DATA TRAIN [ARGS]
   local name=$1 model=$2 data=$3 train_data=$4; shift 4
   [ -f "$WORK/eval/$name/metrics.json" ] || step "eval_$name" "$BIN/fusarbatch" eval --model "$model" --data "$data" \
-    --train-data "$train_data" --out "$WORK/eval/$name" --batch-size 16 "$@"
+    --train-data "$train_data" --out "$WORK/eval/$name" --batch-size 16 --max-new-tokens "${MAX_NEW_TOKENS:-512}" "$@"
 }
 SETS=(ssdd:ssdd_test/stage2_test:ssdd/stage2_train composite:composite/stage2_val:composite/stage2_train
       soc:soc_test/stage2_val:soc/stage2_train)

@@ -4,12 +4,15 @@ An engine answers batches of tiles of the tile store for :mod:`fusarbatch.pipeli
 everything else the same way for all of them: tiling, anchors, geo (pixel box -> tile -> scene CRS ->
 EPSG:4326), cross-tile NMS, GeoParquet, ledger. Registered engines (:data:`ENGINES`):
 
-- ``model`` (default): FUSAR-GPT on GPU workers (:mod:`fusarbatch.engines.model`): detection, counting and
-  tile classes.
+- ``hf`` (default): FUSAR-GPT on GPU workers through transformers ``generate``
+  (:mod:`fusarbatch.engines.model`): detection, counting and tile classes.
+- ``vllm``: the same FUSAR-GPT with its language model served by vLLM (issue 12): the same worker tasks,
+  the vision side in our PyTorch code (:mod:`fusarbatch.engines.vllm_engine`); the optional extra
+  ``fusarbatch[vllm]``. Same prompts, parsers and greedy answers as ``hf``.
 - ``cfar``: a two-parameter CA-CFAR ship detector on the CPU (:mod:`fusarbatch.engines.cfar_run`, the
   detector itself in :mod:`fusarbatch.engines.cfar`): detection and counting only; no model, no GPU.
 
-Adding one (say ``vllm``): a class with the :class:`Engine` interface and a ``open(cfg)`` classmethod,
+Adding one: a class with the :class:`Engine` interface and a ``open(cfg)`` classmethod,
 and one line in :data:`ENGINES`. This module stays light (no torch, no scipy): the config imports it.
 """
 
@@ -25,10 +28,11 @@ if TYPE_CHECKING:
 
 #: Engine name -> ``module:class`` (imported when the engine is opened).
 ENGINES: dict[str, str] = {
-    "model": "fusarbatch.engines.model:ModelEngine",
+    "hf": "fusarbatch.engines.model:ModelEngine",
+    "vllm": "fusarbatch.engines.model:ModelEngine",
     "cfar": "fusarbatch.engines.cfar_run:CfarEngine",
 }
-DEFAULT_ENGINE = "model"
+DEFAULT_ENGINE = "hf"
 
 
 class Engine(Protocol):

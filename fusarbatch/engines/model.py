@@ -1,4 +1,4 @@
-"""The ``model`` engine: FUSAR-GPT on Dask workers with the ``GPU`` resource (DESIGN 3.5).
+"""The ``hf`` and ``vllm`` engines: FUSAR-GPT on Dask workers with the ``GPU`` resource (DESIGN 3.5).
 
 A thin adapter from :class:`fusarbatch.engines.Engine` to :mod:`fusarbatch.inference.workers`:
 :func:`~fusarbatch.inference.workers.prepare_tiles` (read + render, CPU) and
@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ModelEngine:
-    """FUSAR-GPT: one detection prompt per label and, with classes, one tile classification prompt."""
+    """FUSAR-GPT: one detection prompt per label and, with classes, one tile classification prompt;
+    ``spec.engine`` says whether transformers (``hf``) or vLLM (``vllm``) generates.
+
+    :raises UsageError: (from :meth:`open`) ``vllm`` without vLLM installed, naming the extra."""
 
     spec: ModelSpec
     task: TaskSpec
@@ -49,6 +52,10 @@ class ModelEngine:
         from fusarbatch.model.demo import demo_model_dir
         from fusarbatch.model.fusar_gpt import model_image_size, resolve_model_dirs
 
+        if cfg.engine == "vllm":
+            from fusarbatch.engines.vllm_engine import require_vllm
+
+            require_vllm()
         model_dir, adapter_dir = resolve_model_dirs(cfg.model or demo_model_dir(), cfg.base_model)
         return cls(
             spec=ModelSpec(
@@ -57,6 +64,7 @@ class ModelEngine:
                 device=cfg.device,
                 max_new_tokens=cfg.max_new_tokens,
                 batch_size=cfg.batch_size,
+                engine="vllm" if cfg.engine == "vllm" else "hf",
             ),
             task=TaskSpec(labels=cfg.labels, classes=cfg.classes or (*cfg.labels, "background")),
             model_id=(adapter_dir or model_dir).resolve().name,

@@ -38,6 +38,8 @@ class ModelSpec:
     """``cuda``, ``cpu`` or None (CUDA when available, else CPU)."""
     max_new_tokens: int = 128
     batch_size: int = 8
+    engine: str = "hf"
+    """``hf`` (transformers ``generate``) or ``vllm`` (:mod:`fusarbatch.engines.vllm_engine`)."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,20 @@ def get_model(spec: ModelSpec) -> Any:
             hf_logging.disable_progress_bar()
             # its load report prints tensor names (untrusted) raw; FusarGPT.from_pretrained reports instead
             hf_logging.set_verbosity_error()
-            model = FusarGPT.from_pretrained(spec.model_dir, adapter_dir=spec.adapter_dir, device=spec.device)
+            if spec.engine == "vllm":
+                from fusarbatch.engines.vllm_engine import VllmFusarGPT
+
+                model = VllmFusarGPT.from_pretrained(
+                    spec.model_dir,
+                    adapter_dir=spec.adapter_dir,
+                    device=spec.device,
+                    max_num_seqs=max(1, spec.batch_size * 2),
+                    max_new_tokens=spec.max_new_tokens,
+                )
+            else:
+                model = FusarGPT.from_pretrained(
+                    spec.model_dir, adapter_dir=spec.adapter_dir, device=spec.device
+                )
             _models[spec] = model
         return model
 
@@ -198,10 +213,12 @@ def infer_prepared(model_spec: ModelSpec, task: TaskSpec, prepared: PreparedTile
     """Run every task on one prepared batch of tiles; never raises on model output.
 
     Asks one detection prompt per label and, if ``task.classes``, one classification prompt with the
-    whole tile as the box; prompts are batched ``model_spec.batch_size`` at a time through ``generate``.
-    Everything is on the model's own grid (:attr:`~fusarbatch.model.FusarGPT.image_size`): the images are
-    resized to it, the classification box is the whole grid, boxes are parsed on it and the answers carry
-    it (:attr:`TileAnswer.grid`) for placing them. Each box gets its own score
+    whole tile as the box, through the worker's engine (``generate_tiles``): each image is processed once
+    for all its prompts; the ``hf`` engine batches the prompts ``model_spec.batch_size`` at a time through
+    ``generate``, the ``vllm`` engine hands all of them to vLLM's scheduler at once. Everything is on the
+    model's own grid (:attr:`~fusarbatch.model.FusarGPT.image_size`): the images are resized to it, the
+    classification box is the whole grid, boxes are parsed on it and the answers carry it
+    (:attr:`TileAnswer.grid`) for placing them. Each box gets its own score
     (:mod:`fusarbatch.model.confidence`) and the answer's probability.
     """
     from fusarbatch.model.confidence import box_confidences
@@ -216,25 +233,21 @@ def infer_prepared(model_spec: ModelSpec, task: TaskSpec, prepared: PreparedTile
     grid = int(model.image_size)
     images, anchors, tile_ids = prepared.images, prepared.anchors, prepared.tile_ids
     answers = [TileAnswer(tile_id=int(t), grid=grid) for t in tile_ids]
-    jobs: list[tuple[int, str, str]] = [
-        (i, f"detect:{label}", detection_prompt(label)) for label in task.labels for i in range(len(tile_ids))
-    ]
+    asks: list[tuple[str, str]] = [(f"detect:{label}", detection_prompt(label)) for label in task.labels]
     if task.classes:
-        prompt = classification_prompt([0, 0, grid, grid], task.classes, grid=grid)
-        jobs += [(i, "classify", prompt) for i in range(len(tile_ids))]
-    bs = model_spec.batch_size
-    generate_s = 0.0
-    for start in range(0, len(jobs), bs):
-        chunk = jobs[start : start + bs]
-        t0 = time.perf_counter()
-        gens = model.generate_detailed(
-            [images[i] for i, _, _ in chunk],
-            [p for _, _, p in chunk],
-            [anchors[i] for i, _, _ in chunk],
-            max_new_tokens=model_spec.max_new_tokens,
-        )
-        generate_s += time.perf_counter() - t0
-        for (i, kind, _), gen in zip(chunk, gens, strict=True):
+        asks.append(("classify", classification_prompt([0, 0, grid, grid], task.classes, grid=grid)))
+    t0 = time.perf_counter()
+    # each image is processed once for all its prompts; the engine batches (hf) or schedules (vllm) them
+    per_tile = model.generate_tiles(
+        images,
+        anchors,
+        [[p for _, p in asks]] * len(tile_ids),
+        max_new_tokens=model_spec.max_new_tokens,
+        batch_size=model_spec.batch_size,
+    )
+    generate_s = time.perf_counter() - t0
+    for i, gens in enumerate(per_tile):
+        for (kind, _), gen in zip(asks, gens, strict=True):
             ans = answers[i]
             ans.raw[kind] = gen.text[:2000]
             if not gen.finished:
@@ -259,7 +272,7 @@ def infer_prepared(model_spec: ModelSpec, task: TaskSpec, prepared: PreparedTile
                     ans.model_labels.append(str(box.label))
             if not res.ok:
                 ans.errors.append(f"{kind}: {res.error}")
-    return BatchResult(answers, generate_s, len(jobs))
+    return BatchResult(answers, generate_s, len(asks) * len(tile_ids))
 
 
 def start_client(

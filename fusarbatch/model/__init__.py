@@ -20,6 +20,7 @@ _EXPORTS = {
         "FusarGPT",
         "Generation",
         "ImageOnlyQwen2_5_VLProcessor",
+        "ProcessedImage",
         "check_adapter_dir",
         "check_model_dir",
         "decoded_token_spans",

@@ -61,6 +61,7 @@ __all__ = [
     "FusarGPT",
     "Generation",
     "ImageOnlyQwen2_5_VLProcessor",
+    "ProcessedImage",
     "check_adapter_dir",
     "check_model_dir",
     "decoded_token_spans",
@@ -131,6 +132,23 @@ class Generation:
     logprob: float
     finished: bool
     token_logprobs: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class ProcessedImage:
+    """One image after the image processor (:meth:`FusarGPT.process_images`): made once per tile and
+    reused by every prompt about it.
+
+    :ivar pixel_values: ``(t * hp * wp, 3 * temporal_patch * patch**2)`` float32 on the CPU (``(1296, 1176)``
+        for a 504 x 504 image: 36 x 36 patches of 14 px, temporal patch 2), the processor's normalised
+        patches in its order.
+    :ivar grid_thw: ``(3,)`` int64 ``(t, hp, wp)``, the pre-merge patch grid.
+    :ivar n_tokens: visual tokens after the merger, ``t * hp * wp // merge_size**2`` (324 for 504 x 504).
+    """
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+    n_tokens: int
 
 
 class _GreedyLogprob(LogitsProcessor):
@@ -923,6 +941,93 @@ class FusarGPT(nn.Module):
         out["pixel_values"] = out["pixel_values"].to(self.dtype)
         return out
 
+    def process_images(
+        self, images: Sequence[Image.Image], *, image_size: int | str | None = "model"
+    ) -> list[ProcessedImage]:
+        """Run the image processor once per image (:meth:`prepare_image`, then the PIL Qwen2-VL image
+        processor: resize to multiples of 28, rescale, normalise, patchify).
+
+        :param image_size: as in :meth:`generate` (``"model"``: the TLM's 504 x 504).
+        :returns: one :class:`ProcessedImage` per image, in order (CPU tensors).
+        """
+        if not images:
+            return []
+        size = self.image_size if image_size == "model" else image_size
+        pics = [self.prepare_image(im, size) for im in images]  # type: ignore[arg-type]
+        enc = self.processor.image_processor(images=pics, return_tensors="pt")
+        grids = enc["image_grid_thw"].to(torch.int64)
+        merge = int(self.processor.image_processor.merge_size)
+        sizes = [int(g.prod()) for g in grids]
+        chunks = torch.split(enc["pixel_values"].to(torch.float32), sizes)
+        return [
+            ProcessedImage(chunk, grid, size // merge**2)
+            for chunk, grid, size in zip(chunks, grids, sizes, strict=True)
+        ]
+
+    def inputs_from_processed(
+        self, processed: Sequence[ProcessedImage], prompts: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """The same model inputs as :meth:`build_inputs` (left padded, on the model's device) from images
+        processed before: each chat text's ``<|image_pad|>`` is expanded to the image's token count (what
+        the processor does) and the pixel rows are concatenated, so an image asked several prompts is
+        processed once.
+
+        :raises ValueError: ``processed`` and ``prompts`` differ in length.
+        """
+        if len(processed) != len(prompts):
+            raise ValueError(f"{len(processed)} images but {len(prompts)} prompts")
+        pad = self.processor.image_token
+        texts = [
+            self.chat_text(p).replace(pad, pad * im.n_tokens, 1)
+            for im, p in zip(processed, prompts, strict=True)
+        ]
+        enc = self.processor.tokenizer(texts, padding=True, return_tensors="pt")
+        ids = enc["input_ids"]
+        out = {
+            "input_ids": ids,
+            "attention_mask": enc["attention_mask"],
+            "mm_token_type_ids": (ids == self.processor.image_token_id).to(torch.int64),
+            "pixel_values": torch.cat([im.pixel_values for im in processed]),
+            "image_grid_thw": torch.stack([im.grid_thw for im in processed]),
+        }
+        out = {k: v.to(self.device) for k, v in out.items()}
+        out["pixel_values"] = out["pixel_values"].to(self.dtype)
+        return out
+
+    @torch.inference_mode()
+    def image_tokens(
+        self, processed: Sequence[ProcessedImage], anchors: Sequence[Anchors | None]
+    ) -> list[torch.Tensor]:
+        """The modulated visual tokens of a batch of images: vision tower (with any LoRA merged into it),
+        merger and TLM, in one batched call, as ``generate`` computes them at prefill.
+
+        :returns: per image an ``(n_tokens, C)`` tensor on the model's device, in the model dtype (C = the
+            LLM hidden size), raster order over the merged grid.
+        :raises ValueError: ``anchors`` and ``processed`` differ in length.
+        """
+        if len(anchors) != len(processed):
+            raise ValueError(f"{len(processed)} images but {len(anchors)} anchor sets")
+        if not processed:
+            return []
+        pixels = torch.cat([im.pixel_values for im in processed]).to(self.device, self.dtype)
+        grids = torch.stack([im.grid_thw for im in processed]).to(self.device)
+        with self.use_anchors(anchors):
+            tokens = self.visual(pixels, grid_thw=grids).pooler_output
+        return list(torch.split(tokens, [im.n_tokens for im in processed]))
+
+    def eos_token_ids(self) -> list[int]:
+        """End-of-answer token ids: the generation config's and the tokenizer's, sorted.
+
+        :raises ModelError: the model has none.
+        """
+        tok = self.processor.tokenizer
+        eos = self.base_model.generation_config.eos_token_id
+        candidates = [*(eos if isinstance(eos, list) else [eos]), tok.eos_token_id]
+        eos_ids = sorted({int(e) for e in candidates if e is not None})
+        if not eos_ids:
+            raise ModelError("the model has no end-of-sequence token (generation_config or tokenizer)")
+        return eos_ids
+
     # ----------------------------------------------------------------------------------- running
     def forward(self, anchors: Sequence[Anchors | None], **inputs: Any) -> Any:
         """The model's forward (e.g. with ``labels`` for training) with ``anchors`` for the batch's images."""
@@ -953,12 +1058,47 @@ class FusarGPT(nn.Module):
             return []
         size = self.image_size if image_size == "model" else image_size
         inputs = self.build_inputs(images, prompts, image_size=size)  # type: ignore[arg-type]
+        return self._generate_inputs(inputs, anchor_list, max_new_tokens)
+
+    @torch.inference_mode()
+    def generate_tiles(
+        self,
+        images: Sequence[Image.Image],
+        anchors: Sequence[Anchors | None],
+        prompts: Sequence[Sequence[str]],
+        *,
+        max_new_tokens: int = 1024,
+        batch_size: int = 8,
+    ) -> list[list[Generation]]:
+        """Answer several prompts per image (the worker's call): each image is processed once
+        (:meth:`process_images`, at the model's image size), then the (image, prompt) rows are generated
+        ``batch_size`` at a time, greedily: the first prompts of all images, then the second ones, and so
+        on. The vision tower runs once per row (the vLLM engine runs it once per image).
+
+        :param prompts: per image, its prompts.
+        :returns: per image, one :class:`Generation` per prompt.
+        :raises ValueError: ``images``, ``anchors`` and ``prompts`` differ in length.
+        """
+        if not len(images) == len(anchors) == len(prompts):
+            raise ValueError(f"{len(images)} images, {len(anchors)} anchor sets, {len(prompts)} prompt lists")
+        processed = self.process_images(images)
+        depth = max((len(ps) for ps in prompts), default=0)
+        rows = [(i, ps[k]) for k in range(depth) for i, ps in enumerate(prompts) if k < len(ps)]
+        out: list[list[Generation]] = [[] for _ in images]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            inputs = self.inputs_from_processed([processed[i] for i, _ in chunk], [p for _, p in chunk])
+            gens = self._generate_inputs(inputs, [anchors[i] for i, _ in chunk], max_new_tokens)
+            for (i, _), gen in zip(chunk, gens, strict=True):
+                out[i].append(gen)
+        return out
+
+    def _generate_inputs(
+        self, inputs: dict[str, torch.Tensor], anchor_list: list[Anchors | None], max_new_tokens: int
+    ) -> list[Generation]:
+        n = int(inputs["input_ids"].shape[0])
         tok = self.processor.tokenizer
-        eos = self.base_model.generation_config.eos_token_id
-        candidates = [*(eos if isinstance(eos, list) else [eos]), tok.eos_token_id]
-        eos_ids = sorted({int(e) for e in candidates if e is not None})
-        if not eos_ids:
-            raise ModelError("the model has no end-of-sequence token (generation_config or tokenizer)")
+        eos_ids = self.eos_token_ids()
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
         gen_config = GenerationConfig(
             max_new_tokens=max_new_tokens,

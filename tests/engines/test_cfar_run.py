@@ -123,7 +123,7 @@ def test_windows_from_metres_and_a_window_larger_than_the_tile(caplog):
 def test_engine_registry_and_config_checks():
     from fusarbatch.errors import UsageError
 
-    assert set(ENGINES) >= {"model", "cfar"}
+    assert set(ENGINES) >= {"hf", "vllm", "cfar"}
     base = dict(aoi=AOIS / "sen12ms.geojson", start="2017-01")
     from fusarbatch.config import load_config
 

@@ -565,3 +565,35 @@ def test_anchors_of_masks_non_finite_rows() -> None:
     assert a.features.dtype == torch.float32 and a.mask.tolist() == [True, False, False]
     assert torch.isfinite(a.features).all() and a.n_valid == 1
     assert Anchors.empty().features.shape == (0, 64)
+
+
+def test_images_processed_once_give_the_processors_inputs(fusar, generated_image):
+    """generate_tiles processes each image once and expands the pads itself: the inputs must be exactly the
+    processor's (ids, mask, token types, pixels, grids) for the same (image, prompt) rows."""
+    from fusarbatch.model import classification_prompt, detection_prompt
+
+    images = [generated_image(504, 504, 1), generated_image(300, 400, 2)]
+    prompts = [detection_prompt("ship"), classification_prompt([0, 0, 504, 504], ["ship", "background"])]
+    rows = [(0, prompts[0]), (1, prompts[0]), (0, prompts[1])]
+    processed = fusar.process_images(images)
+    assert [tuple(p.grid_thw.tolist()) for p in processed] == [(1, 36, 36), (1, 36, 36)]
+    assert [p.n_tokens for p in processed] == [324, 324]
+    mine = fusar.inputs_from_processed([processed[i] for i, _ in rows], [p for _, p in rows])
+    ref = fusar.build_inputs([images[i] for i, _ in rows], [p for _, p in rows], image_size=504)
+    assert set(mine) == set(ref)
+    for key in ref:
+        assert torch.equal(mine[key], ref[key]), key
+
+
+def test_generate_tiles_answers_as_generate_detailed(fusar, generated_image, generated_anchors):
+    from fusarbatch.model import detection_prompt
+
+    images = [generated_image(504, 504, s) for s in (3, 4, 5)]
+    anchors = [generated_anchors(s) for s in (3, 4, 5)]
+    asks = [detection_prompt("ship"), detection_prompt("plane")]
+    per_tile = fusar.generate_tiles(images, anchors, [asks] * 3, max_new_tokens=10, batch_size=3)
+    # the first prompts of all tiles form the first batch, as the worker asked them before
+    first = fusar.generate_detailed(images, [asks[0]] * 3, anchors, max_new_tokens=10)
+    second = fusar.generate_detailed(images, [asks[1]] * 3, anchors, max_new_tokens=10)
+    assert [g[0] for g in per_tile] == first
+    assert [g[1] for g in per_tile] == second
