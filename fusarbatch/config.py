@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import functools
 import hashlib
 import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -32,18 +33,21 @@ _NAME = re.compile(r"[\w][\w .\-/]*")  # labels and classes: words, no control c
 
 #: Bumped when a code change alters what a scene's outputs contain (part of every output hash), so that
 #: reruns redo scenes made by older code.
-OUTPUTS_VERSION = 1
+OUTPUTS_VERSION = 2  # 2: spread tile origins, AOI-clipped tiling, float16 tile store (issue 11)
 
 #: Fields that decide the tiles, the anchors, the answers and the tables of a scene. Everything else
 #: (where to search, where to run, batch size, timeouts, locking, logging) does not change a scene's
 #: outputs and does not cause a redo.
 OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
-    "tile": ("tile_size", "overlap", "min_valid"),
-    "features": ("tile_size", "overlap", "min_valid", "anchors", "aef_index"),
+    "tile": ("tile_size", "overlap", "min_valid", "whole_scenes", "aoi"),
+    "features": ("tile_size", "overlap", "min_valid", "whole_scenes", "aoi", "anchors", "aef_index"),
     "outputs": (
         "tile_size",
         "overlap",
         "min_valid",
+        "whole_scenes",
+        "aoi",
+        "surface",
         "anchors",
         "aef_index",
         "labels",
@@ -90,6 +94,17 @@ class RunConfig(BaseModel):
     tile_size: int = Field(504, ge=28, description="Tile edge, pixels.")
     overlap: int = Field(56, ge=0, description="Overlap between tiles, pixels.")
     min_valid: float = Field(0.05, ge=0, le=1, description="Tiles with less valid data are not inferred.")
+    whole_scenes: bool = Field(
+        False, description="Tile and infer whole scenes; default: only the tiles the AOI needs."
+    )
+    surface: Literal["any", "sea", "land"] = Field(
+        "any",
+        description="sea: skip tiles entirely on land; land: skip tiles entirely at sea (1 km land mask; "
+        "tiles within one mask cell of the coast are inferred).",
+    )
+    prune_tiles: bool = Field(
+        False, description="Delete a scene's tiles from tiles.zarr once its outputs are written."
+    )
     batch_size: int = Field(8, ge=1, le=256, description="Tiles per generate() call.")
     max_new_tokens: int = Field(128, ge=1, le=4096, description="Generation budget per prompt.")
     iou_threshold: float = Field(0.5, gt=0, le=1, description="Cross-tile NMS IoU threshold.")
@@ -191,14 +206,40 @@ class RunConfig(BaseModel):
         return self
 
     def stage_hash(self, stage: str) -> str:
-        """Hash of the fields that decide ``stage`` (``tile``, ``features`` or ``outputs``): 16 hex digits."""
+        """Hash of the fields that decide ``stage`` (``tile``, ``features`` or ``outputs``): 16 hex digits.
+
+        The AOI counts by its geometry (:func:`fusarbatch.tiling.clip.aoi_digest`), not its path, and not
+        at all with ``whole_scenes``.
+        """
         values = {name: _jsonable(getattr(self, name)) for name in OUTPUT_FIELDS[stage]}
+        if "aoi" in values:
+            values["aoi"] = None if self.whole_scenes or self.aoi is None else _aoi_digest(Path(self.aoi))
         text = json.dumps({"v": OUTPUTS_VERSION, "stage": stage, **values}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def output_hash(self) -> str:
         """The config hash the ledger records per scene (:meth:`stage_hash` of ``outputs``)."""
         return self.stage_hash("outputs")
+
+
+def _aoi_digest(path: Path) -> str | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return f"unreadable:{path}"  # load_aoi says what is wrong before any scene is done
+    return _aoi_digest_of(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _aoi_digest_of(path: str, mtime_ns: int, size: int) -> str | None:
+    from fusarbatch.catalog.aoi import load_aoi
+    from fusarbatch.errors import FusarbatchError
+    from fusarbatch.tiling.clip import aoi_digest
+
+    try:
+        return aoi_digest(load_aoi(Path(path)).geometry)
+    except FusarbatchError:
+        return f"invalid:{path}:{mtime_ns}:{size}"
 
 
 def _jsonable(value: Any) -> Any:
