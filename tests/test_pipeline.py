@@ -305,7 +305,9 @@ def test_failed_scenes_are_retried_and_retry_failed_needs_no_search(tmp_path, ge
     assert [(s.scene_id, s.status) for s in retried.scenes] == [(CAMARGUE, "ok")]
     assert retried.mode == "retry-failed" and retried.exit_code == 0
     assert not (tmp_path / "out" / "scenes.parquet").exists()
-    assert len(read_dataset(tmp_path / "out", "tiles")) == 3  # the quick-look scene: 1 of its 2 tiles meets the AOI
+    assert (
+        len(read_dataset(tmp_path / "out", "tiles")) == 3
+    )  # the quick-look scene: 1 of its 2 tiles meets the AOI
     # it searched nothing: the next --since-last-run still starts from the second run's search
     assert searched is not None and last_search() == searched
     nothing = run(RunConfig(retry_failed=True, **cfg))

@@ -159,7 +159,9 @@ def test_gcp_raster_with_rows_running_north_is_warped_north_up(tmp_path, make_sc
     tiles = g["backscatter"][:]
     for k, (r0, c0) in enumerate(zip(g["row_off"][:], g["col_off"][:], strict=True)):
         h, w = min(64, reference.shape[0] - r0), min(64, reference.shape[1] - c0)
-        np.testing.assert_array_equal(tiles[k, 0, :h, :w], reference[r0 : r0 + h, c0 : c0 + w].astype(tiles.dtype))
+        np.testing.assert_array_equal(
+            tiles[k, 0, :h, :w], reference[r0 : r0 + h, c0 : c0 + w].astype(tiles.dtype)
+        )
     # north is up: the warped grid's first rows hold the source's LAST rows (the largest values)
     top = np.nanmean(reference[: reference.shape[0] // 4])
     bottom = np.nanmean(reference[-reference.shape[0] // 4 :])

@@ -56,7 +56,17 @@ def test_xarray_opens_a_scene_group(tmp_path, demo_scenes):
     assert ds["backscatter"].dims == ("tile", "pol", "y", "x")
     assert ds["backscatter"].shape == (9, 2, 128, 128)
     assert ds["transform"].dims == ("tile", "coef") and ds["valid_fraction"].dims == ("tile",)
-    assert ds["row_off"].dtype == np.int64 and ds["row_off"].values.tolist() == [0, 0, 0, 64, 64, 64, 128, 128, 128]
+    assert ds["row_off"].dtype == np.int64 and ds["row_off"].values.tolist() == [
+        0,
+        0,
+        0,
+        64,
+        64,
+        64,
+        128,
+        128,
+        128,
+    ]
     assert ds.attrs["pols"] == ["VV", "VH"] and ds["backscatter"].attrs["units"] == "dB"
     with rasterio.open(scene.bands["VV"].href) as src:
         window = src.read(window=((64, 192), (64, 192)))  # tile 4: spread origins 0, 64, 128
