@@ -76,7 +76,7 @@ def generate(
     mean_db = np.array([-12.0, -19.0], dtype=np.float32)[:, None, None]
     coarse = 64  # texture cell in pixels
     texture = rng.normal(0.0, 2.5, size=(2, height // coarse + 2, size // coarse + 2)).astype(np.float32)
-    tmp = path.with_suffix(".strips.tif") if cog else path
+    tmp = path.with_suffix(".strips.tif")  # renamed or converted at the end: a killed run leaves no `path`
     profile = dict(
         driver="GTiff",
         height=height,
@@ -109,6 +109,7 @@ def generate(
             sigma0_db[:, border] = NODATA
             dst.write(sigma0_db.astype(np.float32), window=Window(0, r0, size, h))
     if not cog:
+        os.replace(tmp, path)
         return
     rasterio.shutil.copy(
         tmp,
