@@ -190,6 +190,28 @@ def run(
         Path | None,
         typer.Option("--base-model", help="Base Qwen2.5-VL directory of a checkpoint --model."),
     ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            "--engine",
+            help="model (FUSAR-GPT, default) or cfar (two-parameter CA-CFAR ship detector on the CPU: "
+            "detection and counting, no model, no GPU).",
+        ),
+    ] = None,
+    cfar_guard_m: Annotated[
+        float | None, typer.Option("--cfar-guard-m", help="--engine cfar: guard window, metres (800).")
+    ] = None,
+    cfar_background_m: Annotated[
+        float | None,
+        typer.Option("--cfar-background-m", help="--engine cfar: background window, metres (1600)."),
+    ] = None,
+    cfar_k: Annotated[
+        float | None, typer.Option("--cfar-k", help="--engine cfar: threshold in background std (5).")
+    ] = None,
+    cfar_min_area_m2: Annotated[
+        float | None,
+        typer.Option("--cfar-min-area-m2", help="--engine cfar: smallest detection, square metres (2000)."),
+    ] = None,
     aef_index: Annotated[
         str | None,
         typer.Option("--aef-index", help="AlphaEarth index (GeoParquet/CSV), local or fsspec URL."),
@@ -228,6 +250,10 @@ def run(
         int | None, typer.Option("--max-new-tokens", help="Generation budget per prompt (128).")
     ] = None,
     iou_threshold: Annotated[float | None, typer.Option("--iou-threshold", help="Cross-tile NMS.")] = None,
+    min_score: Annotated[
+        float | None,
+        typer.Option("--min-score", help="Drop boxes scored below this (0..1) before NMS and counts (0)."),
+    ] = None,
     scheduler: Annotated[
         str | None, typer.Option("--scheduler", help="Dask scheduler address (default: a LocalCluster).")
     ] = None,
@@ -266,7 +292,7 @@ def run(
     ] = None,
     log_file: Annotated[Path | None, typer.Option("--log-file", help="Append JSON-lines logs here.")] = None,
 ) -> None:
-    """Search, tile, attach AlphaEarth anchors, run FUSAR-GPT and write GeoParquet (DESIGN 1, 3.7).
+    """Search, tile, attach AlphaEarth anchors, run FUSAR-GPT (or --engine cfar) and write GeoParquet.
 
     Skips scenes done with the same configuration and model (ledger.sqlite); exit codes: 0 all done,
     1 some scenes failed, 2 usage error, 75 --out locked by another run, 130 interrupted.
@@ -433,6 +459,10 @@ def train(
             "--probe-loss-weight", min=0.0, help="Stage 0: deep supervision of the answer position."
         ),
     ] = 0.0,
+    freeze_language_model: Annotated[
+        bool,
+        typer.Option("--freeze-language-model", help="Stage 0: train the vision tower and merger only."),
+    ] = False,
     task: Annotated[
         list[str] | None, typer.Option("--task", help="Train only on records of this task (repeatable).")
     ] = None,
@@ -468,6 +498,7 @@ def train(
             target_loss_weight=target_loss_weight,
             spread_loss_weight=spread_loss_weight,
             probe_loss_weight=probe_loss_weight,
+            freeze_language_model=freeze_language_model,
             tasks=list(task) if task else None,
         )
     )
@@ -481,9 +512,30 @@ def train(
 
 @app.command(name="eval")
 def evaluate(
-    model: Annotated[Path, typer.Option("--model", help="Training output or full model directory.")],
     data: DataOpt,
-    out: Annotated[Path | None, typer.Option("--out", help="Default: <model>/eval (eval_no_tlm).")] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Training output or full model directory (not with --engine cfar)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Default: ./eval_<model folder name> (_no_tlm), ./eval_cfar."),
+    ] = None,
+    engine: Annotated[
+        str, typer.Option("--engine", help="model, or cfar: the CFAR detector alone (no model).")
+    ] = "model",
+    train_data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--train-data",
+            help="Training manifest (repeatable): source of the majority and median-box baselines "
+            "(default: the evaluated records).",
+        ),
+    ] = None,
+    min_score: Annotated[
+        float,
+        typer.Option("--min-score", min=0.0, max=1.0, help="Box score threshold, as run --min-score (0)."),
+    ] = 0.0,
     base_model: Annotated[
         Path | None, typer.Option("--base-model", help="Base model (default: recorded by training).")
     ] = None,
@@ -493,10 +545,27 @@ def evaluate(
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most N records per task.")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", help="Only this task (repeatable).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cuda or cpu.")] = None,
+    cfar_guard: Annotated[
+        int | None, typer.Option("--cfar-guard", help="CFAR guard window, pixels of the images (odd).")
+    ] = None,
+    cfar_background: Annotated[
+        int | None, typer.Option("--cfar-background", help="CFAR background window, pixels (odd).")
+    ] = None,
+    cfar_k: Annotated[float | None, typer.Option("--cfar-k", help="CFAR threshold on the statistic.")] = None,
 ) -> None:
-    """Score a model on a triplet manifest with the paper's metrics; writes metrics.json and metrics.md."""
+    """Score a model (or CFAR) on triplet manifests with the paper's metrics, beside the baselines
+    (majority answers, median box, shuffled images, CFAR); writes metrics.json, metrics.md and
+    predictions.jsonl."""
+    import dataclasses
+
+    from fusarbatch.engines.cfar import CHIP_PARAMS
     from training.evaluate import EvalConfig, evaluate_and_report
 
+    cfar_options = {"guard": cfar_guard, "background": cfar_background, "k": cfar_k}
+    try:
+        cfar = dataclasses.replace(CHIP_PARAMS, **{k: v for k, v in cfar_options.items() if v is not None})
+    except ValueError as exc:
+        raise UsageError(f"--cfar-*: {exc}") from None
     console.print(
         evaluate_and_report(
             EvalConfig(
@@ -510,6 +579,10 @@ def evaluate(
                 limit=limit,
                 tasks=task,
                 device=device,
+                engine=engine,
+                train_data=list(train_data) if train_data else None,
+                min_score=min_score,
+                cfar=cfar,
             )
         ),
         highlight=False,

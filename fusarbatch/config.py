@@ -33,7 +33,7 @@ _NAME = re.compile(r"[\w][\w .\-/]*")  # labels and classes: words, no control c
 
 #: Bumped when a code change alters what a scene's outputs contain (part of every output hash), so that
 #: reruns redo scenes made by older code.
-OUTPUTS_VERSION = 2  # 2: spread tile origins, AOI-clipped tiling, float16 tile store (issue 11)
+OUTPUTS_VERSION = 3  # 2: per-box score, answer_score, model grid; 3: spread tile origins, AOI clip, float16 store
 
 #: Fields that decide the tiles, the anchors, the answers and the tables of a scene. Everything else
 #: (where to search, where to run, batch size, timeouts, locking, logging) does not change a scene's
@@ -54,7 +54,33 @@ OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
         "classes",
         "max_new_tokens",
         "iou_threshold",
+        "min_score",
         "quicklooks",
+    ),
+}
+#: The ``outputs`` fields of a run with another engine than the model (:data:`OUTPUT_FIELDS` is the
+#: model's): the model's generation settings and tile classes do not change a CFAR run's outputs, its own
+#: parameters do. A model run's hash does not include ``engine`` (the ledger's model hash tells engines
+#: apart), so the hashes of existing model runs are unchanged.
+ENGINE_OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
+    "cfar": (
+        "tile_size",
+        "overlap",
+        "min_valid",
+        "whole_scenes",
+        "aoi",
+        "surface",
+        "anchors",
+        "aef_index",
+        "labels",
+        "iou_threshold",
+        "min_score",
+        "quicklooks",
+        "engine",
+        "cfar_guard_m",
+        "cfar_background_m",
+        "cfar_k",
+        "cfar_min_area_m2",
     ),
 }
 _PATH_FIELDS = ("aoi", "out", "model", "log_file")
@@ -85,6 +111,23 @@ class RunConfig(BaseModel):
         description="Base Qwen2.5-VL directory under a checkpoint given as model; default: the one its "
         "training recorded.",
     )
+    engine: str = Field(
+        "model",
+        description="Detection engine: model (FUSAR-GPT: detection, counting, tile classes) or cfar "
+        "(two-parameter CA-CFAR ship detector on the CPU, no model: detection and counting only).",
+    )
+    cfar_guard_m: float = Field(
+        800.0, gt=0, description="--engine cfar: guard window edge, metres on the ground."
+    )
+    cfar_background_m: float = Field(
+        1600.0, gt=0, description="--engine cfar: background window edge, metres (larger than the guard)."
+    )
+    cfar_k: float = Field(
+        5.0, gt=0, le=100, description="--engine cfar: threshold on (x - mean) / std of the background."
+    )
+    cfar_min_area_m2: float = Field(
+        2000.0, ge=0, description="--engine cfar: smallest detection kept, square metres."
+    )
     aef_index: str | None = Field(None, description="AlphaEarth index (GeoParquet/CSV) path or URL.")
     anchors: int = Field(8, ge=1, le=64, description="Anchor grid is anchors x anchors per tile.")
     labels: tuple[str, ...] = Field(("ship",), description="Object labels to detect.")
@@ -108,6 +151,13 @@ class RunConfig(BaseModel):
     batch_size: int = Field(8, ge=1, le=256, description="Tiles per generate() call.")
     max_new_tokens: int = Field(128, ge=1, le=4096, description="Generation budget per prompt.")
     iou_threshold: float = Field(0.5, gt=0, le=1, description="Cross-tile NMS IoU threshold.")
+    min_score: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Boxes whose own score (geometric mean of their coordinate tokens' probabilities) is "
+        "below this are dropped before NMS and counts; 0 keeps every box.",
+    )
     scheduler: str | None = Field(None, description="Dask scheduler address; default: a LocalCluster.")
     scheduler_timeout_s: float = Field(
         20.0, gt=0, description="Seconds to reach --scheduler before giving up."
@@ -176,6 +226,30 @@ class RunConfig(BaseModel):
                 seen[key] = name
         return self
 
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        from fusarbatch.engines import ENGINES
+
+        name = v.strip().lower()
+        if name not in ENGINES:
+            raise ValueError(f"{v!r}: expected one of {', '.join(ENGINES)}")
+        return name
+
+    @model_validator(mode="after")
+    def _cfar(self) -> RunConfig:
+        if self.cfar_background_m <= self.cfar_guard_m:
+            raise ValueError(
+                f"cfar_background_m: {self.cfar_background_m:g} m must be larger than cfar_guard_m "
+                f"{self.cfar_guard_m:g} m"
+            )
+        if self.engine == "cfar" and len(self.labels) != 1:
+            raise ValueError(
+                f"labels: --engine cfar takes one label (got {', '.join(self.labels)}): CFAR finds bright "
+                "targets and cannot tell labels apart"
+            )
+        return self
+
     @model_validator(mode="after")
     def _tiling(self) -> RunConfig:
         from fusarbatch.tiling.grid import validate_tiling
@@ -206,12 +280,16 @@ class RunConfig(BaseModel):
         return self
 
     def stage_hash(self, stage: str) -> str:
-        """Hash of the fields that decide ``stage`` (``tile``, ``features`` or ``outputs``): 16 hex digits.
+        """Hash of the fields that decide ``stage`` (``tile``, ``features`` or ``outputs``; for ``outputs``
+        those of the run's engine, :data:`ENGINE_OUTPUT_FIELDS`): 16 hex digits.
 
         The AOI counts by its geometry (:func:`fusarbatch.tiling.clip.aoi_digest`), not its path, and not
         at all with ``whole_scenes``.
         """
-        values = {name: _jsonable(getattr(self, name)) for name in OUTPUT_FIELDS[stage]}
+        fields = OUTPUT_FIELDS[stage]
+        if stage == "outputs" and self.engine in ENGINE_OUTPUT_FIELDS:
+            fields = ENGINE_OUTPUT_FIELDS[self.engine]
+        values = {name: _jsonable(getattr(self, name)) for name in fields}
         if "aoi" in values:
             values["aoi"] = None if self.whole_scenes or self.aoi is None else _aoi_digest(Path(self.aoi))
         text = json.dumps({"v": OUTPUTS_VERSION, "stage": stage, **values}, sort_keys=True)

@@ -1,10 +1,12 @@
 """``fusarbatch run``: search -> tile -> features -> infer -> write, one scene at a time through the stages
 (DESIGN 1, 3 and 3.7).
 
-Scenes stream: while the model answers the tiles of one scene, the next scene is tiled and its anchors are
-sampled, so the task graph holds at most two scenes whatever the archive size. Model tasks go to Dask
-workers with the ``GPU=1`` resource (:mod:`fusarbatch.inference.workers`); a batch that does not finish
-within ``task_timeout_s`` fails its scene instead of hanging the run.
+Scenes stream: while the engine answers the tiles of one scene, the next scene is tiled and its anchors are
+sampled, so the task graph holds at most two scenes whatever the archive size. The engine
+(``--engine``, :mod:`fusarbatch.engines`: the model by default, or CFAR) gives two tasks per batch of
+tiles: a CPU task that reads (and renders) them, and the answer task, which asks for the engine's Dask
+resources (the model: ``GPU=1``, :mod:`fusarbatch.inference.workers`; CFAR: none). A batch that does not
+finish within ``task_timeout_s`` fails its scene instead of hanging the run.
 
 **Ledger and reruns** (:mod:`fusarbatch.outputs.ledger`). A run holds ``<out>/run.lock`` and records every
 scene's stages in ``<out>/ledger.sqlite``. A scene is skipped when the ledger has it done with the same
@@ -57,21 +59,13 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from fusarbatch.catalog import Scene
 from fusarbatch.config import RunConfig
+from fusarbatch.engines import Engine, open_engine
 from fusarbatch.errors import AOIError, FusarbatchError, UsageError
 from fusarbatch.features import open_source, write_scene_features_or_empty
 from fusarbatch.inference.geo import Detection, MapProjector, TileGeometry, scene_detections
-from fusarbatch.inference.workers import (
-    GPU_RESOURCE,
-    ModelSpec,
-    TaskSpec,
-    infer_prepared,
-    prepare_tiles,
-    resolve_device,
-    start_client,
-    warm_model,
-)
+from fusarbatch.inference.workers import start_client
 from fusarbatch.outputs.geoparquet import KINDS, count_column, write_table
-from fusarbatch.outputs.ledger import Ledger, RunLock, model_hash, new_run_id, prepare_out, utc_now
+from fusarbatch.outputs.ledger import Ledger, RunLock, new_run_id, prepare_out, utc_now
 from fusarbatch.outputs.provenance import OUTPUTS_MADE_FROM, group_attrs, outputs_out_of_step
 from fusarbatch.outputs.quicklook import write_quicklook
 from fusarbatch.tiling import tile_scene
@@ -168,10 +162,9 @@ class _Context:
     model_hash: str
     ledger: Ledger
     notify: Progress
+    engine: Engine
     source: Any = None
     client: Any = None
-    model_spec: ModelSpec | None = None
-    task: TaskSpec | None = None
     searched_at: str = ""
     aoi: Any = None
     """The AOI (EPSG:4326 geometry) that clips tiling and outputs; None: whole scenes."""
@@ -208,9 +201,6 @@ def run(
 def _run_locked(
     cfg: RunConfig, progress: Progress | None, lock: RunLock, run_id: str, argv: list[str]
 ) -> RunSummary:
-    from fusarbatch.model.demo import demo_model_dir
-    from fusarbatch.model.fusar_gpt import resolve_model_dirs
-
     notify = progress or (lambda event, fields: None)
     started = time.perf_counter()
     ledger = Ledger.open(cfg.out)
@@ -221,9 +211,8 @@ def _run_locked(
         removed = sweep_leftovers(cfg.out)
         if removed:
             log.info("removed %d leftover(s) of killed runs: %s", len(removed), ", ".join(removed[:5]))
-        # every model file checked (headers, JSON) before any scene is tiled
-        model_dir, adapter_dir = resolve_model_dirs(cfg.model or demo_model_dir(), cfg.base_model)
-        fingerprint = model_hash(*(d for d in (model_dir, adapter_dir) if d is not None))
+        # the engine's files checked (for the model: headers, JSON) before any scene is tiled
+        engine = open_engine(cfg)
     except BaseException:
         ledger.close()
         raise
@@ -232,11 +221,12 @@ def _run_locked(
         cfg=cfg,
         store=cfg.out / "tiles.zarr",
         run_id=run_id,
-        model_id=(adapter_dir or model_dir).resolve().name,
+        model_id=engine.model_id,
         config_hash=cfg.output_hash(),
-        model_hash=fingerprint,
+        model_hash=engine.fingerprint,
         ledger=ledger,
         notify=notify,
+        engine=engine,
     )
     if cfg.aoi is not None and not cfg.whole_scenes:  # --retry-failed without --aoi: whole scenes
         from fusarbatch.catalog import load_aoi
@@ -259,20 +249,15 @@ def _run_locked(
     summary.took_over = lock.stale.describe() if lock.stale else None
     status, error, exit_code = "error", None, 1
     try:
-        device = resolve_device(cfg.device, require_gpu=cfg.require_gpu) if not cfg.scheduler else cfg.device
+        ctx.engine = engine.start()  # e.g. the device (--require-gpu)
         client, cluster = start_client(
-            cfg.scheduler, workers=cfg.workers, connect_timeout_s=cfg.scheduler_timeout_s
+            cfg.scheduler,
+            workers=cfg.workers,
+            connect_timeout_s=cfg.scheduler_timeout_s,
+            gpu=ctx.engine.resources is not None,
         )
         try:
             ctx.client = client
-            ctx.model_spec = ModelSpec(
-                str(model_dir),
-                adapter_dir=None if adapter_dir is None else str(adapter_dir),
-                device=device,
-                max_new_tokens=cfg.max_new_tokens,
-                batch_size=cfg.batch_size,
-            )
-            ctx.task = TaskSpec(labels=cfg.labels, classes=cfg.classes or (*cfg.labels, "background"))
             _arm_tile_pause(client, cluster)
             scenes, window = _find_scenes(ctx)
             summary.window = window
@@ -497,20 +482,23 @@ def _model_loaded(warm: list[Any]) -> None:
 
 
 def _warm_models(ctx: _Context) -> list[Any]:
-    """Start loading the model on every worker that declares the GPU resource (one task each, pinned to
-    it), while the main thread tiles the first scene. A load that fails here also fails the scene's model
-    tasks; :func:`_model_loaded` then ends the run with its message."""
+    """Start loading the model on every worker that declares the engine's resources (one task each,
+    pinned to it), while the main thread tiles the first scene. A load that fails here also fails the
+    scene's model tasks; :func:`_model_loaded` then ends the run with its message. An engine without
+    resources (``cfar``) loads nothing."""
+    resources = ctx.engine.resources
+    if not resources:
+        return []
     workers = ctx.client.scheduler_info(n_workers=-1)["workers"]
     gpu_workers = [
-        a for a, info in workers.items() if all(info.get("resources", {}).get(r) for r in GPU_RESOURCE)
+        a for a, info in workers.items() if all(info.get("resources", {}).get(r) for r in resources)
     ]
     return [
         ctx.client.submit(
-            warm_model,
-            ctx.model_spec,
+            ctx.engine.warm,
             workers=[address],
             allow_other_workers=False,
-            resources=GPU_RESOURCE,
+            resources=resources,
             pure=False,
             key=f"warm-model-{ctx.run_id}-{n}",
         )
@@ -625,13 +613,10 @@ def _tile_and_submit(ctx: _Context, scene: Scene) -> _Pending:
             # waits for the answers of batch k - PREFETCH_BATCHES, so at most that many batches of a
             # scene are prepared ahead (memory stays flat whatever the scene size)
             after = p.futures[k - PREFETCH_BATCHES] if k >= PREFETCH_BATCHES else None
-            prepared = ctx.client.submit(
-                prepare_tiles, str(ctx.store), p.group, batch, ctx.task.render_mode, after, pure=False
-            )
+            engine = ctx.engine
+            prepared = ctx.client.submit(engine.prepare, str(ctx.store), p.group, batch, after, pure=False)
             p.futures.append(
-                ctx.client.submit(
-                    infer_prepared, ctx.model_spec, ctx.task, prepared, resources=GPU_RESOURCE, pure=False
-                )
+                ctx.client.submit(engine.answer, prepared, resources=engine.resources, pure=False)
             )
     except Exception as exc:  # one scene's failure never stops the run
         _fail(ctx, p, exc)
@@ -756,7 +741,10 @@ def _write_scene(ctx: _Context, p: _Pending, answers: dict[int, Any]) -> None:
         [answers[i].boxes for i in ids],
         [answers[i].scores for i in ids],
         [answers[i].model_labels for i in ids],
+        grid=ctx.engine.grid,
         iou_threshold=cfg.iou_threshold,
+        answer_scores_per_tile=[answers[i].answer_scores for i in ids],
+        min_score=cfg.min_score,
     )
     # scene_detections numbers tiles by position in the list it was given: map back to store tile ids
     detections = [Detection(**{**d.__dict__, "tile_id": ids[d.tile_id]}) for d in detections]
@@ -817,6 +805,7 @@ def _write_scene(ctx: _Context, p: _Pending, answers: dict[int, Any]) -> None:
             "label": d.label,
             "model_label": d.model_label,
             "score": d.score,
+            "answer_score": d.answer_score,
             "geometry": d.geometry,
         }
         for d in detections

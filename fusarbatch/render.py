@@ -10,9 +10,11 @@ chips), so that the model is served exactly the images it was trained on.
 - ``mode="grey"`` (default, what FUSAR-GPT and the demo model were trained on): the first polarisation,
   replicated to 3 channels. ``mode="false-colour"``: R = co-pol, G = cross-pol, B = co/cross ratio
   (co - cross in dB, 0..15 dB); a single-polarisation input falls back to grey.
-- The image is resized to ``size`` x ``size`` (504: 36 x 36 patches of 14 px = 324 visual tokens) with
-  bicubic resampling, as the FUSAR-GPT training data was (PAPER 1.3). Boxes answered on that grid are
-  scaled back per axis (:func:`fusarbatch.inference.geo.boxes_to_polygons`).
+- The image is resized to ``size`` x ``size`` with bicubic resampling, as the FUSAR-GPT training data was
+  (PAPER 1.3): the model's own input size (``image_size`` of its ``tlm_config.json``;
+  :data:`MODEL_SIZE` = 504, FUSAR-GPT's: 36 x 36 patches of 14 px = 324 visual tokens, is only the
+  default). Boxes answered on that grid are scaled back per axis
+  (:func:`fusarbatch.inference.geo.boxes_to_polygons`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ DB_RANGES: dict[str, tuple[float, float]] = {
 }
 RATIO_RANGE_DB = (0.0, 15.0)
 MODEL_SIZE = 504
+"""FUSAR-GPT's input size, the default of :func:`render`; inference passes the model's own size."""
 
 
 def _to_byte(values: np.ndarray, lo: float, hi: float) -> np.ndarray:

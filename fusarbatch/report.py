@@ -146,7 +146,10 @@ def print_run_summary(console: Console, summary: RunSummary) -> None:
         f"{len(summary.skipped)} skipped as done; tiles: {n_tiles} ({n_inferred} inferred); window {window}",
         f"detections per label: {per_label}",
         f"wall time {summary.seconds:.1f} s, generate {summary.generate_seconds:.1f} s "
-        f"({summary.prompts} prompts; {100 * outside:.0f}% of the time outside generate)",
+        f"({summary.prompts} prompts; {100 * outside:.0f}% of the time outside generate)"
+        if summary.prompts
+        else f"wall time {summary.seconds:.1f} s, {summary.model_id} {summary.generate_seconds:.1f} s "
+        f"({100 * outside:.0f}% of the time outside it)",
         f"outputs: {_existing_outputs(Path(summary.out))}; "
         f"ledger {summary.out}/ledger.sqlite (fusarbatch status --out {summary.out})",
     ]

@@ -288,3 +288,63 @@ def generated_demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fusarbatch.model.demo import demo_model_dir
 
     return demo_model_dir()
+
+
+#: The grid of :func:`generated_fixed_answer_model` (its ``tlm_config.json`` ``image_size``) and the answer it
+#: was trained to give to the ship detection prompt: two boxes on that grid.
+FIXED_GRID = 336
+FIXED_ANSWER = (
+    '[{"bbox_2d": [168, 0, 336, 84], "label": "ship"}, {"bbox_2d": [0, 252, 84, 336], "label": "ship"}]'
+)
+
+
+@pytest.fixture(scope="session")
+def generated_fixed_answer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny full FUSAR-GPT directory whose model grid is 336 (``tlm_config.json`` ``image_size``), blind
+    to the image (its vision merger's last layer is zero, so every image gives the same visual tokens) and
+    trained (generated: 50 Adam steps of the language model on one random-pixel 336 x 336 image, a few
+    seconds on one core) to answer the ship detection prompt with :data:`FIXED_ANSWER`, for any image. Its
+    token probabilities are high but not 1, and differ between tokens, so the per-box scores of the two
+    boxes differ. Built once; the fixture checks that greedy decoding of another image gives the answer."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from fusarbatch.model import TLM, FusarGPT, TLMConfig, build_tiny_model, detection_prompt
+    from training.data import Collator
+
+    root = tmp_path_factory.mktemp("fixed_answer_model")
+    base = build_tiny_model(root / "base", seed=0, init_std=0.02, embed_std=0.3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        fusar = FusarGPT.from_pretrained(base, init_tlm=True, device="cpu")
+        fusar.tlm = TLM(fusar.tlm.hidden_size, TLMConfig(image_size=FIXED_GRID))
+        rng = np.random.default_rng(0)
+        image = Image.fromarray(rng.integers(0, 256, (FIXED_GRID, FIXED_GRID, 3), dtype=np.uint8))
+        item = {"image": image, "question": detection_prompt("ship"), "answer": FIXED_ANSWER, "anchors": None}
+        batch = Collator(fusar.processor)([item])
+        anchors = batch.pop("anchors")
+        last = fusar.visual.merger.mlp[-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.zero_()
+        fusar.train()
+        trained = [p for n, p in fusar.base_model.named_parameters() if "visual" not in n]
+        for p in fusar.parameters():
+            p.requires_grad_(False)
+        for p in trained:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(trained, lr=1e-2)
+        for _ in range(50):
+            loss = fusar(anchors, **batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    fusar.eval()
+    other = Image.fromarray(rng.integers(0, 256, (504, 504, 3), dtype=np.uint8))
+    [got] = fusar.generate([other], [detection_prompt("ship")], [None], max_new_tokens=80)
+    if got != FIXED_ANSWER:
+        pytest.fail(f"generated_fixed_answer_model did not learn its answer: {got!r}")
+    out = fusar.save_full(root / "model")
+    assert json.loads((out / "tlm_config.json").read_text())["image_size"] == FIXED_GRID
+    return out

@@ -484,3 +484,45 @@ def test_out_not_writable_is_a_usage_error(tmp_path):
 
 def test_known_paths_exist():
     assert Path(AOIS / "demo_all.geojson").exists()
+
+
+def test_a_336_model_places_boxes_on_its_own_grid_with_per_box_scores(tmp_path, generated_fixed_answer_model):
+    """A model whose grid is 336 (tlm_config.json) answers two boxes on that grid: they land at
+    box * tile / 336 on the ground (on the 504 grid they would shrink toward the tile origin by 2/3); each box
+    has its own score in [0, 1], the answer's probability is kept apart; --min-score drops the lower box."""
+    from affine import Affine
+    from pyproj import Transformer
+    from shapely.geometry import box as shapely_box
+    from shapely.ops import transform as shapely_transform
+
+    from tests.conftest import FIXED_GRID
+
+    out = tmp_path / "run"
+    cfg = dict(CAMARGUE_RUN, model=generated_fixed_answer_model, max_new_tokens=80)
+    summary = run(RunConfig(**cfg, out=out))
+    assert [s.status for s in summary.scenes] == ["ok"], [s.error for s in summary.scenes]
+    group = zarr.open_group(str(out / "tiles.zarr" / CAMARGUE), mode="r")
+    assert group["transform"].shape[0] == 1
+    tile, size = Affine(*group["transform"][0]), int(group.attrs["tile_size"])
+    to_ll = Transformer.from_crs(group.attrs["crs"], "EPSG:4326", always_xy=True).transform
+    dets = read_dataset(out, "detections").sort_values("score")
+    assert len(dets) == 2 and set(dets.label) == {"ship"}
+    for x1, y1, x2, y2 in ([168, 0, 336, 84], [0, 252, 84, 336]):
+        c1, r1, c2, r2 = (v * size / FIXED_GRID for v in (x1, y1, x2, y2))
+        (mx1, my1), (mx2, my2) = tile * (c1, r1), tile * (c2, r2)
+        expected = shapely_transform(to_ll, shapely_box(mx1, my1, mx2, my2))
+        # one detection covers it to a millionth of its area (reprojection of corners only)
+        assert any(g.symmetric_difference(expected).area < 1e-6 * expected.area for g in dets.geometry), (
+            x1,
+            y1,
+        )
+    scores, answer = list(dets.score), list(dets.answer_score)
+    assert all(0 < s <= 1 for s in scores) and scores[0] != scores[1]
+    assert answer[0] == answer[1] and all(a <= s for a, s in zip(answer, scores, strict=True))
+    # --min-score between the two: the lower box goes, from the detections and the counts
+    threshold = (scores[0] + scores[1]) / 2
+    again = run(RunConfig(**cfg, out=out, min_score=threshold))
+    assert [s.scene_id for s in again.scenes] == [CAMARGUE]  # min_score is in the config hash: redone
+    kept = read_dataset(out, "detections")
+    assert list(kept.score) == [scores[1]]
+    assert read_dataset(out, "counts")["count"].tolist() == [1]

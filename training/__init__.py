@@ -8,7 +8,10 @@ nothing in :mod:`fusarbatch` imports it except the ``train`` and ``eval`` comman
 - :mod:`training.synthetic` -- generated data whose answer depends only on the anchors (TLM checks);
 - :mod:`training.data` -- dataset, seeded sampler, collator with answer-only labels;
 - :mod:`training.train` -- stage 1 / stage 2 with the Hugging Face Trainer, checkpoints and resume;
-- :mod:`training.metrics`, :mod:`training.evaluate` -- the paper's metrics and ``fusarbatch eval``;
+- :mod:`training.metrics` -- the paper's metrics and VOC average precision;
+- :mod:`training.answers` -- what a record asks and expects, predictions read from answers;
+- :mod:`training.baselines` -- majority answers, median box, shuffled images, CFAR;
+- :mod:`training.evaluate`, :mod:`training.eval_tables` -- ``fusarbatch eval`` and its tables;
 - :mod:`training.plot` -- loss curves (PNG, Pillow);
 - ``python -m training`` -- ``build`` (datasets), ``generated`` (anchor task), ``base`` (a tiny base model),
   ``export`` (a merged model folder).

@@ -493,7 +493,7 @@ def chip_records(
             add(
                 "classification",
                 "class",
-                classification_prompt(whole, classes),
+                classification_prompt(whole, classes, grid=grid),
                 format_class_answer(chip.label),
                 {"class": chip.label, "box": whole},
             )
@@ -530,7 +530,7 @@ def chip_records(
             add(
                 "classification",
                 f"class{k}",
-                classification_prompt(b, classes),
+                classification_prompt(b, classes, grid=grid),
                 format_class_answer(b.label),
                 {"class": b.label, "box": [round(v) for v in b.as_list()]},
             )

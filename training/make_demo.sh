@@ -63,31 +63,40 @@ TASKS=(--data "$WORK/data/ssdd/stage2_train.jsonl" --data "$WORK/data/composite/
 CAPTIONS=(--data "$WORK/data/ssdd/stage1_train.jsonl" --data "$WORK/data/composite/stage1_train.jsonl"
           --data "$WORK/data/soc/stage1_train.jsonl")
 S0=(--stage 0 --batch-size 8 --grad-accum 1 --save-steps 100 --log-steps 10 --loss-mean answer
-    --target-loss-weight 1 --spread-loss-weight 1)
+    --target-loss-weight 1 --probe-loss-weight 1)
 
-# 2. stage 0, curriculum: the short answers first, then every task
-train stage0a "${S0[@]}" --base-model "$WORK/base" --lr 1e-3 --max-steps "${STEPS0A:-250}" "${TASKS[@]}" \
-  --task counting --task grounding --task classification
-train stage0 "${S0[@]}" --base-model "$WORK/stage0a" --lr 1e-3 --max-steps "${STEPS0B:-1500}" "${TASKS[@]}"
+# 2. stage 0, curriculum: (a) the vision tower and merger learn under the untrained language model, on the short
+# answers (a language model trained from scratch together with them learns the answer prior and stops reading
+# the image: training/RESULTS.md); (b) every parameter, every task, detection boxes included
+train stage0a "${S0[@]}" --base-model "$WORK/base" --freeze-language-model --lr 1e-3 --max-steps "${STEPS0A:-400}" \
+  "${TASKS[@]}" --task counting --task grounding --task classification
+train stage0 "${S0[@]}" --base-model "$WORK/stage0a" --lr 5e-4 --max-steps "${STEPS0B:-1200}" "${TASKS[@]}"
 
 # 3. the paper's stages on top: 1 (captions: TLM + LoRA), 2 (tasks: LoRA, TLM frozen)
 C12=(--base-model "$WORK/stage0" --batch-size 8 --grad-accum 1 --save-steps 100 --log-steps 10)
 train stage1 --stage 1 "${C12[@]}" --lr "${LR1:-2e-4}" --max-steps "${STEPS1:-150}" "${CAPTIONS[@]}"
 train stage2 --stage 2 --init "$WORK/stage1" "${C12[@]}" --lr "${LR2:-2e-4}" --max-steps "${STEPS2:-400}" "${TASKS[@]}"
 
-# 4. evaluation on the held-out splits, each beside its baselines (eval prints them)
-ev() {  # ev NAME MODEL DATA [ARGS]
-  local name=$1 model=$2 data=$3; shift 3
+# 4. evaluation on the held-out splits, each beside its baselines (majority answers of the training manifest,
+# constant median box, shuffled images, CFAR; eval prints them)
+ev() {  # ev NAME MODEL DATA TRAIN [ARGS]
+  local name=$1 model=$2 data=$3 train_data=$4; shift 4
   [ -f "$WORK/eval/$name/metrics.json" ] || step "eval_$name" "$BIN/fusarbatch" eval --model "$model" --data "$data" \
-    --out "$WORK/eval/$name" --batch-size 16 "$@"
+    --train-data "$train_data" --out "$WORK/eval/$name" --batch-size 16 "$@"
 }
-for m in stage0 stage1 stage2; do
-  ev "${m}_ssdd" "$WORK/$m" "$WORK/data/ssdd_test/stage2_test.jsonl"
-  ev "${m}_composite" "$WORK/$m" "$WORK/data/composite/stage2_val.jsonl"
-  ev "${m}_soc" "$WORK/$m" "$WORK/data/soc_test/stage2_val.jsonl"
+SETS=(ssdd:ssdd_test/stage2_test:ssdd/stage2_train composite:composite/stage2_val:composite/stage2_train
+      soc:soc_test/stage2_val:soc/stage2_train)
+for m in ${EVAL_MODELS:-stage0 stage1 stage2}; do
+  for s in "${SETS[@]}"; do
+    IFS=: read -r name data train_data <<< "$s"
+    ev "${m}_$name" "$WORK/$m" "$WORK/data/$data.jsonl" "$WORK/data/$train_data.jsonl"
+  done
 done
-for d in ssdd:ssdd_test/stage2_test composite:composite/stage2_val soc:soc_test/stage2_val; do
-  ev "stage2_no_tlm_${d%%:*}" "$WORK/stage2" "$WORK/data/${d#*:}.jsonl" --no-tlm
+for s in "${SETS[@]}"; do
+  IFS=: read -r name data train_data <<< "$s"
+  ev "stage2_no_tlm_$name" "$WORK/stage2" "$WORK/data/$data.jsonl" "$WORK/data/$train_data.jsonl" --no-tlm
+  [ -f "$WORK/eval/cfar_$name/metrics.json" ] || step "eval_cfar_$name" "$BIN/fusarbatch" eval --engine cfar \
+    --data "$WORK/data/$data.jsonl" --train-data "$WORK/data/$train_data.jsonl" --out "$WORK/eval/cfar_$name"
 done
 
 # 5. the packaged model: LoRA merged into the stage-0 base, one self-contained folder

@@ -16,7 +16,20 @@ Definitions (the paper defines only the metric names; the grounding ones are fus
   overall and per label. Boxes are clipped to ``[0, grid]`` first (the ground truth runs past the edge);
   a box with no area after clipping matches nothing. When a ratio has a zero denominator it is 0, except
   that with neither predictions nor ground truth all three are ``None`` (no data). An unparseable answer is
-  an empty prediction.
+  an empty prediction. ``fusarbatch eval`` computes them on the boxes scored at least the score threshold
+  (``--min-score``, as ``run``).
+- **detection AP** (:func:`average_precision`): PASCAL VOC all-point interpolated average precision
+  (Everingham et al., "The PASCAL Visual Object Classes (VOC) Challenge", IJCV 88, 2010, section 4.2, and
+  the VOC2010+ development kit's ``VOCevaldet``/``VOCap``), per label from every box and its score: boxes of
+  all images sorted by decreasing score; each is a true positive when its best-IoU ground-truth box of the
+  same label in its image has ``IoU >= threshold`` and is not yet taken, else a false positive (a
+  duplicate); AP is the area under the precision-recall curve after precision is made monotone
+  (``p(r) = max_{r' >= r} p(r')``), summed where recall changes. Two departures from the devkit: precision
+  and recall are taken only after the last box of each distinct score (boxes with equal scores enter
+  together, as no threshold can separate them), so the AP of an answer set with tied scores -- a constant
+  baseline, an image-blind model -- does not depend on the order of the records; and IoU is the continuous
+  one above (the devkit adds one pixel to widths). ``mAP`` is the mean over the labels with ground truth; a
+  label without ground truth has no AP (None).
 """
 
 from __future__ import annotations
@@ -29,8 +42,10 @@ from typing import Any
 from fusarbatch.model.prompts import GRID, Box
 
 __all__ = [
+    "AP_IOU",
     "IOU_THRESHOLDS",
     "DetectionCounts",
+    "average_precision",
     "classification_metrics",
     "counting_metrics",
     "detection_metrics",
@@ -42,6 +57,8 @@ __all__ = [
 
 IOU_THRESHOLDS = (0.25, 0.5)
 """The detection IoU thresholds of the paper (Table 4)."""
+AP_IOU = 0.5
+"""IoU threshold of the reported average precision (VOC's)."""
 
 
 def _clip(box: Box, grid: float) -> tuple[float, float, float, float]:
@@ -172,6 +189,70 @@ def detection_metrics(
             "per_class": {label: c.as_dict() for label, c in per.items()},
         }
     return out
+
+
+def _voc_ap(recall: Sequence[float], precision: Sequence[float]) -> float:
+    """Area under the monotone precision envelope, all points (VOC2010+ ``VOCap``)."""
+    mrec = [0.0, *recall, 1.0]
+    mpre = [0.0, *precision, 0.0]
+    for i in range(len(mpre) - 2, -1, -1):
+        mpre[i] = max(mpre[i], mpre[i + 1])
+    return sum((mrec[i] - mrec[i - 1]) * mpre[i] for i in range(1, len(mrec)) if mrec[i] != mrec[i - 1])
+
+
+def average_precision(
+    predictions: Sequence[Sequence[Box] | None],
+    scores: Sequence[Sequence[float | None]],
+    truths: Sequence[Sequence[Box]],
+    threshold: float = 0.5,
+    grid: float = GRID,
+) -> dict[str, Any]:
+    """VOC all-point average precision per label at one IoU threshold (module docstring).
+
+    :param predictions: per image, the predicted boxes (``None`` = unparseable = no box).
+    :param scores: per image, one score per predicted box (None counts as 0).
+    :param truths: per image, the ground-truth boxes.
+    :returns: ``{"iou": threshold, "map": mean AP over labels with ground truth or None, "per_class":
+        {label: {"ap", "n_true", "n_pred"}}}``. Boxes of equal score enter the curve together.
+    """
+    if not len(predictions) == len(scores) == len(truths):
+        raise ValueError(f"{len(predictions)} predictions, {len(scores)} score lists, {len(truths)} images")
+    labels = sorted(
+        {b.label for ts in truths for b in ts} | {b.label for ps in predictions for b in ps or ()}
+    )
+    per: dict[str, dict[str, Any]] = {}
+    for label in labels:
+        gts = [[t for t in ts if t.label == label] for ts in truths]
+        n_true = sum(len(g) for g in gts)
+        dets = []
+        for i, (ps, ss) in enumerate(zip(predictions, scores, strict=True)):
+            ps = list(ps or ())
+            if len(ss) != len(ps):
+                raise ValueError(f"image {i}: {len(ss)} scores for {len(ps)} boxes")
+            dets += [
+                (-(s or 0.0), i, j, p)
+                for j, (p, s) in enumerate(zip(ps, ss, strict=True))
+                if p.label == label
+            ]
+        dets.sort(key=lambda d: d[:3])
+        taken = [[False] * len(g) for g in gts]
+        tp = fp = 0
+        recall, precision = [], []
+        for k, (neg_score, i, _, p) in enumerate(dets):
+            ious = [iou(p, t, grid) for t in gts[i]]
+            best = max(range(len(ious)), key=ious.__getitem__, default=None)
+            if best is not None and ious[best] >= threshold and ious[best] > 0 and not taken[i][best]:
+                taken[i][best] = True
+                tp += 1
+            else:
+                fp += 1
+            if k + 1 == len(dets) or dets[k + 1][0] != neg_score:  # the last box of its score
+                recall.append(tp / n_true if n_true else 0.0)
+                precision.append(tp / (tp + fp))
+        ap = _voc_ap(recall, precision) if n_true else None
+        per[label] = {"ap": ap, "n_true": n_true, "n_pred": len(dets)}
+    aps = [v["ap"] for v in per.values() if v["ap"] is not None]
+    return {"iou": threshold, "map": sum(aps) / len(aps) if aps else None, "per_class": per}
 
 
 def _accuracy(hits: Sequence[bool]) -> float | None:

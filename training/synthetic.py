@@ -55,7 +55,7 @@ def build_generated_anchor_task(
     protos /= np.linalg.norm(protos, axis=1, keepdims=True)
     axis = np.linspace(0.0, 1.0, anchors_per_side, dtype=np.float32)
     positions = np.stack(np.meshgrid(axis, axis, indexing="ij"), axis=-1).reshape(-1, 2)
-    prompt = classification_prompt([0, 0, image_size, image_size], list(classes))
+    prompt = classification_prompt([0, 0, image_size, image_size], list(classes), grid=image_size)
     paths: dict[str, Path] = {}
     for split, n in (("train", n_train), ("val", n_val)):
         records = []

@@ -105,6 +105,10 @@ class TrainConfig:
         tokens centred so that the language model sees what differs between images); 0 = off.
     :ivar probe_loss_weight: stage 0: weight of :func:`training.objectives.probe_loss` (deep supervision of
         the pooled visual tokens: cells, count, class); 0 = off.
+    :ivar freeze_language_model: stage 0: train the vision tower and merger only, the language model stays as
+        it is (a curriculum's first phase: from scratch, a language model trained with the vision tower
+        first learns the answer prior and stops reading the image; a frozen one passes image information to
+        the answer from the start, so the vision tower learns to write what it reads).
     :ivar tasks: train only on the records of these tasks (None: all), e.g. a curriculum's first phase.
     """
 
@@ -138,6 +142,7 @@ class TrainConfig:
     target_loss_weight: float = 0.0
     spread_loss_weight: float = 0.0
     probe_loss_weight: float = 0.0
+    freeze_language_model: bool = False
     tasks: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -148,6 +153,8 @@ class TrainConfig:
                 f"--stage {self.stage}: choose 0 (all parameters of a small base), 1 (captions, TLM) or 2 "
                 "(tasks, LoRA)"
             )
+        if self.freeze_language_model and self.stage != 0:
+            raise UsageError("--freeze-language-model is for stage 0 (stages 1-2 freeze the base anyway)")
         if self.stage == 0 and self.init is not None:
             raise UsageError("--stage 0 trains the --base-model itself; --init is for stages 1 and 2")
         if self.loss_mean is not None and self.loss_mean not in LOSS_MEANS:
@@ -199,12 +206,14 @@ def _device(name: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _set_trainable(fusar: Any, stage: int, stage1_lora: bool, no_tlm: bool) -> int:
+def _set_trainable(
+    fusar: Any, stage: int, stage1_lora: bool, no_tlm: bool, freeze_language_model: bool = False
+) -> int:
     """Freeze everything, then unfreeze the stage's parameters; returns the trainable count."""
     for p in fusar.parameters():
         p.requires_grad_(False)
-    if stage == 0:  # the whole base model (and the training-only target head); the TLM is not used
-        for p in fusar.model.parameters():
+    if stage == 0:  # the whole base model, or its vision tower + merger (and the training-only heads)
+        for p in (fusar.visual if freeze_language_model else fusar.model).parameters():
             p.requires_grad_(True)
         for name in AUX_MODULES:
             head = getattr(fusar, name, None)
@@ -586,7 +595,7 @@ def train(config: TrainConfig) -> TrainResult:
     started = time.perf_counter()
     classes = sorted({r.meta["class"] for r in records if isinstance(r.meta.get("class"), str)})
     fusar = _load_model(cfg, device, image_size=sizes[0], classes=classes)
-    n_trainable = _set_trainable(fusar, cfg.stage, cfg.stage1_lora, cfg.no_tlm)
+    n_trainable = _set_trainable(fusar, cfg.stage, cfg.stage1_lora, cfg.no_tlm, cfg.freeze_language_model)
     fusar.train()
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     steps_per_epoch = math.ceil(len(records) / (cfg.batch_size * cfg.grad_accum))
@@ -604,6 +613,7 @@ def train(config: TrainConfig) -> TrainResult:
                 "target_loss_weight": cfg.target_loss_weight,
                 "spread_loss_weight": cfg.spread_loss_weight,
                 "probe_loss_weight": cfg.probe_loss_weight,
+                "freeze_language_model": cfg.freeze_language_model,
             }
             if cfg.stage == 0
             else {"tlm": cfg.stage == 1 and not cfg.no_tlm, "lora": cfg.stage == 2 or cfg.stage1_lora}

@@ -1,8 +1,11 @@
 """Pixel boxes -> map polygons, tile ownership and cross-tile de-duplication (DESIGN 3.5).
 
-The model answers on a ``grid`` x ``grid`` (504) input. A box ``[x1, y1, x2, y2]`` on that grid is clipped to
-the grid, scaled per axis to the tile's pixels (``x * W / grid``, ``y * H / grid``), placed in the scene
-with the tile's affine (rasterio order a..f, scene CRS) and reprojected to EPSG:4326.
+The model answers on a ``grid`` x ``grid`` input, its own ``image_size`` (``tlm_config.json``; 504 for
+FUSAR-GPT). A box ``[x1, y1, x2, y2]`` on that grid is clipped to the grid, scaled per axis to the tile's
+pixels (``x * W / grid``, ``y * H / grid``), placed in the scene with the tile's affine (rasterio order
+a..f, scene CRS) and reprojected to EPSG:4326. Callers must pass the model's grid: placing a 336 px model's
+boxes on 504 would shrink them toward the tile origin by 2/3. Boxes scored below ``min_score`` are dropped
+before anything else (:func:`scene_detections`).
 
 Overlapping tiles see the same target more than once, each copy a little off (a model's box moves by a
 pixel or two with the context), and a target longer than the overlap is seen by no tile whole: each sees
@@ -84,6 +87,9 @@ class Detection:
     model_label: str | None = None
     """The label the model wrote for this box, where it differs from :attr:`label` (the label asked for)
     or is otherwise known; None when not recorded."""
+    answer_score: float | None = None
+    """Probability of the whole generated answer the box came from (shared by its boxes); None when not
+    recorded. :attr:`score` is the box's own confidence."""
 
 
 def axis_cores(origins: Sequence[int], tile: int) -> list[tuple[float, float]]:
@@ -156,6 +162,34 @@ class MapProjector:
         lon, lat = self._t.transform(xs, ys)
         return Polygon(zip(lon, lat, strict=True))
 
+    def lonlat(self, xs: Sequence[float], ys: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        """Points of the scene CRS -> ``(lon, lat)`` arrays, degrees."""
+        lon, lat = self._t.transform(np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64))
+        return np.asarray(lon), np.asarray(lat)
+
+
+def pixel_size_m(transform: Affine, project: MapProjector, col: float, row: float) -> tuple[float, float]:
+    """Ground size of one pixel of a grid, metres: ``(along columns, along rows)``.
+
+    The distances on the WGS84 ellipsoid (``pyproj.Geod.inv``) from the centre of the pixel at
+    ``(col, row)`` to the centres of its right and lower neighbours, so it holds for any CRS: projected
+    (metres or feet; ground distance, not grid distance) or geographic (degrees).
+
+    :param transform: the grid's affine (pixel (col, row) -> scene CRS).
+    :param project: scene CRS -> EPSG:4326.
+    :raises ValueError: a size that is not finite and positive (a degenerate affine, or a CRS pyproj
+        cannot place on the ellipsoid).
+    """
+    from fusarbatch.catalog.aoi import GEOD
+
+    pts = [transform @ xy for xy in ((col + 0.5, row + 0.5), (col + 1.5, row + 0.5), (col + 0.5, row + 1.5))]
+    lon, lat = project.lonlat([p[0] for p in pts], [p[1] for p in pts])
+    _, _, dx = GEOD.inv(lon[0], lat[0], lon[1], lat[1])
+    _, _, dy = GEOD.inv(lon[0], lat[0], lon[2], lat[2])
+    if not (np.isfinite(dx) and np.isfinite(dy) and dx > 0 and dy > 0):
+        raise ValueError(f"pixel size {dx!r} x {dy!r} m: the tile's affine or CRS does not place it on Earth")
+    return float(dx), float(dy)
+
 
 def deduplicate(detections: Sequence[Detection], *, iou_threshold: float = 0.5) -> list[Detection]:
     """Per-label IoU NMS over map polygons (scene CRS) with a shapely STRtree, for detections of one
@@ -203,6 +237,7 @@ class _Copy:
     box: Box
     score: float | None
     model_label: str | None
+    answer_score: float | None = None
 
     @property
     def rank(self) -> tuple[float, int, Box]:
@@ -308,16 +343,24 @@ def scene_detections(
     grid: int = 504,
     iou_threshold: float = 0.5,
     match_px: float = 4.0,
+    answer_scores_per_tile: Sequence[Sequence[float | None]] | None = None,
+    min_score: float = 0.0,
 ) -> list[Detection]:
-    """All detections of one scene: boxes placed in the scene, NMS within each tile, copies of one target
-    in overlapping tiles merged (see the module docstring), EPSG:4326 geometry and ids.
+    """All detections of one scene: boxes scored below ``min_score`` dropped, the others placed in the
+    scene, NMS within each tile, copies of one target in overlapping tiles merged (see the module
+    docstring), EPSG:4326 geometry and ids.
 
     :param tiles: the tiles that were inferred (tile id = index), all of one size, on one scene grid.
     :param boxes_per_tile: parsed model boxes per tile (on the ``grid`` input), same order as ``tiles``;
         ``box.label`` is the detection's label (NMS and ids are per label).
-    :param scores_per_tile: optional score per box (sequence probability) or ``None``.
+    :param scores_per_tile: optional score per box in [0, 1] (the box's own confidence) or ``None``.
     :param model_labels_per_tile: optional label the model itself wrote, per box (kept as
         :attr:`Detection.model_label`).
+    :param grid: side of the model's input in pixels (its ``image_size``): the boxes' grid.
+    :param answer_scores_per_tile: optional probability of the answer each box came from (kept as
+        :attr:`Detection.answer_score`, from the same copy as the score).
+    :param min_score: boxes scored below it are dropped first (so they neither count, nor suppress or
+        merge with another box); with ``min_score > 0`` a box without a score is dropped too.
     :param iou_threshold: IoU at or above which two boxes are one target (within a tile; across tiles,
         of the boxes clipped to the shared region).
     :param match_px: across tiles, clipped boxes whose four sides agree within this many pixels of the
@@ -338,13 +381,18 @@ def scene_detections(
         none = [None] * len(boxes)
         scores = list(scores_per_tile[tile_id]) if scores_per_tile is not None else none
         model_labels = list(model_labels_per_tile[tile_id]) if model_labels_per_tile is not None else none
-        for box, score, model_label in zip(boxes, scores, model_labels, strict=True):
+        answer_scores = list(answer_scores_per_tile[tile_id]) if answer_scores_per_tile is not None else none
+        for box, score, model_label, answer_score in zip(
+            boxes, scores, model_labels, answer_scores, strict=True
+        ):
+            if min_score > 0 and (score is None or score < min_score):
+                continue
             placed = _tile_box(box, tile, grid)  # per box: scores stay aligned when one is dropped
             if placed is None:
                 continue
             c1, r1, c2, r2 = placed
             scene_box = (tile.col_off + c1, tile.row_off + r1, tile.col_off + c2, tile.row_off + r2)
-            copies.append(_Copy(tile_id, str(box.label), scene_box, score, model_label))
+            copies.append(_Copy(tile_id, str(box.label), scene_box, score, model_label, answer_score))
     copies = _nms_within_tiles(copies, iou_threshold)
     by_label: dict[str, list[_Copy]] = {}
     for c in copies:
@@ -376,6 +424,7 @@ def scene_detections(
                     geometry_map=poly_map,
                     center_px=centre,
                     model_label=best.model_label,
+                    answer_score=best.answer_score,
                 )
             )
     return sorted(found, key=lambda d: (d.label, d.detection_id))

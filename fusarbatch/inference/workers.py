@@ -53,14 +53,20 @@ class TaskSpec:
 
 @dataclass
 class TileAnswer:
-    """The parsed answers for one tile (boxes on the 504 input grid)."""
+    """The parsed answers for one tile (boxes on the model's ``grid`` x ``grid`` input)."""
 
     tile_id: int
+    grid: int = 504
+    """Side of the model's input in pixels (:attr:`fusarbatch.model.FusarGPT.image_size`): the boxes are on
+    this grid."""
     boxes: list[Any] = field(default_factory=list)
     """:class:`fusarbatch.model.prompts.Box` list, all labels; ``box.label`` is the label asked for (the
     detection prompt that produced the box), whatever the model wrote."""
     scores: list[float | None] = field(default_factory=list)
-    """Per box: probability of the whole generated answer it came from."""
+    """Per box: its own confidence in [0, 1], the geometric mean of the probabilities of the tokens of its
+    coordinates (:mod:`fusarbatch.model.confidence`); None if they cannot be found."""
+    answer_scores: list[float | None] = field(default_factory=list)
+    """Per box: probability of the whole generated answer it came from (shared by the answer's boxes)."""
     model_labels: list[str] = field(default_factory=list)
     """Per box: the label the model wrote (may differ from the one asked for)."""
     scene_class: str | None = None
@@ -151,8 +157,8 @@ def _read_tiles(store: str, group: str, tile_ids: Sequence[int]) -> dict[str, An
 @dataclass
 class PreparedTiles:
     """Model inputs of one batch of tiles, made by :func:`prepare_tiles` (CPU) for :func:`infer_prepared`
-    (GPU): ``images`` 504 x 504 RGB (:func:`fusarbatch.render.render`), ``anchors`` per tile (None: no
-    AEF features stored)."""
+    (GPU): ``images`` RGB at the model's input size (:func:`fusarbatch.render.render`), ``anchors`` per
+    tile (None: no AEF features stored)."""
 
     group: str
     tile_ids: list[int]
@@ -161,17 +167,25 @@ class PreparedTiles:
 
 
 def prepare_tiles(
-    store: str, group: str, tile_ids: Sequence[int], render_mode: str = "grey", _after: Any = None
+    store: str,
+    group: str,
+    tile_ids: Sequence[int],
+    render_mode: str = "grey",
+    _after: Any = None,
+    size: int = 504,
 ) -> PreparedTiles:
     """Read ``backscatter`` and, when complete, ``aef_*`` of the tiles from ``<store>/<group>`` and render
-    them. A Dask task without the GPU resource: it runs on a free worker thread while the model answers
-    the batch before (``_after``, ignored, only orders it behind an earlier batch, so that a scene of
-    thousands of tiles is not rendered all at once into memory)."""
+    them at ``size`` x ``size`` (the model's input size, :func:`fusarbatch.model.fusar_gpt.model_image_size`:
+    one resampling from the tile). A Dask task without the GPU resource: it runs on a free worker thread
+    while the model answers the batch before (``_after``, ignored, only orders it behind an earlier batch,
+    so that a scene of thousands of tiles is not rendered all at once into memory)."""
     from fusarbatch.model.tlm import Anchors
     from fusarbatch.render import render
 
     data = _read_tiles(store, group, tile_ids)
-    images = [render(t, data["pols"], units=data["units"], mode=render_mode) for t in data["backscatter"]]
+    images = [
+        render(t, data["pols"], units=data["units"], mode=render_mode, size=size) for t in data["backscatter"]
+    ]
     if "aef" in data:
         feats, pos, mask = data["aef"]
         anchors = [Anchors.of(feats[i].astype(np.float32), pos[i], mask[i]) for i in range(len(tile_ids))]
@@ -185,9 +199,13 @@ def infer_prepared(model_spec: ModelSpec, task: TaskSpec, prepared: PreparedTile
 
     Asks one detection prompt per label and, if ``task.classes``, one classification prompt with the
     whole tile as the box; prompts are batched ``model_spec.batch_size`` at a time through ``generate``.
+    Everything is on the model's own grid (:attr:`~fusarbatch.model.FusarGPT.image_size`): the images are
+    resized to it, the classification box is the whole grid, boxes are parsed on it and the answers carry
+    it (:attr:`TileAnswer.grid`) for placing them. Each box gets its own score
+    (:mod:`fusarbatch.model.confidence`) and the answer's probability.
     """
+    from fusarbatch.model.confidence import box_confidences
     from fusarbatch.model.prompts import (
-        GRID,
         classification_prompt,
         detection_prompt,
         parse_class,
@@ -195,13 +213,14 @@ def infer_prepared(model_spec: ModelSpec, task: TaskSpec, prepared: PreparedTile
     )
 
     model = get_model(model_spec)
+    grid = int(model.image_size)
     images, anchors, tile_ids = prepared.images, prepared.anchors, prepared.tile_ids
-    answers = [TileAnswer(tile_id=int(t)) for t in tile_ids]
+    answers = [TileAnswer(tile_id=int(t), grid=grid) for t in tile_ids]
     jobs: list[tuple[int, str, str]] = [
         (i, f"detect:{label}", detection_prompt(label)) for label in task.labels for i in range(len(tile_ids))
     ]
     if task.classes:
-        prompt = classification_prompt([0, 0, GRID, GRID], task.classes)
+        prompt = classification_prompt([0, 0, grid, grid], task.classes, grid=grid)
         jobs += [(i, "classify", prompt) for i in range(len(tile_ids))]
     bs = model_spec.batch_size
     generate_s = 0.0
@@ -225,12 +244,18 @@ def infer_prepared(model_spec: ModelSpec, task: TaskSpec, prepared: PreparedTile
                 ans.scene_class = res.value
             else:
                 label = kind.split(":", 1)[1]
-                res = parse_detection(gen.text, default_label=label)
-                score = float(np.exp(gen.logprob)) if np.isfinite(gen.logprob) else None
-                for box in res.value:
+                res = parse_detection(gen.text, default_label=label, grid=grid)
+                answer_score = float(np.exp(gen.logprob)) if np.isfinite(gen.logprob) else None
+                scores = (
+                    box_confidences(gen.token_logprobs, model.token_spans(gen), res.spans)
+                    if res.value
+                    else []
+                )
+                for box, score in zip(res.value, scores, strict=True):
                     # the answer to "detect: {label}" is a {label} box; what the model called it is kept
                     ans.boxes.append(replace(box, label=label))
                     ans.scores.append(score)
+                    ans.answer_scores.append(answer_score)
                     ans.model_labels.append(str(box.label))
             if not res.ok:
                 ans.errors.append(f"{kind}: {res.error}")
@@ -238,13 +263,17 @@ def infer_prepared(model_spec: ModelSpec, task: TaskSpec, prepared: PreparedTile
 
 
 def start_client(
-    scheduler: str | None, *, workers: int = 1, connect_timeout_s: float = 20.0
+    scheduler: str | None, *, workers: int = 1, connect_timeout_s: float = 20.0, gpu: bool = True
 ) -> tuple[Any, Any]:
     """A Dask client: joins ``scheduler`` (``tcp://host:port``) or starts a LocalCluster.
 
     The LocalCluster has ``workers`` worker(s) declaring ``GPU=1`` (one per GPU; with dask-cuda installed and
     several GPUs visible, a ``LocalCUDACluster`` with one worker per GPU). Threads, not processes, so that
     start-up is quick and the model stays in this process on a single node.
+
+    :param gpu: whether the run's tasks ask for the ``GPU`` resource (the model engine). False (the CFAR
+        engine): a joined scheduler needs no GPU worker, and no ``LocalCUDACluster`` is made (torch is
+        not imported).
 
     :returns: ``(client, cluster)``; ``cluster`` is None when joining an existing scheduler.
     :raises FusarbatchError: the scheduler cannot be reached within ``connect_timeout_s``, or it has no
@@ -271,7 +300,7 @@ def start_client(
                 f"({type(exc).__name__}); check the address and that `dask scheduler` is running"
             ) from None
         workers_info = client.scheduler_info().get("workers", {})
-        if not any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers_info.values()):
+        if gpu and not any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers_info.values()):
             client.close()
             raise FusarbatchError(
                 f"--scheduler {scheduler}: no worker declares the GPU resource; start workers with "
@@ -279,15 +308,18 @@ def start_client(
             )
         return client, None
     cluster = None
-    try:
-        import torch
+    if gpu:
+        try:
+            import torch
 
-        if torch.cuda.device_count() > 1:
-            from dask_cuda import LocalCUDACluster  # type: ignore[import-not-found]
+            if torch.cuda.device_count() > 1:
+                from dask_cuda import LocalCUDACluster  # type: ignore[import-not-found]
 
-            cluster = LocalCUDACluster(resources=GPU_RESOURCE, dashboard_address=None, threads_per_worker=2)
-    except ImportError:
-        cluster = None
+                cluster = LocalCUDACluster(
+                    resources=GPU_RESOURCE, dashboard_address=None, threads_per_worker=2
+                )
+        except ImportError:
+            cluster = None
     if cluster is None:
         cluster = LocalCluster(
             n_workers=workers,

@@ -63,9 +63,11 @@ __all__ = [
     "ImageOnlyQwen2_5_VLProcessor",
     "check_adapter_dir",
     "check_model_dir",
+    "decoded_token_spans",
     "load_processor",
     "load_tlm",
     "lora_config",
+    "model_image_size",
     "resolve_model_dirs",
     "save_tlm",
 ]
@@ -118,12 +120,17 @@ class Generation:
         there is one (greedy decoding: each is the maximum log-softmax of its step); ``exp(logprob)`` is the
         sequence probability.
     :ivar finished: True when the model ended the answer itself, False when ``max_new_tokens`` cut it.
+    :ivar token_logprobs: per token of ``token_ids`` (same order and length; the end token is not in it),
+        the natural-log probability of the greedy choice at its step (float32 log-softmax of the final
+        scores, as a Python float; ``<= 0``). Character ranges of the tokens in ``text``:
+        :meth:`FusarGPT.token_spans`.
     """
 
     text: str
     token_ids: tuple[int, ...]
     logprob: float
     finished: bool
+    token_logprobs: tuple[float, ...] = ()
 
 
 class _GreedyLogprob(LogitsProcessor):
@@ -135,6 +142,35 @@ class _GreedyLogprob(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.steps.append(torch.log_softmax(scores.float(), dim=-1).max(dim=-1).values)
         return scores
+
+
+def decoded_token_spans(tokenizer: Any, token_ids: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """``(start, end)`` of each token in ``tokenizer.decode(token_ids, skip_special_tokens=True).strip()``
+    (the text of a :class:`Generation`); see :meth:`FusarGPT.token_spans`."""
+    ids = list(token_ids)
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    lead = len(full) - len(full.lstrip())
+    size = len(full.strip())
+    spans: list[tuple[int, int]] = []
+    done = 0  # characters of `full` covered by the tokens so far
+    for k in range(len(ids)):
+        prefix = tokenizer.decode(ids[: k + 1], skip_special_tokens=True)
+        # past an incomplete UTF-8 sequence (U+FFFD) or a clean-up rule, only the agreeing part counts
+        end = len(prefix) if full.startswith(prefix) else _agreeing(prefix, full)
+        end = max(end, done)
+        spans.append((min(max(done - lead, 0), size), min(max(end - lead, 0), size)))
+        done = end
+    return tuple(spans)
+
+
+def _agreeing(a: str, b: str) -> int:
+    """Length of the common prefix of two strings."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -542,6 +578,26 @@ def load_tlm(directory: str | Path, hidden_size: int) -> TLM:
     return tlm
 
 
+def model_image_size(model_dir: str | Path, adapter_dir: str | Path | None = None) -> int:
+    """The square input side (pixels) the model answers on, without loading it: ``image_size`` of the
+    ``tlm_config.json`` beside the TLM weights that :meth:`FusarGPT.from_pretrained` loads (the adapter
+    directory's when it has TLM weights, else the model directory's); 504 (the legacy release) when there
+    is none. Boxes of the model's answers are on this grid (:attr:`FusarGPT.image_size`).
+
+    :raises ModelError: an unreadable or invalid ``tlm_config.json``.
+    """
+    dirs = [Path(d) for d in (adapter_dir, model_dir) if d is not None]
+    tlm_dir = next(
+        (d for d in dirs if any((d / f).is_file() for f in (TLM_WEIGHTS_FILE, TLM_LEGACY_FILE))), None
+    )
+    if tlm_dir is None or not (tlm_dir / TLM_CONFIG_FILE).is_file():
+        return TLMConfig().image_size
+    try:
+        return TLMConfig.from_json_dict(_json_object(tlm_dir, TLM_CONFIG_FILE, "TLM dir")).image_size
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"TLM dir {tlm_dir}: {TLM_CONFIG_FILE} invalid ({exc})") from None
+
+
 def save_tlm(tlm: TLM, directory: str | Path) -> None:
     """Write ``tlm.safetensors`` (float32 ``film_mlp`` state dict) and ``tlm_config.json`` to a directory."""
     from safetensors.torch import save_file
@@ -747,7 +803,9 @@ class FusarGPT(nn.Module):
 
     @property
     def image_size(self) -> int:
-        """Square input side the TLM was trained at (``tlm_config.json``; 504)."""
+        """Square input side (pixels) the model was trained at and answers on: ``image_size`` of
+        ``tlm_config.json`` (504 for FUSAR-GPT and the legacy release). Boxes in its answers are on this
+        grid; :func:`model_image_size` reads it without loading the model."""
         return self.tlm.config.image_size
 
     def add_lora(self, config: Any = None) -> FusarGPT:
@@ -930,9 +988,21 @@ class FusarGPT(nn.Module):
                     token_ids=tuple(ids),
                     logprob=logprob if math.isfinite(logprob) else float("-inf"),
                     finished=end is not None,
+                    token_logprobs=tuple(float(v) for v in lp[: len(ids)].tolist()),
                 )
             )
         return results
+
+    def token_spans(self, generation: Generation) -> tuple[tuple[int, int], ...]:
+        """Character range ``(start, end)`` in ``generation.text`` of each of its ``token_ids``.
+
+        Found by incremental decoding: token ``k`` ends where the decoded prefix ``token_ids[:k + 1]`` stops
+        agreeing with the decoded answer, so it works for any tokenizer (byte-level BPE, SentencePiece). A
+        token that only completes a multi-byte character later (and special tokens, which decode to
+        nothing) gets an empty range; ranges are clipped to the stripped ``text``. Costs one decode per
+        token.
+        """
+        return decoded_token_spans(self.processor.tokenizer, generation.token_ids)
 
     def generate(
         self,
@@ -949,8 +1019,9 @@ class FusarGPT(nn.Module):
         :param prompts: one prompt per image (:mod:`fusarbatch.model.prompts`); the chat template is applied.
         :param anchors: one :class:`Anchors` or None per image; None for the whole argument = no anchors.
         :param max_new_tokens: generation limit per answer.
-        :param image_size: ``"model"`` (default): resize to the TLM's training size (504 x 504, bicubic), so
-            boxes come back on the 504 grid; an int: that square size; None: keep each image's size
+        :param image_size: ``"model"`` (default): resize to the model's own size (:attr:`image_size`, from
+            ``tlm_config.json``; 504 for FUSAR-GPT), bicubic, so boxes come back on that grid; an int: that
+            square size; None: keep each image's size
             (rounded to multiples of 28 by the processor; boxes are then on that grid).
         :returns: the decoded answers, in input order.
         """

@@ -1,7 +1,9 @@
 """Task prompts, answer formats and tolerant parsers for FUSAR-GPT (DESIGN 3.4, PAPER 1.3 and 1.6).
 
-Every task is asked on a 504 x 504 input image (:data:`GRID`). Boxes are absolute pixel ``bbox_2d``
-``[x1, y1, x2, y2]`` on that grid (Qwen2.5-VL's grounding format, which FUSAR-GPT trains on).
+Every task is asked on the model's square input image: ``image_size`` of its ``tlm_config.json``
+(:attr:`fusarbatch.model.FusarGPT.image_size`; :data:`GRID` = 504, FUSAR-GPT's, when a model does not say).
+Boxes are absolute pixel ``bbox_2d`` ``[x1, y1, x2, y2]`` on that grid (Qwen2.5-VL's grounding format, which
+FUSAR-GPT trains on): every function here that reads or writes boxes takes the ``grid``.
 
 Tasks and answers:
 
@@ -54,11 +56,14 @@ __all__ = [
     "parse_count",
     "parse_detection",
     "parse_grounding",
+    "regrid_classification_prompt",
     "scale_box_to_tile",
 ]
 
 GRID = 504
-"""Side of the square model input in pixels (36 x 36 patches of 14 px -> 18 x 18 = 324 visual tokens)."""
+"""FUSAR-GPT's square input side in pixels (36 x 36 patches of 14 px -> 18 x 18 = 324 visual tokens): the
+default ``grid`` only. A model trained at another size says so in ``tlm_config.json`` (``image_size``) and
+every caller passes that instead (:attr:`fusarbatch.model.FusarGPT.image_size`)."""
 
 T = TypeVar("T")
 
@@ -108,17 +113,48 @@ def grounding_prompt(label: str) -> str:
     return _GROUNDING_TEMPLATE.format(label=label)
 
 
-def classification_prompt(box: Box | Sequence[float], choices: Sequence[str] | None = None) -> str:
-    """Classification prompt for the target in ``box`` (504-grid pixels; rounded to integers in the text).
+def classification_prompt(
+    box: Box | Sequence[float], choices: Sequence[str] | None = None, *, grid: int = GRID
+) -> str:
+    """Classification prompt for the target in ``box`` (pixels on the ``grid`` x ``grid`` model input;
+    rounded to integers in the text, which also names the grid).
 
     :param box: a :class:`Box` or ``[x1, y1, x2, y2]``.
     :param choices: optional category names listed in the prompt ("Choose one of: a, b.").
+    :param grid: the model's input side (``image_size`` of its ``tlm_config.json``).
     """
     x1, y1, x2, y2 = (box.x1, box.y1, box.x2, box.y2) if isinstance(box, Box) else tuple(box)
     extra = f" Choose one of: {', '.join(choices)}." if choices else ""
     return _CLASSIFICATION_TEMPLATE.format(
-        x1=round(x1), y1=round(y1), x2=round(x2), y2=round(y2), grid=GRID, choices=extra
+        x1=round(x1), y1=round(y1), x2=round(x2), y2=round(y2), grid=int(grid), choices=extra
     )
+
+
+_CLASSIFICATION_BOX_RE = re.compile(
+    r"in the box \[(?P<x1>-?\d+), (?P<y1>-?\d+), (?P<x2>-?\d+), (?P<y2>-?\d+)\] "
+    r"\(bbox_2d pixel coordinates \[x1, y1, x2, y2\] on the (?P<g>\d+)x(?P=g) image\)"
+)
+
+
+def regrid_classification_prompt(question: str, grid: int, *, from_grid: int | None = None) -> str:
+    """``question`` (a :func:`classification_prompt`) with its box and grid size moved to ``grid``.
+
+    The box is scaled per axis by ``grid / from_grid`` and rounded as :func:`classification_prompt` rounds;
+    ``from_grid`` is the grid the box is on (a manifest record's ``coordinate_size``, which is
+    authoritative), by default the one the question names. A question that is not fusarbatch's
+    classification prompt, or whose box is already on ``grid``, is returned as it is.
+    """
+    m = _CLASSIFICATION_BOX_RE.search(question)
+    old = int(from_grid) if from_grid is not None else int(m["g"]) if m is not None else int(grid)
+    if m is None or old == int(grid):
+        return question
+    f = int(grid) / old
+    box = [round(int(m[k]) * f) for k in ("x1", "y1", "x2", "y2")]
+    text = (
+        f"in the box [{box[0]}, {box[1]}, {box[2]}, {box[3]}] "
+        f"(bbox_2d pixel coordinates [x1, y1, x2, y2] on the {int(grid)}x{int(grid)} image)"
+    )
+    return question[: m.start()] + text + question[m.end() :]
 
 
 def caption_prompt() -> str:
@@ -158,6 +194,10 @@ class ParseResult(Generic[T]):
     :ivar error: why ``ok`` is False; None when ok.
     :ivar notes: repairs applied, in order (e.g. "code fence removed", "truncated list: kept 2 object(s)").
     :ivar raw: the text as given.
+    :ivar spans: detection only: per box of ``value``, the ``(start, end)`` character ranges in ``raw`` of
+        the text its coordinates were read from (the four numbers of its ``bbox_2d``; the whole object's
+        text when they cannot be told apart). Empty for the other parsers. Per-box confidences are read from
+        the tokens over these ranges (:func:`fusarbatch.model.confidence.box_confidences`).
     """
 
     value: T
@@ -165,6 +205,7 @@ class ParseResult(Generic[T]):
     error: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     raw: str = ""
+    spans: tuple[tuple[tuple[int, int], ...], ...] = ()
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -201,14 +242,48 @@ def _as_text(text: object) -> str | None:
 
 def _unfence(text: str, notes: list[str]) -> str:
     """The body of the first ```/''' code fence when there is one (an unclosed fence runs to the end)."""
+    return _unfence_at(text, notes)[0]
+
+
+def _unfence_at(text: str, notes: list[str]) -> tuple[str, int]:
+    """:func:`_unfence` and where the body starts in ``text``."""
     m = _FENCE_RE.search(text)
     if m is None:
-        return text
+        return text, 0
     body = m.group(2)
     if not body.strip():
-        return text
+        return text, 0
     notes.append("code fence removed")
-    return body
+    return body, m.start(2)
+
+
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _list_item_spans(text: str, start: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of each item of the JSON list that :func:`_first_json` decoded at ``text[start]``.
+
+    The list is known to decode, so walking it item by item with the same decoder cannot fail.
+    """
+    decoder = json.JSONDecoder()
+    i = _JSON_WS.match(text, start + 1).end()  # type: ignore[union-attr]
+    spans: list[tuple[int, int]] = []
+    while text[i] != "]":
+        _, end = decoder.raw_decode(text, i)
+        spans.append((i, end))
+        i = _JSON_WS.match(text, end).end()  # type: ignore[union-attr]
+        if text[i] == ",":
+            i = _JSON_WS.match(text, i + 1).end()  # type: ignore[union-attr]
+    return spans
+
+
+def _coordinate_spans(text: str, start: int, end: int) -> tuple[tuple[int, int], ...]:
+    """Character ranges of the four ``bbox_2d`` numbers inside ``text[start:end]`` (one object's text);
+    the whole range when the pattern does not find them."""
+    m = _BBOX_RE.search(text, start, end)
+    if m is None:
+        return ((start, end),)
+    return tuple(m.span(k) for k in range(1, 5))
 
 
 def _to_float(v: object) -> float | None:
@@ -297,6 +372,12 @@ def _lenient_obj(text: str, default_label: str | None, grid: int, notes: list[st
 
 def _first_json(text: str, opener: str) -> tuple[Any, bool]:
     """The first JSON value starting at an ``opener`` character that decodes; (None, False) if none does."""
+    value, found, _ = _first_json_at(text, opener)
+    return value, found
+
+
+def _first_json_at(text: str, opener: str) -> tuple[Any, bool, int]:
+    """:func:`_first_json` and where the value starts (-1 when none decodes)."""
     decoder = json.JSONDecoder()
     start = text.find(opener)
     for _ in range(_MAX_JSON_TRIES):
@@ -307,8 +388,8 @@ def _first_json(text: str, opener: str) -> tuple[Any, bool]:
         except (ValueError, RecursionError):
             start = text.find(opener, start + 1)
             continue
-        return value, True
-    return None, False
+        return value, True, start
+    return None, False, -1
 
 
 def _fail(raw: str, value: T, error: str, notes: list[str]) -> ParseResult[T]:
@@ -332,14 +413,17 @@ def parse_detection(
     :param text: the model's answer.
     :param default_label: label for objects that have none (e.g. the category asked for); None drops them.
     :param grid: side of the square coordinate grid in pixels.
-    :returns: ``value`` = the boxes in answer order; ``ok`` False (and ``value == ()``) when the text holds
-        neither a None answer nor any readable object.
+    :returns: ``value`` = the boxes in answer order, ``spans`` = per box the character ranges in ``text``
+        of its four coordinates; ``ok`` False (and ``value == ()``) when the text holds neither a None
+        answer nor any readable object.
     """
     raw = _as_text(text)
     if raw is None:
         return _fail("", (), f"answer is {type(text).__name__}, not str", [])
     notes: list[str] = []
-    body = _unfence(raw, notes).strip()
+    fenced, at = _unfence_at(raw, notes)
+    body = fenced.strip()
+    at += len(fenced) - len(fenced.lstrip())  # raw[at + i] == body[i]
     if _NONE_RE.match(body) or (_NONE_START_RE.match(body) and "{" not in body):
         return ParseResult(value=(), ok=True, notes=tuple(notes), raw=raw)
     if "{" not in body and _NO_TARGET_RE.search(body):
@@ -347,22 +431,25 @@ def parse_detection(
         return ParseResult(value=(), ok=True, notes=tuple(notes), raw=raw)
 
     boxes: list[Box] = []
-    value, found = _first_json(body, "[")
+    spans: list[tuple[tuple[int, int], ...]] = []
+    value, found, start = _first_json_at(body, "[")
     if found and isinstance(value, list) and (not value or any(isinstance(v, dict) for v in value)):
-        for i, obj in enumerate(value):
+        for i, (obj, (s, e)) in enumerate(zip(value, _list_item_spans(body, start), strict=True)):
             box = _box_from_obj(obj, default_label, grid, notes, i)
             if box is not None:
                 boxes.append(box)
+                spans.append(_shift(_coordinate_spans(body, s, e), at))
         if value and not boxes:
             return _fail(raw, (), "no usable box in the JSON list", notes)
-        return ParseResult(value=tuple(boxes), ok=True, notes=tuple(notes), raw=raw)
+        return ParseResult(value=tuple(boxes), ok=True, notes=tuple(notes), raw=raw, spans=tuple(spans))
 
     # Not a decodable list: a lone object, a truncated list or loose JSON. Keep each complete flat object.
-    objects = _FLAT_OBJ_RE.findall(body)
-    for i, obj_text in enumerate(objects):
-        box = _lenient_obj(obj_text, default_label, grid, notes, i)
+    objects = list(_FLAT_OBJ_RE.finditer(body))
+    for i, m in enumerate(objects):
+        box = _lenient_obj(m.group(0), default_label, grid, notes, i)
         if box is not None:
             boxes.append(box)
+            spans.append(_shift(_coordinate_spans(body, *m.span()), at))
     if boxes:
         opened = re.search(r"\[\s*\{", body) is not None
         closed = re.match(r"\}\s*\]", body[body.rfind("}") :]) is not None
@@ -370,7 +457,7 @@ def parse_detection(
             notes.append(f"truncated list: kept {len(boxes)} complete object(s)")
         elif opened or len(objects) > 1:
             notes.append(f"malformed JSON: recovered {len(boxes)} object(s)")
-        return ParseResult(value=tuple(boxes), ok=True, notes=tuple(notes), raw=raw)
+        return ParseResult(value=tuple(boxes), ok=True, notes=tuple(notes), raw=raw, spans=tuple(spans))
     if re.search(r"\[\s*\]", body) and not objects:
         return ParseResult(value=(), ok=True, notes=tuple(notes), raw=raw)
     if objects:
@@ -378,6 +465,10 @@ def parse_detection(
     if "[" in body or "{" in body:
         return _fail(raw, (), "truncated or malformed JSON with no complete object", notes)
     return _fail(raw, (), "neither a JSON list of boxes nor None", notes)
+
+
+def _shift(spans: tuple[tuple[int, int], ...], by: int) -> tuple[tuple[int, int], ...]:
+    return tuple((s + by, e + by) for s, e in spans)
 
 
 def format_detection_answer(boxes: Iterable[Box]) -> str:

@@ -36,6 +36,7 @@ DETECTION_COLUMNS = {
     "label": "string",
     "model_label": "string",
     "score": "Float64",
+    "answer_score": "Float64",
     "model_id": "string",
     "run_id": "string",
 }

@@ -141,3 +141,25 @@ def test_known_answer_text_gives_expected_lonlat_polygons():
         np.asarray(det.geometry.exterior.coords)[:4], np.c_[lon, lat], atol=1e-7, rtol=0
     )
     assert 3.0 < det.geometry.centroid.x < 5.0 and 43.0 < det.geometry.centroid.y < 44.0
+
+
+def test_min_score_drops_low_boxes_before_nms_and_keeps_answer_scores():
+    # box 2 (score 0.4) overlaps box 1 (0.3) by IoU 0.9: with min_score 0.35 box 1 is gone before NMS,
+    # so box 2 survives; box 3 has no score and goes at any positive threshold
+    a = tile_at(0, 0)
+    boxes = [[B("ship", 10, 10, 50, 50), B("ship", 12, 10, 52, 50), B("ship", 200, 200, 240, 240)]]
+    scores, answer = [[0.3, 0.4, None]], [[1e-9, 1e-9, 2e-9]]
+    everything = scene_detections("S", UTM31, [a], boxes, scores, answer_scores_per_tile=answer)
+    assert sorted((d.score or 0, d.answer_score) for d in everything) == [(0, 2e-9), (0.4, 1e-9)]
+    kept = scene_detections("S", UTM31, [a], boxes, scores, answer_scores_per_tile=answer, min_score=0.35)
+    assert [(d.score, d.answer_score, d.center_px) for d in kept] == [(0.4, 1e-9, (30.0, 32.0))]
+    assert scene_detections("S", UTM31, [a], boxes, scores, min_score=0.5) == []
+
+
+def test_boxes_on_a_336_grid_are_scaled_by_tile_over_336():
+    tile = tile_at(0, 0, size=504)
+    [(_, poly, centre)] = boxes_to_polygons([B("ship", 168, 0, 336, 84)], tile, grid=336)
+    assert centre == (63.0, 378.0)  # rows 0..126, cols 252..504 of the tile
+    np.testing.assert_allclose(
+        poly.bounds, (600000 + 2520, 4830000 - 1260, 600000 + 5040, 4830000), atol=1e-6
+    )

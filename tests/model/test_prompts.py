@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -25,6 +26,7 @@ from fusarbatch.model.prompts import (
     parse_count,
     parse_detection,
     parse_grounding,
+    regrid_classification_prompt,
     scale_box_to_tile,
 )
 
@@ -54,6 +56,42 @@ def test_other_prompts_name_the_task() -> None:
     assert "3x3" in g and "1 2 3 is the top row" in g and "[]" in g
     c = classification_prompt(Box("x", 10.4, 20.6, 30, 40), choices=["plane", "ship"])
     assert "[10, 21, 30, 40]" in c and "Choose one of: plane, ship." in c and "504x504" in c
+    on_336 = classification_prompt([0, 0, 336, 336], ["ship"], grid=336)
+    assert "[0, 0, 336, 336]" in on_336 and "on the 336x336 image" in on_336
+
+
+def test_classification_question_moves_to_the_models_grid() -> None:
+    q = classification_prompt([0, 0, 504, 504], ["ship", "background"])
+    assert regrid_classification_prompt(q, 336) == classification_prompt(
+        [0, 0, 336, 336], ["ship", "background"], grid=336
+    )
+    q = classification_prompt([100, 51, 251, 503], None, grid=504)  # 100 * 2/3 = 66.67 -> 67, 51 -> 34
+    assert "[67, 34, 167, 335]" in regrid_classification_prompt(q, 336)
+    assert regrid_classification_prompt(q, 504) == q
+    assert regrid_classification_prompt("What is it?", 336) == "What is it?"  # not ours: left as it is
+    # the record's grid wins over the one the text names (manifests whose text said 504 for a 336 box)
+    said_504 = classification_prompt([0, 0, 336, 336], ["ship"], grid=504)
+    assert "[0, 0, 224, 224]" in regrid_classification_prompt(said_504, 224, from_grid=336)
+    assert regrid_classification_prompt(said_504, 336, from_grid=336) == said_504
+
+
+def test_detection_spans_point_at_each_boxs_numbers_in_every_answer_form() -> None:
+    forms = [
+        'Sure.\n```json\n  [{"bbox_2d": [1, 2, 30, 40], "label": "ship"}, '
+        '{"label": "x", "bbox_2d": ["5", 6.5, 70, 80]}]\n```',
+        '[{"bbox_2d": [1, 2, 30, 40], "label": "ship"}, {"bbox_2d": [5, 6.5, 70, 80], "label": "x"}, '
+        '{"bbox_2d": [9,',
+        "[{'bbox_2d': [1, 2, 30, 40], 'label': 'ship',}, {'bbox_2d': [5, 6.5, 70, 80], 'label': 'x'}]",
+        '[{"bbox_2d": [0, 0, 0, 9], "label": "dropped"}, {"bbox_2d": "1,2,30,40", "label": "a"}, '
+        '{"bbox_2d": [5, 6.5, 70, 80], "label": "b"}]',
+    ]
+    for text in forms:
+        r = parse_detection(text)
+        assert len(r.value) == 2, text
+        assert [[text[s:e] for s, e in spans] for spans in r.spans] == [
+            ["1", "2", "30", "40"],
+            ["5", "6.5", "70", "80"],
+        ]
 
 
 # ------------------------------------------------------------ detection examples
@@ -265,6 +303,11 @@ def check_detection(r: ParseResult) -> None:
         assert isinstance(b, Box) and isinstance(b.label, str) and b.label
         assert 0 <= b.x1 < b.x2 <= GRID and 0 <= b.y1 < b.y2 <= GRID
         assert all(isinstance(v, float) for v in (b.x1, b.y1, b.x2, b.y2))
+    # one set of character ranges per box, inside the text, in answer order, never overlapping another box's
+    assert len(r.spans) == len(r.value)
+    flat = [span for spans in r.spans for span in spans]
+    assert all(0 <= s < e <= len(r.raw) for s, e in flat)
+    assert flat == sorted(flat) and all(a[1] <= b[0] for a, b in itertools.pairwise(flat))
 
 
 def check_others(text: str) -> None:
@@ -352,9 +395,14 @@ def test_valid_answers_round_trip_and_truncation_keeps_a_prefix(boxes, data) -> 
     text = format_detection_answer([Box(*b) for b in boxes])
     r = parse_detection(text)
     assert r.ok and coords(r) == expected and r.notes == ()
+    # each box's ranges are its four numbers
+    assert [[float(text[s:e]) for s, e in spans] for spans in r.spans] == [list(b[1:]) for b in expected]
     cut = text[: data.draw(st.integers(0, len(text)))]
-    got = coords(parse_detection(cut))
-    assert got == expected[: len(got)]
+    got = parse_detection(cut)
+    assert coords(got) == expected[: len(got.value)]
+    assert [[float(cut[s:e]) for s, e in spans] for spans in got.spans] == [
+        list(b[1:]) for b in expected[: len(got.value)]
+    ]
 
 
 @PROP

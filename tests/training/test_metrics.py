@@ -14,10 +14,12 @@ from fusarbatch.model.prompts import (
     detection_prompt,
     grounding_prompt,
 )
-from training.evaluate import _parse, metrics_markdown, score_predictions
+from training.answers import read_answer
+from training.evaluate import metrics_markdown, score_predictions
 from training.manifest import Triplet
 from training.metrics import (
     DetectionCounts,
+    average_precision,
     classification_metrics,
     counting_metrics,
     detection_metrics,
@@ -158,8 +160,13 @@ def test_score_predictions_from_raw_model_text():
         "None.",
         "Sea.",
     ]
-    parsed = [_parse(r, t) for r, t in zip(recs, texts, strict=True)]
-    m = score_predictions(recs, [(v, ok) for v, ok, _ in parsed])
+    parsed = [read_answer(r, t) for r, t in zip(recs, texts, strict=True)]
+    m = score_predictions(recs, parsed)
+    as_tuples = score_predictions(recs, [(p.value, p.ok) for p in parsed])  # (value, ok): no box scores
+    assert (
+        as_tuples["counting"] == m["counting"]
+        and as_tuples["detection"]["iou_0.5"] == m["detection"]["iou_0.5"]
+    )
     assert m["counting"]["accuracy"] == 0.5 and m["counting"]["parse"]["failures"] == 1
     assert m["grounding"]["acc100"] == 1.0
     assert m["classification"]["accuracy"] == 0.5 and m["classification"]["parse"]["failures"] == 1
@@ -168,6 +175,41 @@ def test_score_predictions_from_raw_model_text():
     assert m["caption"]["scored"] is False
     assert parse_detection("None").ok
     table = metrics_markdown({"model": "/m", "data": ["/d.jsonl"], "records": 8, "wall_s": 1.0, "tasks": m})
-    assert "| counting | 2 | accuracy | 50.00 | 1 |" in table
-    assert "| detection | 2 | F1@0.5 | 100.00 | 0 |" in table
+    assert "| counting | 2 | accuracy | 50.00 | 1 | - |" in table  # no baseline given: nothing to beat
+    assert "| detection | 2 | F1@0.5 | 100.00 | 0 | - |" in table
+    assert "| detection | 2 | AP@0.5 | 100.00 | 0 | - |" in table
     assert "| T72 | 1 | 100.00 |" in table
+
+
+def test_average_precision_hand_computed_voc_all_points():
+    """Two images; truth A in image 0, B and C in image 1. Boxes by decreasing score: 0.9 on A (TP), 0.8 on
+    nothing (FP), 0.7 on B (TP), 0.6 a duplicate of A (FP); C is missed. Precision 1, 1/2, 2/3, 1/2 at
+    recall 1/3, 1/3, 2/3, 2/3; made monotone: 1 up to recall 1/3, 2/3 up to 2/3, 0 beyond.
+    AP = 1/3 * 1 + 1/3 * 2/3 = 5/9."""
+    a, b, c = B(0, 0, 10, 10), B(100, 100, 120, 120), B(300, 300, 320, 320)
+    truths = [[a], [b, c]]
+    preds = [[a, B(1, 0, 11, 10)], [B(200, 200, 210, 210), B(101, 100, 121, 120)]]
+    scores = [[0.9, 0.6], [0.8, 0.7]]
+    ap = average_precision(preds, scores, truths, 0.5)
+    assert ap["per_class"]["ship"] == {"ap": pytest.approx(5 / 9), "n_true": 3, "n_pred": 4}
+    assert ap["map"] == pytest.approx(5 / 9)
+    # the order of the scores decides, not the order of the answers: swapping the duplicate and the true
+    # box of image 0 changes nothing; giving the miss the top score costs precision at every recall
+    assert average_precision([[B(1, 0, 11, 10), a], preds[1]], [[0.6, 0.9], [0.8, 0.7]], truths)["map"] == (
+        pytest.approx(5 / 9)
+    )
+    worst = average_precision(preds, [[0.9, 0.6], [0.95, 0.7]], truths)["map"]
+    # ranks: FP, TP (P 1/2), TP (P 2/3), FP; the envelope lifts P 1/2 to 2/3: AP = 2/3 * 2/3 = 4/9
+    assert worst == pytest.approx(4 / 9)
+    # a label with no ground truth has no AP and does not enter the mean; no box at all: AP 0
+    other = average_precision([[B(0, 0, 5, 5, "plane")], []], [[0.5], []], truths)
+    assert other["per_class"]["plane"]["ap"] is None and other["per_class"]["ship"]["ap"] == 0.0
+    assert other["map"] == 0.0
+    # equal scores enter together: TP and FP at 0.9 (P 1/2, R 1/3), then TP and FP at 0.5 (P 1/2, R 2/3):
+    # AP = 2/3 * 1/2 = 1/3 whatever the order of the tied boxes
+    tied = [[0.9, 0.5], [0.9, 0.5]]
+    assert average_precision(preds, tied, truths)["map"] == pytest.approx(1 / 3)
+    swapped = [preds[1], preds[0]], [tied[1], tied[0]], [truths[1], truths[0]]
+    assert average_precision(*swapped)["map"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="scores for"):
+        average_precision(preds, [[0.9], [0.8, 0.7]], truths)

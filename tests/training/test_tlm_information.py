@@ -31,8 +31,10 @@ def test_stage1_learns_from_anchors_only(generated_base_model, tmp_path):
         )
     )
     assert result.final_loss is not None
-    with_tlm = evaluate(EvalConfig(model=out, data=[paths["val"]], batch_size=12))
-    without = evaluate(EvalConfig(model=out, data=[paths["val"]], batch_size=12, no_tlm=True))
+    with_tlm = evaluate(EvalConfig(model=out, data=[paths["val"]], batch_size=12, out=out / "eval"))
+    without = evaluate(
+        EvalConfig(model=out, data=[paths["val"]], batch_size=12, no_tlm=True, out=out / "eval_no_tlm")
+    )
     acc = with_tlm["tasks"]["classification"]["accuracy"]
     acc_off = without["tasks"]["classification"]["accuracy"]
     # 2 balanced classes: chance is 0.5; images are speckle drawn independently of the class

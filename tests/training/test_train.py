@@ -102,7 +102,9 @@ def test_cli_stage1_then_stage2_and_eval(generated_base_model, generated_countin
     assert any(not torch.equal(w1[k], w2[k]) for k in w1 if k.startswith("lora."))  # same adapter, trained on
     assert json.loads((s2 / "fusarbatch_train.json").read_text())["trains"] == {"tlm": False, "lora": True}
 
-    res = runner.invoke(app, ["eval", "--model", str(s2), "--data", str(data), "--batch-size", "4"])
+    res = runner.invoke(
+        app, ["eval", "--model", str(s2), "--data", str(data), "--batch-size", "4", "--out", str(s2 / "eval")]
+    )
     assert res.exit_code == 0, res.output
     metrics = json.loads((s2 / "eval" / "metrics.json").read_text())
     assert metrics["records"] == 8 and metrics["tasks"]["counting"]["n"] == 8
