@@ -243,6 +243,13 @@ def run(
         bool | None,
         typer.Option("--prune-tiles", help="Delete a scene's tiles once its outputs are written."),
     ] = None,
+    prescreen: Annotated[
+        str | None,
+        typer.Option("--prescreen", help="cfar: infer only tiles where CFAR finds a candidate (none)."),
+    ] = None,
+    prescreen_k: Annotated[
+        float | None, typer.Option("--prescreen-k", help="--prescreen cfar threshold (2.5, chosen on SSDD).")
+    ] = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Tiles per generate call (8).")
     ] = None,

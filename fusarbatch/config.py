@@ -33,7 +33,9 @@ _NAME = re.compile(r"[\w][\w .\-/]*")  # labels and classes: words, no control c
 
 #: Bumped when a code change alters what a scene's outputs contain (part of every output hash), so that
 #: reruns redo scenes made by older code.
-OUTPUTS_VERSION = 3  # 2: per-box score, answer_score, model grid; 3: spread tile origins, AOI clip, float16 store
+OUTPUTS_VERSION = (
+    3  # 2: per-box score, answer_score, model grid; 3: spread tile origins, AOI clip, float16 store
+)
 
 #: Fields that decide the tiles, the anchors, the answers and the tables of a scene. Everything else
 #: (where to search, where to run, batch size, timeouts, locking, logging) does not change a scene's
@@ -48,6 +50,8 @@ OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
         "whole_scenes",
         "aoi",
         "surface",
+        "prescreen",
+        "prescreen_k",
         "anchors",
         "aef_index",
         "labels",
@@ -144,6 +148,13 @@ class RunConfig(BaseModel):
         "any",
         description="sea: skip tiles entirely on land; land: skip tiles entirely at sea (1 km land mask; "
         "tiles within one mask cell of the coast are inferred).",
+    )
+    prescreen: Literal["none", "cfar"] = Field(
+        "none",
+        description="cfar: a tile goes to the model only if CFAR finds a candidate in it at prescreen_k.",
+    )
+    prescreen_k: float = Field(
+        2.5, gt=0, description="--prescreen cfar threshold on the CFAR statistic (chosen on SSDD, 2.5)."
     )
     prune_tiles: bool = Field(
         False, description="Delete a scene's tiles from tiles.zarr once its outputs are written."
@@ -243,6 +254,8 @@ class RunConfig(BaseModel):
                 f"cfar_background_m: {self.cfar_background_m:g} m must be larger than cfar_guard_m "
                 f"{self.cfar_guard_m:g} m"
             )
+        if self.engine == "cfar" and self.prescreen != "none":
+            raise ValueError("prescreen: --prescreen cfar is for --engine model (CFAR already answers)")
         if self.engine == "cfar" and len(self.labels) != 1:
             raise ValueError(
                 f"labels: --engine cfar takes one label (got {', '.join(self.labels)}): CFAR finds bright "

@@ -60,6 +60,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from fusarbatch.catalog import Scene
 from fusarbatch.config import RunConfig
 from fusarbatch.engines import Engine, open_engine
+from fusarbatch.engines.prescreen import prescreen_skips
 from fusarbatch.errors import AOIError, FusarbatchError, UsageError
 from fusarbatch.features import open_source, write_scene_features_or_empty
 from fusarbatch.inference.geo import Detection, MapProjector, TileGeometry, scene_detections
@@ -604,6 +605,8 @@ def _tile_and_submit(ctx: _Context, scene: Scene) -> _Pending:
         p.skipped = surface_skips(
             cfg.surface, str(g.attrs["crs"]), g["transform"][:], cfg.tile_size, inferable
         )
+        inferable = [i for i in inferable if i not in p.skipped]
+        p.skipped.update(prescreen_skips(ctx.client, cfg, str(ctx.store), p.group, inferable))
         inferable = [i for i in inferable if i not in p.skipped]
         outcome.tiles_inferred = len(inferable)
         _stage(ctx, p, "infer", tiles=len(inferable))
