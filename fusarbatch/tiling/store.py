@@ -222,9 +222,14 @@ def tile_scene(
 
 
 def build_tiles(
-    source: SourceRaster, grid: TileGrid, scale: str, select: np.ndarray | None = None
+    source: SourceRaster,
+    grid: TileGrid,
+    scale: str,
+    select: np.ndarray | None = None,
+    dtype: Any = np.float32,
 ) -> da.Array:
-    """The tiles of a scene as a lazy ``(tile, pol, T, T)`` float32 dask array of backscatter in dB.
+    """The tiles of a scene as a lazy ``(tile, pol, T, T)`` dask array of backscatter in dB (``dtype``,
+    float32 by default; cast while the tiles are cut, no extra pass).
 
     Tiles are processed in groups of neighbours of one tile row: each group is one task that reads the
     window covering its tiles (``T`` rows, about ``source.chunks[1]`` columns) in one call per file,
@@ -238,8 +243,9 @@ def build_tiles(
     :param scale: scale of the stored values (``db``, ``power``, ``amplitude``, ``dn``).
     :param select: row-major indices of the grid's tiles to build, ascending (an AOI clip,
         :func:`fusarbatch.tiling.clip.select_tiles`); ``None``: every tile. Only their windows are read.
-    :returns: ``(len(select) or grid.n_tiles, pol, T, T)`` float32, row-major tile order, one chunk per
-        group along ``tile``.
+    :param dtype: dtype of the tiles (float32 or float16; the dB values are computed in float32).
+    :returns: ``(len(select) or grid.n_tiles, pol, T, T)``, row-major tile order, one chunk per group
+        along ``tile``.
     """
     if (source.height, source.width) != (grid.height, grid.width):
         raise ValueError(f"source shape {(source.height, source.width)} does not match the grid")
@@ -261,12 +267,12 @@ def build_tiles(
             for part in np.array_split(run, math.ceil(len(run) / per_group)):
                 cols = tuple(int(grid.cols[j]) for j in part)
                 key = (name, len(sizes), 0, 0, 0)
-                dsk[key] = Task(key, _read_group, TaskRef(reader_key), row, cols, size, scale)
+                dsk[key] = Task(key, _read_group, TaskRef(reader_key), row, cols, size, scale, dtype)
                 sizes.append(len(cols))
     if not sizes:  # an AOI that needs no tile of this scene
-        return da.zeros((0, npol, size, size), dtype=np.float32, chunks=(1, npol, size, size))
+        return da.zeros((0, npol, size, size), dtype=dtype, chunks=(1, npol, size, size))
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
-    return da.Array(graph, name, chunks=(tuple(sizes), (npol,), (size,), (size,)), dtype=np.float32)
+    return da.Array(graph, name, chunks=(tuple(sizes), (npol,), (size,), (size,)), dtype=dtype)
 
 
 def valid_fractions(tiles: da.Array) -> da.Array:
@@ -285,14 +291,16 @@ def valid_fractions(tiles: da.Array) -> da.Array:
     return da.Array(graph, name, chunks=(tiles.chunks[0],), dtype=np.float32)
 
 
-def _read_group(reader: WindowReader, row: int, cols: tuple[int, ...], size: int, scale: str) -> np.ndarray:
-    """Tiles at ``(row, c) for c in cols`` as ``(len(cols), pol, size, size)`` float32 dB, NaN-padded."""
+def _read_group(
+    reader: WindowReader, row: int, cols: tuple[int, ...], size: int, scale: str, dtype: Any = np.float32
+) -> np.ndarray:
+    """Tiles at ``(row, c) for c in cols`` as ``(len(cols), pol, size, size)`` dB (``dtype``), NaN-padded."""
     height, width = reader.shape[1:]
     row1 = min(row + size, height)
     col0, col1 = cols[0], min(cols[-1] + size, width)
     window = to_db(reader.read(row, row1, col0, col1), scale, overwrite=True)
     h = row1 - row
-    out = np.empty((len(cols), window.shape[0], size, size), dtype=np.float32)
+    out = np.empty((len(cols), window.shape[0], size, size), dtype=dtype)
     for t, col in enumerate(cols):
         w = min(size, width - col)
         out[t, :, :h, :w] = window[:, :, col - col0 : col - col0 + w]
@@ -381,13 +389,13 @@ def _write_scene(
             "aoi_bounds_px": [c0, r0, c1, r1],
             "grid_tiles": grid.n_tiles,
         }
-    tiles = build_tiles(source, grid, scale, select)
+    dtype = np.dtype(np.float32 if scale == "dn" else BACKSCATTER_DTYPE)  # DN past 65504: float32
+    tiles = build_tiles(source, grid, scale, select, dtype)
     fractions = valid_fractions(tiles)
     npol = len(source.pols)
     n = int(tiles.shape[0])
     row_offsets = grid.row_offsets if select is None else grid.row_offsets[select]
     col_offsets = grid.col_offsets if select is None else grid.col_offsets[select]
-    dtype = np.dtype(np.float32 if scale == "dn" else BACKSCATTER_DTYPE)  # DN past 65504: float32
     attrs = {
         **_scene_attrs(scene),
         "pols": list(source.pols),
@@ -444,7 +452,7 @@ def _write_scene(
         )
     vf = np.zeros(0, dtype=np.float32)
     if n:
-        stored = da.store(tiles.astype(dtype), backscatter, lock=False, compute=False)
+        stored = da.store(tiles, backscatter, lock=False, compute=False)
         with _gdal_env():
             _, vf = dask.compute(stored, fractions, **_scheduler())
     vf = np.asarray(vf, dtype=np.float32)
