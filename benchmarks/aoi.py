@@ -345,7 +345,7 @@ def part_store(repeat: int) -> dict:
         "floor": floor,
         "codecs": rows,
         "render": render_diff,
-        "floor_runs": [f["seconds"] for f in floors],
+        "floor_runs": [round(f["seconds"], 2) for f in floors],
     }
 
 

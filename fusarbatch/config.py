@@ -317,7 +317,7 @@ def _aoi_digest(path: Path) -> str | None:
     try:
         stat = path.stat()
     except OSError:
-        return f"unreadable:{path}"  # load_aoi says what is wrong before any scene is done
+        return "unreadable"  # load_aoi says what is wrong before any scene is done
     return _aoi_digest_of(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
@@ -330,7 +330,7 @@ def _aoi_digest_of(path: str, mtime_ns: int, size: int) -> str | None:
     try:
         return aoi_digest(load_aoi(Path(path)).geometry)
     except FusarbatchError:
-        return f"invalid:{path}:{mtime_ns}:{size}"
+        return "invalid"  # likewise
 
 
 def _jsonable(value: Any) -> Any:

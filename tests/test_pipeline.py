@@ -498,7 +498,8 @@ def test_a_336_model_places_boxes_on_its_own_grid_with_per_box_scores(tmp_path, 
     from tests.conftest import FIXED_GRID
 
     out = tmp_path / "run"
-    cfg = dict(CAMARGUE_RUN, model=generated_fixed_answer_model, max_new_tokens=80)
+    # whole scene: the fixed boxes lie in the tile's padding past the scene, outside the AOI (dropped)
+    cfg = dict(CAMARGUE_RUN, model=generated_fixed_answer_model, max_new_tokens=80, whole_scenes=True)
     summary = run(RunConfig(**cfg, out=out))
     assert [s.status for s in summary.scenes] == ["ok"], [s.error for s in summary.scenes]
     group = zarr.open_group(str(out / "tiles.zarr" / CAMARGUE), mode="r")
