@@ -48,8 +48,21 @@ TARGET_RSS_MB = 1536
 TARGET_RSS_GROWTH = 0.20
 
 
-def generate(path: Path, size: int, seed: int = 0) -> None:
-    """Write the GENERATED dual-pol dB COG (see the module docstring), strip by strip (bounded memory)."""
+def generate(
+    path: Path,
+    size: int,
+    seed: int = 0,
+    *,
+    width: int | None = None,
+    origin: tuple[float, float] = (500_000.0, 5_000_000.0),
+    crs: str = "EPSG:32631",
+    cog: bool = True,
+) -> None:
+    """Write the GENERATED dual-pol dB COG (see the module docstring), strip by strip (bounded memory).
+
+    ``size`` rows and ``width`` (default ``size``) columns, upper-left corner ``origin`` in ``crs``; with
+    ``cog=False`` a tiled DEFLATE GeoTIFF without overviews (faster to make: benchmarks/aoi.py)."""
+    height, size = size, width or size
     import numpy as np
     import rasterio
     import rasterio.shutil
@@ -62,27 +75,28 @@ def generate(path: Path, size: int, seed: int = 0) -> None:
     looks = 4.4
     mean_db = np.array([-12.0, -19.0], dtype=np.float32)[:, None, None]
     coarse = 64  # texture cell in pixels
-    texture = rng.normal(0.0, 2.5, size=(2, size // coarse + 2, size // coarse + 2)).astype(np.float32)
-    tmp = path.with_suffix(".strips.tif")
+    texture = rng.normal(0.0, 2.5, size=(2, height // coarse + 2, size // coarse + 2)).astype(np.float32)
+    tmp = path.with_suffix(".strips.tif")  # renamed or converted at the end: a killed run leaves no `path`
     profile = dict(
         driver="GTiff",
-        height=size,
+        height=height,
         width=size,
         count=2,
         dtype="float32",
-        crs="EPSG:32631",
-        transform=from_origin(500_000.0, 5_000_000.0, 10.0, 10.0),
+        crs=crs,
+        transform=from_origin(origin[0], origin[1], 10.0, 10.0),
         nodata=NODATA,
         tiled=True,
         blockxsize=512,
         blockysize=512,
         BIGTIFF="YES",
+        **({} if cog else {"compress": "DEFLATE", "predictor": 3}),
     )
     strip = 512
     with rasterio.open(tmp, "w", **profile) as dst:
         dst.descriptions = ("VV", "VH")
-        for r0 in range(0, size, strip):
-            h = min(strip, size - r0)
+        for r0 in range(0, height, strip):
+            h = min(strip, height - r0)
             rows = (np.arange(r0, r0 + h) // coarse)[:, None]
             cols = (np.arange(size) // coarse)[None, :]
             field_db = mean_db + texture[:, rows, cols]
@@ -94,6 +108,9 @@ def generate(path: Path, size: int, seed: int = 0) -> None:
             border = (x < 0.02 * size + 0.06 * y) | (x > size - 0.08 * size + 0.06 * y)
             sigma0_db[:, border] = NODATA
             dst.write(sigma0_db.astype(np.float32), window=Window(0, r0, size, h))
+    if not cog:
+        os.replace(tmp, path)
+        return
     rasterio.shutil.copy(
         tmp,
         path,

@@ -107,9 +107,12 @@ def tile(
     limit: LimitOpt = None,
     tile_size: Annotated[int, typer.Option("--tile-size", min=28, help="Tile edge in pixels.")] = 504,
     overlap: Annotated[int, typer.Option("--overlap", min=0, help="Overlap between tiles in pixels.")] = 56,
+    whole_scenes: Annotated[
+        bool, typer.Option("--whole-scenes", help="Tile whole scenes (default: only around the AOI).")
+    ] = False,
 ) -> None:
-    """Search, then tile every scene into <out>/tiles.zarr (DESIGN 3.2)."""
-    from fusarbatch.catalog import search_scenes
+    """Search, then tile every scene (the tiles the AOI needs) into <out>/tiles.zarr (DESIGN 3.2)."""
+    from fusarbatch.catalog import load_aoi, search_scenes
     from fusarbatch.outputs import ensure_writable_dir
     from fusarbatch.report import print_line, print_scenes, print_tiling
     from fusarbatch.tiling import tile_scenes
@@ -128,7 +131,8 @@ def tile(
         save=out / "scenes.parquet",
     )
     print_scenes(console, result)
-    results = tile_scenes(result.scenes, out / "tiles.zarr", tile_size=tile_size, overlap=overlap)
+    clip = None if whole_scenes else load_aoi(aoi).geometry
+    results = tile_scenes(result.scenes, out / "tiles.zarr", tile_size=tile_size, overlap=overlap, aoi=clip)
     print_tiling(console, results, out / "tiles.zarr")
     if (out / "ledger.sqlite").exists():  # a run folder: its GeoParquet was made from the old groups
         print_line(
@@ -224,6 +228,28 @@ def run(
     overlap: Annotated[int | None, typer.Option("--overlap", help="Tile overlap, pixels (56).")] = None,
     min_valid: Annotated[
         float | None, typer.Option("--min-valid", help="Tiles with less valid data are not inferred.")
+    ] = None,
+    whole_scenes: Annotated[
+        bool | None,
+        typer.Option("--whole-scenes", help="Tile and infer whole scenes (default: only around the AOI)."),
+    ] = None,
+    surface: Annotated[
+        str | None,
+        typer.Option(
+            "--surface",
+            help="sea: skip tiles entirely on land; land: skip tiles entirely at sea; any (default).",
+        ),
+    ] = None,
+    prune_tiles: Annotated[
+        bool | None,
+        typer.Option("--prune-tiles", help="Delete a scene's tiles once its outputs are written."),
+    ] = None,
+    prescreen: Annotated[
+        str | None,
+        typer.Option("--prescreen", help="cfar: infer only tiles where CFAR finds a candidate (none)."),
+    ] = None,
+    prescreen_k: Annotated[
+        float | None, typer.Option("--prescreen-k", help="--prescreen cfar threshold (2.5, chosen on SSDD).")
     ] = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Tiles per generate call (8).")

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import functools
 import hashlib
 import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -32,18 +33,25 @@ _NAME = re.compile(r"[\w][\w .\-/]*")  # labels and classes: words, no control c
 
 #: Bumped when a code change alters what a scene's outputs contain (part of every output hash), so that
 #: reruns redo scenes made by older code.
-OUTPUTS_VERSION = 2  # 2: per-box score, answer_score column, boxes on the model's own grid
+OUTPUTS_VERSION = (
+    3  # 2: per-box score, answer_score, model grid; 3: spread tile origins, AOI clip, float16 store
+)
 
 #: Fields that decide the tiles, the anchors, the answers and the tables of a scene. Everything else
 #: (where to search, where to run, batch size, timeouts, locking, logging) does not change a scene's
 #: outputs and does not cause a redo.
 OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
-    "tile": ("tile_size", "overlap", "min_valid"),
-    "features": ("tile_size", "overlap", "min_valid", "anchors", "aef_index"),
+    "tile": ("tile_size", "overlap", "min_valid", "whole_scenes", "aoi"),
+    "features": ("tile_size", "overlap", "min_valid", "whole_scenes", "aoi", "anchors", "aef_index"),
     "outputs": (
         "tile_size",
         "overlap",
         "min_valid",
+        "whole_scenes",
+        "aoi",
+        "surface",
+        "prescreen",
+        "prescreen_k",
         "anchors",
         "aef_index",
         "labels",
@@ -64,6 +72,9 @@ ENGINE_OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
         "tile_size",
         "overlap",
         "min_valid",
+        "whole_scenes",
+        "aoi",
+        "surface",
         "anchors",
         "aef_index",
         "labels",
@@ -133,6 +144,24 @@ class RunConfig(BaseModel):
     tile_size: int = Field(504, ge=28, description="Tile edge, pixels.")
     overlap: int = Field(56, ge=0, description="Overlap between tiles, pixels.")
     min_valid: float = Field(0.05, ge=0, le=1, description="Tiles with less valid data are not inferred.")
+    whole_scenes: bool = Field(
+        False, description="Tile and infer whole scenes; default: only the tiles the AOI needs."
+    )
+    surface: Literal["any", "sea", "land"] = Field(
+        "any",
+        description="sea: skip tiles entirely on land; land: skip tiles entirely at sea (1 km land mask; "
+        "tiles within one mask cell of the coast are inferred).",
+    )
+    prescreen: Literal["none", "cfar"] = Field(
+        "none",
+        description="cfar: a tile goes to the model only if CFAR finds a candidate in it at prescreen_k.",
+    )
+    prescreen_k: float = Field(
+        2.5, gt=0, description="--prescreen cfar threshold on the CFAR statistic (chosen on SSDD, 2.5)."
+    )
+    prune_tiles: bool = Field(
+        False, description="Delete a scene's tiles from tiles.zarr once its outputs are written."
+    )
     batch_size: int = Field(8, ge=1, le=256, description="Tiles per generate() call.")
     max_new_tokens: int = Field(128, ge=1, le=4096, description="Generation budget per prompt.")
     iou_threshold: float = Field(0.5, gt=0, le=1, description="Cross-tile NMS IoU threshold.")
@@ -228,6 +257,8 @@ class RunConfig(BaseModel):
                 f"cfar_background_m: {self.cfar_background_m:g} m must be larger than cfar_guard_m "
                 f"{self.cfar_guard_m:g} m"
             )
+        if self.engine == "cfar" and self.prescreen != "none":
+            raise ValueError("prescreen: --prescreen cfar is for --engine model (CFAR already answers)")
         if self.engine == "cfar" and len(self.labels) != 1:
             raise ValueError(
                 f"labels: --engine cfar takes one label (got {', '.join(self.labels)}): CFAR finds bright "
@@ -266,17 +297,43 @@ class RunConfig(BaseModel):
 
     def stage_hash(self, stage: str) -> str:
         """Hash of the fields that decide ``stage`` (``tile``, ``features`` or ``outputs``; for ``outputs``
-        those of the run's engine, :data:`ENGINE_OUTPUT_FIELDS`): 16 hex digits."""
+        those of the run's engine, :data:`ENGINE_OUTPUT_FIELDS`): 16 hex digits.
+
+        The AOI counts by its geometry (:func:`fusarbatch.tiling.clip.aoi_digest`), not its path, and not
+        at all with ``whole_scenes``.
+        """
         fields = OUTPUT_FIELDS[stage]
         if stage == "outputs" and self.engine in ENGINE_OUTPUT_FIELDS:
             fields = ENGINE_OUTPUT_FIELDS[self.engine]
         values = {name: _jsonable(getattr(self, name)) for name in fields}
+        if "aoi" in values:
+            values["aoi"] = None if self.whole_scenes or self.aoi is None else _aoi_digest(Path(self.aoi))
         text = json.dumps({"v": OUTPUTS_VERSION, "stage": stage, **values}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def output_hash(self) -> str:
         """The config hash the ledger records per scene (:meth:`stage_hash` of ``outputs``)."""
         return self.stage_hash("outputs")
+
+
+def _aoi_digest(path: Path) -> str | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return "unreadable"  # load_aoi says what is wrong before any scene is done
+    return _aoi_digest_of(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _aoi_digest_of(path: str, mtime_ns: int, size: int) -> str | None:
+    from fusarbatch.catalog.aoi import load_aoi
+    from fusarbatch.errors import FusarbatchError
+    from fusarbatch.tiling.clip import aoi_digest
+
+    try:
+        return aoi_digest(load_aoi(Path(path)).geometry)
+    except FusarbatchError:
+        return "invalid"  # likewise
 
 
 def _jsonable(value: Any) -> Any:

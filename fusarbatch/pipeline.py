@@ -61,6 +61,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from fusarbatch.catalog import Scene
 from fusarbatch.config import RunConfig
 from fusarbatch.engines import Engine, open_engine
+from fusarbatch.engines.prescreen import prescreen_skips
 from fusarbatch.errors import AOIError, FusarbatchError, UsageError
 from fusarbatch.features import open_source, write_scene_features_or_empty
 from fusarbatch.inference.geo import Detection, MapProjector, TileGeometry, scene_detections
@@ -70,6 +71,8 @@ from fusarbatch.outputs.ledger import Ledger, RunLock, new_run_id, prepare_out, 
 from fusarbatch.outputs.provenance import OUTPUTS_MADE_FROM, group_attrs, outputs_out_of_step
 from fusarbatch.outputs.quicklook import write_quicklook
 from fusarbatch.tiling import tile_scene
+from fusarbatch.tiling.clip import aoi_digest, aoi_in_map, centres_inside
+from fusarbatch.tiling.landmask import surface_skips
 from fusarbatch.tiling.store import left_by_gone_process
 
 log = logging.getLogger(__name__)
@@ -147,6 +150,8 @@ class _Pending:
     outcome: SceneOutcome
     futures: list[Any]
     started: float
+    skipped: dict[int, str] = field(default_factory=dict)
+    """Tiles kept from the model, with the reason (``--surface``)."""
 
 
 @dataclass
@@ -163,6 +168,8 @@ class _Context:
     source: Any = None
     client: Any = None
     searched_at: str = ""
+    aoi: Any = None
+    """The AOI (EPSG:4326 geometry) that clips tiling and outputs; None: whole scenes."""
 
 
 def run(
@@ -223,6 +230,14 @@ def _run_locked(
         notify=notify,
         engine=engine,
     )
+    if cfg.aoi is not None and not cfg.whole_scenes:  # --retry-failed without --aoi: whole scenes
+        from fusarbatch.catalog import load_aoi
+
+        try:
+            ctx.aoi = load_aoi(Path(str(cfg.aoi))).geometry
+        except BaseException:
+            ledger.close()
+            raise
     ledger.start_run(
         run_id,
         argv=argv,
@@ -556,7 +571,12 @@ def _tile_and_submit(ctx: _Context, scene: Scene) -> _Pending:
         else:
             _pause_hook_arm("tile", scene.item_id)
             tiled = tile_scene(
-                scene, ctx.store, tile_size=cfg.tile_size, overlap=cfg.overlap, min_valid=cfg.min_valid
+                scene,
+                ctx.store,
+                tile_size=cfg.tile_size,
+                overlap=cfg.overlap,
+                min_valid=cfg.min_valid,
+                aoi=ctx.aoi,
             )
             p.group = tiled.group
             if tiled.status != "ok":
@@ -583,6 +603,12 @@ def _tile_and_submit(ctx: _Context, scene: Scene) -> _Pending:
         )
         vf = g["valid_fraction"][:]
         inferable = [int(i) for i in np.flatnonzero(vf >= cfg.min_valid)]
+        p.skipped = surface_skips(
+            cfg.surface, str(g.attrs["crs"]), g["transform"][:], cfg.tile_size, inferable
+        )
+        inferable = [i for i in inferable if i not in p.skipped]
+        p.skipped.update(prescreen_skips(ctx.client, cfg, str(ctx.store), p.group, inferable))
+        inferable = [i for i in inferable if i not in p.skipped]
         outcome.tiles_inferred = len(inferable)
         _stage(ctx, p, "infer", tiles=len(inferable))
         for k, start in enumerate(range(0, len(inferable), cfg.batch_size)):
@@ -615,6 +641,7 @@ def _reusable(ctx: _Context, scene: Scene, stage: str) -> bool:
         and attrs.get("item_id") == scene.item_id
         and attrs.get("tile_size") == ctx.cfg.tile_size
         and attrs.get("overlap") == ctx.cfg.overlap
+        and (attrs.get("clip") or {}).get("aoi_digest") == aoi_digest(ctx.aoi)
     )
     if stage == "features":
         return same_tiling and attrs.get("aef_complete") is True and attrs.get("aef_n") == ctx.cfg.anchors
@@ -674,6 +701,8 @@ def _finish(ctx: _Context, p: _Pending) -> tuple[float, int]:
             parse_failures=outcome.parse_failures,
             seconds=time.perf_counter() - t0,
         )
+        if cfg.prune_tiles:  # outputs written and recorded: the tiles can go (a rerun re-tiles)
+            shutil.rmtree(ctx.store / p.group, ignore_errors=True)
     except Exception as exc:  # one scene's failure never stops the run
         _fail(ctx, p, exc)
     _scene_done_event(ctx, p)
@@ -723,6 +752,9 @@ def _write_scene(ctx: _Context, p: _Pending, answers: dict[int, Any]) -> None:
     )
     # scene_detections numbers tiles by position in the list it was given: map back to store tile ids
     detections = [Detection(**{**d.__dict__, "tile_id": ids[d.tile_id]}) for d in detections]
+    if ctx.aoi is not None:  # only those whose centre lies in the AOI
+        inside = centres_inside(ctx.aoi, crs, [d.geometry_map for d in detections])
+        detections = [d for d, keep in zip(detections, inside, strict=True) if keep]
     outcome.detections = Counter(d.label for d in detections)
     outcome.parse_failures = sum(len(a.errors) for a in answers.values())
     project = MapProjector(crs)
@@ -750,12 +782,15 @@ def _write_scene(ctx: _Context, p: _Pending, answers: dict[int, Any]) -> None:
             "scene_class": ans.scene_class if ans else None,
             "status": "ok" if ans else "skipped",
             "error": "; ".join(ans.errors)[:1000] or None if ans else None,
+            "reason": None if ans else p.skipped.get(i, f"valid_fraction below min_valid {cfg.min_valid}"),
             "geometry": footprints[i],
         }
         for label in cfg.labels:
             row[count_column(label)] = per_tile.get(i, Counter())[label] if ans else None
         tile_rows.append(row)
     inferred_area = shapely.union_all([footprints[i] for i in ids]) if ids else shapely.Polygon()
+    if ctx.aoi is not None:  # counts cover the inferred part of the AOI
+        inferred_area = shapely.intersection(inferred_area, ctx.aoi)
     count_rows = [
         {
             **common,
@@ -789,10 +824,22 @@ def _write_scene(ctx: _Context, p: _Pending, answers: dict[int, Any]) -> None:
     quicklook = out / "quicklooks" / f"{p.group}.png"
     if cfg.quicklooks:
         outcome.outputs.append(
-            write_quicklook(store, p.group, [d.geometry_map for d in detections], quicklook)
+            write_quicklook(
+                store,
+                p.group,
+                [d.geometry_map for d in detections],
+                quicklook,
+                aoi_map=None if ctx.aoi is None else _aoi_map(ctx.aoi, g),
+            )
         )
     else:
         quicklook.unlink(missing_ok=True)  # outputs equal a run made with this configuration
+
+
+def _aoi_map(aoi: Any, g: Any) -> Any:
+    """The AOI within the scene, in the scene CRS (for the quick-look)."""
+    height, width = (int(v) for v in g.attrs["scene_shape"])
+    return aoi_in_map(aoi, str(g.attrs["crs"]), Affine(*g.attrs["scene_transform"]), height, width)
 
 
 def _remove_outputs_moved(out: Path, before: Sequence[str], now: Sequence[Path]) -> None:

@@ -256,7 +256,8 @@ def print_status(console: Console, status: dict[str, Any]) -> None:
     z = disk["tiles.zarr"]
     lines = [
         f"tiles.zarr: {z['complete']} complete scene group(s), {z['failed']} failure marker(s), "
-        f"{z['incomplete']} incomplete",
+        f"{z['incomplete']} incomplete, {_size(z.get('bytes', 0))} (--prune-tiles keeps only the tiles of "
+        "scenes not yet done)",
         f"done scenes with missing output files: {len(status['missing_outputs'])}"
         + (
             f" (e.g. {status['missing_outputs'][0]['path']}; the next run redoes them)"

@@ -404,13 +404,14 @@ def test_disk_full_while_writing_fails_the_scenes_and_loses_nothing(
 
 
 def test_file_size_limit_fails_the_scenes_cleanly(reference, generated_demo_model, tmp_path):
-    """RLIMIT_FSIZE (no privileges needed): 1.5 MB per file lets the single-polarisation scene through
-    (1 MB tile chunks) and stops the dual-polarisation ones (2 MB chunks) while they are written."""
+    """RLIMIT_FSIZE (no privileges needed): 150 kB per file lets the single-polarisation scene through
+    (its float16 + zstd tile chunk: ~95 kB) and stops the dual-polarisation ones (~0.2 and ~1.1 MB chunks)
+    while they are written."""
     ref, _, _ = reference
     out = tmp_path / "out"
     shutil.copytree(ref, out)
     before = snapshot(out)
-    limit = 1_500_000
+    limit = 150_000
 
     def limit_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))

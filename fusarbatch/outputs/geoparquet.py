@@ -51,6 +51,7 @@ TILE_COLUMNS = {
     "scene_class": "string",
     "status": "string",
     "error": "string",
+    "reason": "string",
     "model_id": "string",
     "run_id": "string",
 }

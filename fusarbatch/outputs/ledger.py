@@ -832,6 +832,7 @@ def collect_status(out: Path, *, runs: int = 5) -> dict[str, Any]:
         leftovers += [
             str(p.relative_to(out)) for p in (out / kind).rglob(".*") if p.is_file() and ".tmp" in p.name
         ]
+    groups["bytes"] = sum(p.stat().st_size for p in store.rglob("*") if p.is_file()) if store.is_dir() else 0
     disk["tiles.zarr"] = groups
     return {
         "out": str(out),

@@ -5,9 +5,17 @@ size) that overlap their neighbours by at least ``O`` pixels (default 56). Along
 with stride ``S = T - O``:
 
 - ``L <= T``: one tile at 0; the part past ``L`` is padded with NaN by the tiler;
-- ``L > T``: origins ``0, S, 2S, ...`` below ``L - T``, then ``L - T``: the last tile is shifted inward so
-  that every tile is full size and ends exactly at ``L``. Neighbours therefore overlap by ``O`` pixels,
-  and the last two by ``O`` or more.
+- ``L > T``: the fewest tiles that cover the axis with overlaps of at least ``O``,
+  ``n = ceil((L - T) / S) + 1``, spread evenly from ``0`` to ``L - T``: origin ``k`` is
+  ``floor(k * (L - T) / (n - 1))``. Every tile is full size, the last one ends exactly at ``L``, and
+  neighbours are ``floor(d)`` or ``ceil(d)`` pixels apart, ``d = (L - T) / (n - 1) <= S``: they overlap
+  by ``O`` or more, and (for ``n >= 3``) are at least ``S // 2`` apart. (Origins ``0, S, 2S, ...`` then
+  ``L - T`` left the last tile up to 1 px from its neighbour: a whole extra row of tiles for one pixel.)
+  With ``n = 2`` the two tiles are ``L - T`` apart, which full-size tiles cannot avoid.
+
+The grid depends only on the scene size, tile size and overlap: an AOI-clipped run
+(:mod:`fusarbatch.tiling.clip`) picks tiles of this grid, so runs over overlapping AOIs give identical
+tiles where they overlap.
 
 Tiles are numbered row-major: ``tile = i * len(cols) + j`` for row origin ``rows[i]`` and column origin
 ``cols[j]``.
@@ -65,9 +73,9 @@ def tile_origins(
 ) -> list[int]:
     """Tile origins (first pixel index) along one axis of ``length`` pixels, ascending and distinct.
 
-    ``length <= tile_size`` gives ``[0]`` (one padded tile); otherwise ``0, S, 2S, ...`` (``S = tile_size -
-    overlap``) below ``length - tile_size``, then ``length - tile_size``, so the last tile ends exactly at
-    ``length``.
+    ``length <= tile_size`` gives ``[0]`` (one padded tile); otherwise ``n = ceil((length - tile_size) /
+    S) + 1`` origins (``S = tile_size - overlap``) spread evenly from ``0`` to ``length - tile_size``
+    (module docstring), so the last tile ends exactly at ``length``.
 
     :raises ValueError: ``length < 1`` or an invalid tile size / overlap (:func:`validate_tiling`).
     """
@@ -78,7 +86,8 @@ def tile_origins(
     if last <= 0:
         return [0]
     stride = tile_size - overlap
-    return [*range(0, last, stride), last]
+    steps = -(-last // stride)  # ceil: the fewest steps of at most one stride
+    return [k * last // steps for k in range(steps + 1)]
 
 
 @dataclass(frozen=True)

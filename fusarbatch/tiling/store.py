@@ -6,8 +6,10 @@ size):
 ============== ==================== ======= =========================================================
 array          dims                 dtype   content
 ============== ==================== ======= =========================================================
-backscatter    (tile, pol, y, x)    float32 backscatter in dB (``units`` attr; ``dn`` for uncalibrated
-                                            scenes), NaN = nodata or padding; chunks ``(1, p, T, T)``
+backscatter    (tile, pol, y, x)    float16 backscatter in dB (``units`` attr; ``dn`` for uncalibrated
+                                            scenes, then float32), NaN = nodata or padding; chunks
+                                            ``(1, p, T, T)``, zstd level 1 (:data:`BACKSCATTER_DTYPE`);
+                                            ``dtype`` attr; stores written as float32 read the same
 transform      (tile, coef)         float64 tile affine ``(a, b, c, d, e, f)`` in the scene CRS:
                                             ``x = a*col + b*row + c``, ``y = d*col + e*row + f``
 row_off        (tile,)              int64   first row of the tile in the scene grid
@@ -20,6 +22,8 @@ Tiles are row-major (see :mod:`fusarbatch.tiling.grid`). Group attributes: ``crs
 ``scale_detected`` (``null``, or why an undeclared scale was taken), ``calibration`` (``null``, or how
 digital numbers were calibrated), ``units``, ``tile_size``,
 ``overlap``, ``min_valid``, ``n_tiles``, ``n_inferable``, ``source_hrefs``, ``scene_shape`` ``[H, W]``,
+``clip`` (``null`` for a whole scene; else ``aoi_digest``, ``aoi_bounds_px`` ``[c0, r0, c1, r1]`` of AOI
+intersect scene in pixels, ``grid_tiles`` of the whole scene: :mod:`fusarbatch.tiling.clip`), ``dtype``,
 ``scene_transform`` (6 floats), ``warp`` (``null`` or how GCP-only / off-grid files were warped),
 ``tiling_id`` (new for every write), ``status`` and ``complete``; ``run`` adds ``outputs_made_from`` once a
 scene's GeoParquet is written (:mod:`fusarbatch.outputs.provenance`).
@@ -67,10 +71,12 @@ import zarr
 from dask.highlevelgraph import HighLevelGraph
 from dask.task_spec import DataNode, Task, TaskRef
 from pyproj import CRS as ProjCRS
+from shapely.geometry.base import BaseGeometry
 
 from fusarbatch import __version__
 from fusarbatch.catalog.scene import Scene
 from fusarbatch.errors import FusarbatchError
+from fusarbatch.tiling.clip import aoi_digest, aoi_pixels, select_tiles
 from fusarbatch.tiling.grid import (
     DEFAULT_OVERLAP,
     DEFAULT_TILE_SIZE,
@@ -86,11 +92,13 @@ log = logging.getLogger(__name__)
 
 #: Default ``min_valid``: tiles with a smaller valid fraction are stored but not inferred.
 DEFAULT_MIN_VALID = 0.05
-#: Compression of ``backscatter`` chunks: none. SAR float32 barely compresses (speckle fills the mantissa):
-#: on the benchmark scene zstd level 1 saves 21% of the bytes and blosc-lz4 with byte shuffle 28%, and both
-#: cost 5-30% of the throughput on 2 cores (benchmarks/RESULTS.md, "Tiling (issue 2)"). Set e.g.
-#: ``zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")`` where disk space matters more.
-BACKSCATTER_COMPRESSORS: Any = None
+#: Stored dtype of ``backscatter`` in dB: float16 (10-bit mantissa: steps of 1/64 dB between 16 and 32 dB
+#: in magnitude, 1/128 dB below 16; the 8-bit render the model sees has steps of 30/255 = 0.12 dB).
+#: Uncalibrated digital numbers (``units = dn``) stay float32 (float16 ends at 65504). Readers take both.
+BACKSCATTER_DTYPE: Any = np.float16
+#: Compression of ``backscatter`` chunks, chosen by measurement (benchmarks/RESULTS.md, "Tile store
+#: (issue 11)"): zstd level 1.
+BACKSCATTER_COMPRESSORS: Any = (zarr.codecs.ZstdCodec(level=1),)
 #: Threads of the threaded scheduler; ``None`` = one per CPU plus one: reads of a file are serialised on
 #: its handle, and the extra thread keeps the CPUs busy while one waits (on 2 cores, 3 threads were 5-10%
 #: faster than 2, and 4 no faster than 3). ``dask.config.set(num_workers=n)`` wins.
@@ -125,7 +133,7 @@ def tile_scenes(scenes: Iterable[Scene], store: Path | str, **kwargs: Any) -> li
     A scene that fails is recorded as failed and the others go on. Two different item ids that map to the
     same group name (:attr:`Scene.safe_id`) would overwrite each other: the second one fails instead.
 
-    :param kwargs: ``tile_size``, ``overlap``, ``min_valid``, passed to :func:`tile_scene`.
+    :param kwargs: ``tile_size``, ``overlap``, ``min_valid``, ``aoi``, passed to :func:`tile_scene`.
     :returns: one :class:`TileResult` per scene, in input order.
     :raises ValueError: invalid ``tile_size`` / ``overlap`` / ``min_valid`` (before any scene is read).
     """
@@ -162,6 +170,7 @@ def tile_scene(
     tile_size: int = DEFAULT_TILE_SIZE,
     overlap: int = DEFAULT_OVERLAP,
     min_valid: float = DEFAULT_MIN_VALID,
+    aoi: BaseGeometry | None = None,
 ) -> TileResult:
     """Tile one scene into the group ``<store>/<scene.safe_id>`` (layout: module docstring).
 
@@ -169,6 +178,8 @@ def tile_scene(
     :param tile_size: tile edge ``T`` in pixels.
     :param overlap: minimum overlap between neighbouring tiles in pixels.
     :param min_valid: tiles with ``valid_fraction >= min_valid`` count as inferable.
+    :param aoi: AOI in EPSG:4326: only the tiles of the scene grid it needs are stored
+        (:mod:`fusarbatch.tiling.clip`; possibly none); ``None``: the whole scene.
     :returns: a :class:`TileResult`; ``status="failed"`` with a one-line ``error`` when the scene cannot
         be read or written (nothing is raised for per-scene problems).
     :raises ValueError: invalid ``tile_size`` / ``overlap`` / ``min_valid``.
@@ -181,7 +192,7 @@ def tile_scene(
     try:
         root = _open_root(store)
         _remove_stale(store, name)
-        n_tiles, n_inferable = _write_scene(root, partial, scene, tile_size, overlap, min_valid)
+        n_tiles, n_inferable = _write_scene(root, partial, scene, tile_size, overlap, min_valid, aoi)
         _publish(store, partial, name)
     except Exception as exc:
         shutil.rmtree(store / partial, ignore_errors=True)
@@ -210,8 +221,15 @@ def tile_scene(
     )
 
 
-def build_tiles(source: SourceRaster, grid: TileGrid, scale: str) -> da.Array:
-    """The tiles of a scene as a lazy ``(tile, pol, T, T)`` float32 dask array of backscatter in dB.
+def build_tiles(
+    source: SourceRaster,
+    grid: TileGrid,
+    scale: str,
+    select: np.ndarray | None = None,
+    dtype: Any = np.float32,
+) -> da.Array:
+    """The tiles of a scene as a lazy ``(tile, pol, T, T)`` dask array of backscatter in dB (``dtype``,
+    float32 by default; cast while the tiles are cut, no extra pass).
 
     Tiles are processed in groups of neighbours of one tile row: each group is one task that reads the
     window covering its tiles (``T`` rows, about ``source.chunks[1]`` columns) in one call per file,
@@ -223,8 +241,11 @@ def build_tiles(source: SourceRaster, grid: TileGrid, scale: str) -> da.Array:
     :param source: the opened scene (:func:`~fusarbatch.tiling.source.open_scene`).
     :param grid: tile grid of ``source`` (``grid.height, grid.width == source.height, source.width``).
     :param scale: scale of the stored values (``db``, ``power``, ``amplitude``, ``dn``).
-    :returns: ``(grid.n_tiles, pol, T, T)`` float32, row-major tile order, one chunk per group along
-        ``tile``.
+    :param select: row-major indices of the grid's tiles to build, ascending (an AOI clip,
+        :func:`fusarbatch.tiling.clip.select_tiles`); ``None``: every tile. Only their windows are read.
+    :param dtype: dtype of the tiles (float32 or float16; the dB values are computed in float32).
+    :returns: ``(len(select) or grid.n_tiles, pol, T, T)``, row-major tile order, one chunk per group
+        along ``tile``.
     """
     if (source.height, source.width) != (grid.height, grid.width):
         raise ValueError(f"source shape {(source.height, source.width)} does not match the grid")
@@ -237,14 +258,21 @@ def build_tiles(source: SourceRaster, grid: TileGrid, scale: str) -> da.Array:
     reader_key = f"fusarbatch-reader-{uuid.uuid4().hex}"
     dsk: dict[Any, Any] = {reader_key: DataNode(reader_key, source.reader)}
     sizes = []
-    for row in grid.rows:
-        n_groups = math.ceil(len(grid.cols) / per_group)
-        for cols in np.array_split(np.asarray(grid.cols), n_groups):
-            key = (name, len(sizes), 0, 0, 0)
-            dsk[key] = Task(key, _read_group, TaskRef(reader_key), row, tuple(cols.tolist()), size, scale)
-            sizes.append(len(cols))
+    ncols = len(grid.cols)
+    chosen = np.arange(grid.n_tiles) if select is None else np.asarray(select, dtype=np.int64)
+    for i, row in enumerate(grid.rows):
+        js = chosen[(chosen >= i * ncols) & (chosen < (i + 1) * ncols)] - i * ncols
+        # runs of neighbouring columns (a clipped row may have gaps), each cut into groups
+        for run in np.split(js, np.flatnonzero(np.diff(js) > 1) + 1) if len(js) else []:
+            for part in np.array_split(run, math.ceil(len(run) / per_group)):
+                cols = tuple(int(grid.cols[j]) for j in part)
+                key = (name, len(sizes), 0, 0, 0)
+                dsk[key] = Task(key, _read_group, TaskRef(reader_key), row, cols, size, scale, dtype)
+                sizes.append(len(cols))
+    if not sizes:  # an AOI that needs no tile of this scene
+        return da.zeros((0, npol, size, size), dtype=dtype, chunks=(1, npol, size, size))
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
-    return da.Array(graph, name, chunks=(tuple(sizes), (npol,), (size,), (size,)), dtype=np.float32)
+    return da.Array(graph, name, chunks=(tuple(sizes), (npol,), (size,), (size,)), dtype=dtype)
 
 
 def valid_fractions(tiles: da.Array) -> da.Array:
@@ -263,14 +291,16 @@ def valid_fractions(tiles: da.Array) -> da.Array:
     return da.Array(graph, name, chunks=(tiles.chunks[0],), dtype=np.float32)
 
 
-def _read_group(reader: WindowReader, row: int, cols: tuple[int, ...], size: int, scale: str) -> np.ndarray:
-    """Tiles at ``(row, c) for c in cols`` as ``(len(cols), pol, size, size)`` float32 dB, NaN-padded."""
+def _read_group(
+    reader: WindowReader, row: int, cols: tuple[int, ...], size: int, scale: str, dtype: Any = np.float32
+) -> np.ndarray:
+    """Tiles at ``(row, c) for c in cols`` as ``(len(cols), pol, size, size)`` dB (``dtype``), NaN-padded."""
     height, width = reader.shape[1:]
     row1 = min(row + size, height)
     col0, col1 = cols[0], min(cols[-1] + size, width)
     window = to_db(reader.read(row, row1, col0, col1), scale, overwrite=True)
     h = row1 - row
-    out = np.empty((len(cols), window.shape[0], size, size), dtype=np.float32)
+    out = np.empty((len(cols), window.shape[0], size, size), dtype=dtype)
     for t, col in enumerate(cols):
         w = min(size, width - col)
         out[t, :, :h, :w] = window[:, :, col - col0 : col - col0 + w]
@@ -338,15 +368,34 @@ def _scene_attrs(scene: Scene) -> dict[str, Any]:
 
 
 def _write_scene(
-    root: zarr.Group, partial: str, scene: Scene, tile_size: int, overlap: int, min_valid: float
+    root: zarr.Group,
+    partial: str,
+    scene: Scene,
+    tile_size: int,
+    overlap: int,
+    min_valid: float,
+    aoi: BaseGeometry | None = None,
 ) -> tuple[int, int]:
     radiometry = prepare_radiometry(scene, open_scene(scene, tile_size=tile_size))
     source, scale = radiometry.source, radiometry.scale
     grid = tile_grid(source.height, source.width, tile_size, overlap)
-    tiles = build_tiles(source, grid, scale)
+    select, clip_attrs = None, None
+    if aoi is not None:
+        region = aoi_pixels(aoi, source.crs.to_wkt(), source.transform, source.height, source.width)
+        select = select_tiles(grid, region)
+        c0, r0, c1, r1 = region.bounds if not region.is_empty else (0, 0, 0, 0)
+        clip_attrs = {
+            "aoi_digest": aoi_digest(aoi),
+            "aoi_bounds_px": [c0, r0, c1, r1],
+            "grid_tiles": grid.n_tiles,
+        }
+    dtype = np.dtype(np.float32 if scale == "dn" else BACKSCATTER_DTYPE)  # DN past 65504: float32
+    tiles = build_tiles(source, grid, scale, select, dtype)
     fractions = valid_fractions(tiles)
     npol = len(source.pols)
-    n = grid.n_tiles
+    n = int(tiles.shape[0])
+    row_offsets = grid.row_offsets if select is None else grid.row_offsets[select]
+    col_offsets = grid.col_offsets if select is None else grid.col_offsets[select]
     attrs = {
         **_scene_attrs(scene),
         "pols": list(source.pols),
@@ -359,6 +408,8 @@ def _write_scene(
         "overlap": overlap,
         "min_valid": float(min_valid),
         "n_tiles": n,
+        "clip": clip_attrs,
+        "dtype": dtype.name,
         "source_hrefs": list(source.hrefs),
         "scene_shape": [source.height, source.width],
         "scene_transform": list(tuple(source.transform)[:6]),
@@ -373,39 +424,42 @@ def _write_scene(
         "backscatter",
         shape=(n, npol, tile_size, tile_size),
         chunks=(1, npol, tile_size, tile_size),
-        dtype="float32",
-        fill_value=np.float32(np.nan),
+        dtype=dtype,
+        fill_value=dtype.type(np.nan),
         compressors=BACKSCATTER_COMPRESSORS,
         dimension_names=["tile", "pol", "y", "x"],
         attributes={
             "units": attrs["units"],
             "long_name": f"{radiometry.quantity} backscatter" + ("" if attrs["units"] == "dn" else " (dB)"),
             "pols": list(source.pols),
+            "dtype": dtype.name,
         },
     )
-    transforms = tile_transforms(source.transform, grid.row_offsets, grid.col_offsets)
+    transforms = tile_transforms(source.transform, row_offsets, col_offsets)
     small = {
         "transform": (transforms, ["tile", "coef"], {"order": attrs["transform_order"]}),
-        "row_off": (grid.row_offsets, ["tile"], {"units": "pixel"}),
-        "col_off": (grid.col_offsets, ["tile"], {"units": "pixel"}),
+        "row_off": (row_offsets, ["tile"], {"units": "pixel"}),
+        "col_off": (col_offsets, ["tile"], {"units": "pixel"}),
     }
     for array_name, (values, dims, array_attrs) in small.items():
         group.create_array(
             array_name,
             data=np.ascontiguousarray(values),
-            chunks=values.shape,
+            chunks=tuple(max(1, v) for v in values.shape),
             dimension_names=dims,
             attributes=array_attrs,
             compressors=None,
         )
-    stored = da.store(tiles, backscatter, lock=False, compute=False)
-    with _gdal_env():
-        _, vf = dask.compute(stored, fractions, **_scheduler())
+    vf = np.zeros(0, dtype=np.float32)
+    if n:
+        stored = da.store(tiles, backscatter, lock=False, compute=False)
+        with _gdal_env():
+            _, vf = dask.compute(stored, fractions, **_scheduler())
     vf = np.asarray(vf, dtype=np.float32)
     group.create_array(
         "valid_fraction",
         data=vf,
-        chunks=vf.shape,
+        chunks=(max(1, len(vf)),),
         dimension_names=["tile"],
         attributes={"units": "1", "min_valid": float(min_valid)},
         compressors=None,

@@ -148,6 +148,22 @@ def test_config_hash_covers_output_fields_only():
     )
 
 
+def test_the_aoi_counts_by_its_geometry_not_its_path(tmp_path):
+    square = '{"type": "Polygon", "coordinates": [[[4, 43], [4.1, 43], [4.1, 43.1], [4, 43.1], [4, 43]]]}'
+    for name in ("a.geojson", "copy.geojson"):
+        (tmp_path / name).write_text(square)
+    (tmp_path / "b.geojson").write_text(square.replace("4.1", "4.2"))
+    a, copy, b = (
+        RunConfig(aoi=tmp_path / n, start="2024-01") for n in ("a.geojson", "copy.geojson", "b.geojson")
+    )
+    assert a.output_hash() == copy.output_hash() and a.stage_hash("tile") == copy.stage_hash("tile")
+    assert b.output_hash() != a.output_hash() and b.stage_hash("tile") != a.stage_hash("tile")
+    whole = [
+        RunConfig(aoi=tmp_path / n, start="2024-01", whole_scenes=True) for n in ("a.geojson", "b.geojson")
+    ]
+    assert whole[0].stage_hash("tile") == whole[1].stage_hash("tile") != a.stage_hash("tile")
+
+
 def test_scene_life_cycle_recovery_and_status(tmp_path):
     scenes = _demo_scenes()
     a_id, b_id = scenes[0].item_id, scenes[1].item_id

@@ -169,7 +169,10 @@ def check_geo_accuracy(
         # values: the whole window, exact
         h, w = min(size, height - r0), min(size, width - c0)
         assert h > 0 and w > 0
-        np.testing.assert_array_equal(tiles[k, :, :h, :w], reference[:, r0 : r0 + h, c0 : c0 + w])
+        # float16 store: the reference rounded to the stored dtype (round to nearest), exactly
+        np.testing.assert_array_equal(
+            tiles[k, :, :h, :w], reference[:, r0 : r0 + h, c0 : c0 + w].astype(tiles.dtype)
+        )
         assert np.isnan(tiles[k, :, h:, :]).all() and np.isnan(tiles[k, :, :, w:]).all()
         # geometry: random pixels inside the scene part of the tile
         rows = rng.integers(0, h, samples)
@@ -180,7 +183,7 @@ def check_geo_accuracy(
             assert abs(sc - (c0 + c + 0.5)) < 1e-6, (k, r, c, sc)
             assert abs(sr - (r0 + r + 0.5)) < 1e-6, (k, r, c, sr)
             np.testing.assert_array_equal(
-                tiles[k, :, r, c], reference[:, int(np.floor(sr)), int(np.floor(sc))]
+                tiles[k, :, r, c], reference[:, int(np.floor(sr)), int(np.floor(sc))].astype(tiles.dtype)
             )
     return n
 

@@ -61,7 +61,7 @@ def _check_north_up_and_exact(store, group, source_path, bands, size):
             x, y = affine @ (c + 0.5, r + 0.5)
             sc, sr = inverse @ (x, y)
             assert abs(sc - round(sc - 0.5) - 0.5) < 1e-6 and abs(sr - round(sr - 0.5) - 0.5) < 1e-6
-            np.testing.assert_array_equal(tiles[k, :, r, c], raw[:, int(sr), int(sc)])
+            np.testing.assert_array_equal(tiles[k, :, r, c], raw[:, int(sr), int(sc)].astype(tiles.dtype))
             checked += 1
     assert checked >= height * width  # every source pixel seen at least once (tiles overlap)
     return g
@@ -77,7 +77,7 @@ def test_bottom_up_geotiff_tiles_are_north_up_and_exact(tmp_path, write_generate
     # the scene grid is the source grid turned north-up: same footprint, origin at the north-west corner
     assert np.allclose(g.attrs["scene_transform"], tuple(_north_up(BOTTOM_UP, 150))[:6], rtol=0, atol=1e-9)
     # tile 0 (north-west) starts with the source's LAST row
-    np.testing.assert_array_equal(g["backscatter"][0, :, 0, :64], data[:, -1, :64])
+    np.testing.assert_array_equal(g["backscatter"][0, :, 0, :64], data[:, -1, :64].astype(np.float16))
 
 
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # the VRT's plain source
@@ -159,7 +159,9 @@ def test_gcp_raster_with_rows_running_north_is_warped_north_up(tmp_path, make_sc
     tiles = g["backscatter"][:]
     for k, (r0, c0) in enumerate(zip(g["row_off"][:], g["col_off"][:], strict=True)):
         h, w = min(64, reference.shape[0] - r0), min(64, reference.shape[1] - c0)
-        np.testing.assert_array_equal(tiles[k, 0, :h, :w], reference[r0 : r0 + h, c0 : c0 + w])
+        np.testing.assert_array_equal(
+            tiles[k, 0, :h, :w], reference[r0 : r0 + h, c0 : c0 + w].astype(tiles.dtype)
+        )
     # north is up: the warped grid's first rows hold the source's LAST rows (the largest values)
     top = np.nanmean(reference[: reference.shape[0] // 4])
     bottom = np.nanmean(reference[-reference.shape[0] // 4 :])

@@ -1,0 +1,459 @@
+"""Benchmark of issue 11: the cost follows the AOI; sea/land triage; the compact tile store.
+
+Every input is GENERATED (synthetic SAR, ``benchmarks/tiling.py``'s generator: log-normal texture times
+4.4-look gamma speckle, dB, dual-pol VV/VH, 10 m pixels, nodata swath wedges), described by a STAC item in a
+stac-geoparquet catalog, and processed by ``fusarbatch run`` (CLI, subprocess) with the packaged tiny demo
+model on the CPU (``--max-new-tokens 16``).
+
+Parts (each optional, see ``--help``):
+
+- ``iw``: a scene of real IW GRD size, 16,700 rows x 25,000 columns (tiled DEFLATE GeoTIFF, UTM 31N), and
+  centred rectangular AOIs covering the given shares of it (default 1%): tiles inferred and wall time of
+  ``run`` against the tiles of the whole scene and the minimum number of full-size tiles covering
+  AOI intersect scene (two counts: without overlap, ``ceil(w/T) * ceil(h/T)``; and with the configured
+  overlap, ``n(w) * n(h)`` with ``n(L) = ceil((L - T) / S) + 1``).
+- ``coast``: a 3,000 x 3,000 px scene placed over the real coastline of Marseille (UTM 31N; the values are
+  generated, only the place is real), ``run --surface sea`` with an AOI covering it: tiles skipped, and a
+  check with the land-mask package's own ``globe.is_ocean`` that no skipped tile has ocean within one mask
+  cell (1/120 degree) of its footprint.
+- ``store``: on the 10,000 x 10,000 px COG of ``benchmarks/tiling.py``: the read/write floor, and
+  ``tile_scene`` with the old default (float32, uncompressed) and float16 with several codecs: MB/s,
+  share of the floor, store bytes / float32 scene bytes; and how many rendered 8-bit pixels (what the
+  model sees) float16 storage changes.
+
+Usage: ``python benchmarks/aoi.py [--parts iw,coast,store] [--shares 0.01,0.1] [--no-write]``.
+Results go to stdout and to ``benchmarks/RESULTS.md`` (section "AOI, triage and tile store (issue 11)").
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import tiling as tiling_bench  # noqa: E402  (benchmarks/tiling.py: the generator and the floor)
+
+WORK = HERE / "_work"
+RESULTS = HERE / "RESULTS.md"
+SECTION = "## AOI, triage and tile store (issue 11)"
+TILE, OVERLAP = 504, 56
+IW_SHAPE = (16_700, 25_000)
+COAST_ORIGIN = (680_000.0, 4_810_000.0)  # UTM 31N: 30 km x 30 km over Marseille and the sea south of it
+CODECS = ("f32-none", "f16-none", "f16-zstd1", "f16-lz4", "f16-bzstd1")
+
+
+def _python() -> list[str]:
+    return [sys.executable]
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def item_for(path: Path, item_id: str) -> dict:
+    """A STAC item (dict) for a generated dual-pol dB GeoTIFF."""
+    import rasterio
+    import shapely
+    from rasterio.warp import transform_geom
+
+    with rasterio.open(path) as src:
+        frame = shapely.box(*src.bounds).segmentize(max(src.res) * 500)
+        geometry = transform_geom(src.crs, "EPSG:4326", shapely.geometry.mapping(frame))
+        shape, transform, epsg = list(src.shape), list(src.transform)[:6], src.crs.to_epsg()
+    bbox = list(shapely.geometry.shape(geometry).bounds)
+    return {
+        "type": "Feature",
+        "stac_version": "1.1.0",
+        "stac_extensions": [],
+        "id": item_id,
+        "geometry": geometry,
+        "bbox": bbox,
+        "properties": {
+            "datetime": "2024-06-01T17:30:00Z",
+            "platform": "sentinel-1",
+            "sar:instrument_mode": "IW",
+            "sar:product_type": "GRD",
+            "sar:polarizations": ["VV", "VH"],
+            "proj:code": f"EPSG:{epsg}",
+            "proj:shape": shape,
+            "proj:transform": transform,
+        },
+        "links": [],
+        "assets": {
+            "sigma0": {
+                "href": str(path),
+                "type": "image/tiff; application=geotiff",
+                "title": "GENERATED VV and VH sigma0, dB",
+                "sar:polarizations": ["VV", "VH"],
+                "raster:bands": [{"data_type": "float32", "unit": "dB"}] * 2,
+                "roles": ["data"],
+            }
+        },
+    }
+
+
+def write_catalog(path: Path, items: list[dict]) -> Path:
+    import stac_geoparquet.arrow as sga
+
+    sga.to_parquet(sga.parse_stac_items_to_arrow(items), path)
+    return path
+
+
+def write_aoi(path: Path, scene: Path, share: float) -> tuple[float, float]:
+    """A centred rectangle covering ``share`` of the scene's area (GeoJSON in the scene CRS); returns its
+    width and height in pixels."""
+    import rasterio
+    import shapely
+
+    with rasterio.open(scene) as src:
+        h, w = src.shape
+        t, epsg = src.transform, src.crs.to_epsg()
+    k = math.sqrt(share)
+    c0, c1 = w * (1 - k) / 2, w * (1 + k) / 2
+    r0, r1 = h * (1 - k) / 2, h * (1 + k) / 2
+    x0, y0 = t * (c0, r0)
+    x1, y1 = t * (c1, r1)
+    geometry = shapely.geometry.mapping(shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
+    doc = {
+        "type": "Feature",
+        "properties": {"name": f"GENERATED AOI, {share:.0%} of {scene.name}"},
+        "crs": {"type": "name", "properties": {"name": f"EPSG:{epsg}"}},
+        "geometry": geometry,
+    }
+    path.write_text(json.dumps(doc))
+    return c1 - c0, r1 - r0
+
+
+def _axis_min(length: float, overlap: bool) -> int:
+    length = math.ceil(length)
+    if length <= TILE:
+        return 1
+    return math.ceil((length - TILE) / (TILE - OVERLAP)) + 1 if overlap else math.ceil(length / TILE)
+
+
+def run_fusarbatch(catalog: Path, aoi: Path, out: Path, *extra: str) -> dict:
+    """``fusarbatch run`` in a subprocess; wall time, tiles stored / inferred / skipped."""
+    from fusarbatch.outputs.geoparquet import read_dataset
+
+    shutil.rmtree(out, ignore_errors=True)
+    argv = [
+        *_python(),
+        "-m",
+        "fusarbatch.cli",
+        "run",
+        "--catalog",
+        str(catalog),
+        "--aoi",
+        str(aoi),
+        "--start",
+        "2024-06",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "16",
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    tiles = read_dataset(out, "tiles")
+    return {
+        "seconds": seconds,
+        "tiles": len(tiles),
+        "inferred": int((tiles.status == "ok").sum()),
+        "skipped": int((tiles.status == "skipped").sum()),
+        "tiles_frame": tiles,
+    }
+
+
+# ------------------------------------------------------------------------------------------ parts
+
+
+def part_iw(shares: list[float]) -> list[dict]:
+    from fusarbatch.tiling.grid import tile_grid
+
+    path = WORK / "generated_iw_grd_16700x25000.tif"
+    t0 = time.perf_counter()
+    tiling_bench.generate(path, IW_SHAPE[0], width=IW_SHAPE[1], cog=False, seed=11)
+    print(f"{path.name}: {path.stat().st_size / 1e9:.2f} GB (ready in {time.perf_counter() - t0:.0f} s)")
+    catalog = write_catalog(WORK / "generated_iw.parquet", [item_for(path, "generated-iw-grd")])
+    whole = tile_grid(*IW_SHAPE, TILE, OVERLAP).n_tiles
+    rows = []
+    for share in shares:
+        aoi = WORK / f"generated_iw_aoi_{share:g}.geojson"
+        w, h = write_aoi(aoi, path, share)
+        res = run_fusarbatch(catalog, aoi, WORK / f"out_iw_{share:g}")
+        res.pop("tiles_frame")
+        row = {
+            "share": share,
+            "aoi_px": (round(w), round(h)),
+            "whole_tiles": whole,
+            "min_no_overlap": _axis_min(w, False) * _axis_min(h, False),
+            "min_overlap": _axis_min(w, True) * _axis_min(h, True),
+            **res,
+        }
+        rows.append(row)
+        print(json.dumps(row))
+    return rows
+
+
+def part_coast() -> dict:
+    import numpy as np
+
+    path = WORK / "generated_coast_marseille_3000.tif"
+    tiling_bench.generate(path, 3000, origin=COAST_ORIGIN, cog=False, seed=12)
+    catalog = write_catalog(WORK / "generated_coast.parquet", [item_for(path, "generated-coast-marseille")])
+    aoi = WORK / "generated_coast_aoi.geojson"
+    write_aoi(aoi, path, 1.0)
+    res = run_fusarbatch(catalog, aoi, WORK / "out_coast", "--surface", "sea")
+    tiles = res.pop("tiles_frame")
+    from global_land_mask import globe  # the package's own lookup (inflates the 933 MB mask: ~10 s)
+
+    cell = 1 / 120
+    wrong = 0
+    for geom in tiles[tiles.status == "skipped"].geometry:
+        lon0, lat0, lon1, lat1 = geom.bounds
+        lons = np.arange(lon0 - cell, lon1 + cell + 1e-9, cell / 4)
+        lats = np.arange(lat0 - cell, lat1 + cell + 1e-9, cell / 4)
+        lo, la = np.meshgrid(lons, lats)
+        wrong += int(globe.is_ocean(la.ravel(), lo.ravel()).any())
+    out = {**res, "skipped_with_ocean_within_one_cell": wrong}
+    out["reasons"] = sorted(set(tiles.reason.dropna()))
+    print(json.dumps(out))
+    return out
+
+
+def _child_tile(path: str, store: str, spec: str) -> dict:
+    import numpy as np
+    import rasterio
+    import shapely
+    import zarr
+
+    import fusarbatch.tiling.store as tiling_store
+    from fusarbatch.catalog.scene import BandRef, Scene
+
+    dtype, codec = spec.split("-")
+    tiling_store.BACKSCATTER_DTYPE = {"f32": np.float32, "f16": np.float16}[dtype]
+    tiling_store.BACKSCATTER_COMPRESSORS = {
+        "none": None,
+        "zstd1": (zarr.codecs.ZstdCodec(level=1),),
+        "lz4": (zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"),),
+        "bzstd1": (zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),),
+    }[codec]
+    with rasterio.open(path) as src:
+        height, width = src.shape
+    scene = Scene(
+        item_id="bench-generated",
+        datetime=dt.datetime(2024, 1, 1, tzinfo=dt.UTC),
+        footprint=shapely.box(3.0, 45.0, 3.1, 45.1),
+        bands={"VV": BandRef(path, 1), "VH": BandRef(path, 2)},
+        scale="db",
+        crs="EPSG:32631",
+    )
+    start = time.perf_counter()
+    result = tiling_store.tile_scene(scene, Path(store))
+    seconds = time.perf_counter() - start
+    if result.status != "ok":
+        raise SystemExit(f"tiling failed: {result.error}")
+    return {
+        "seconds": seconds,
+        "bytes": height * width * 2 * 4,
+        "tiles": result.n_tiles,
+        "store_bytes": sum(f.stat().st_size for f in Path(store).rglob("*") if f.is_file()),
+    }
+
+
+def _run_child(path: Path, spec: str) -> dict:
+    target = WORK / "tiles_issue11.zarr"
+    shutil.rmtree(target, ignore_errors=True)
+    os.sync()
+    proc = subprocess.run(
+        [*_python(), __file__, "--child", str(path), str(target), spec],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    shutil.rmtree(target, ignore_errors=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{spec} failed:\n{proc.stdout}\n{proc.stderr}")
+    out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    out["mb_s"] = out["bytes"] / out["seconds"] / 1e6
+    return out
+
+
+def render_changes(path: Path, n: int = 24) -> dict:
+    """Share of rendered 8-bit pixels (grey and false-colour, what the model sees) that differ between a
+    float32 tile and the same tile stored as float16, on ``n`` tiles of the generated scene."""
+    import numpy as np
+    import rasterio
+    from rasterio.windows import Window
+
+    from fusarbatch.render import render
+
+    rng = np.random.default_rng(0)
+    changed = total = 0
+    worst = 0
+    with rasterio.open(path) as src:
+        for _ in range(n):
+            r, c = (int(v) for v in rng.integers(0, src.height - TILE, 2))
+            tile = src.read(window=Window(c, r, TILE, TILE)).astype(np.float32)
+            tile[tile == tiling_bench.NODATA] = np.nan
+            for mode in ("grey", "false-colour"):
+                a = np.asarray(render(tile, ["VV", "VH"], mode=mode)).astype(int)
+                b = np.asarray(render(tile.astype(np.float16), ["VV", "VH"], mode=mode)).astype(int)
+                changed += int((a != b).sum())
+                total += a.size
+                worst = max(worst, int(np.abs(a - b).max()))
+    return {"changed_share": changed / total, "max_level_change": worst, "tiles": n}
+
+
+def part_store(repeat: int) -> dict:
+    path = WORK / f"generated_s1_dualpol_{tiling_bench.BASE}.tif"
+    tiling_bench.generate(path, tiling_bench.BASE)
+    floors, results = [], {spec: [] for spec in CODECS}
+    for _ in range(repeat):
+        floors.append(tiling_bench.run_case("floor", path))
+        for spec in CODECS:
+            results[spec].append(_run_child(path, spec))
+    floor = min(floors, key=lambda r: r["seconds"])
+    rows = {}
+    for spec, runs in results.items():
+        best = min(runs, key=lambda r: r["seconds"])
+        rows[spec] = {
+            **best,
+            "share_of_floor": best["mb_s"] / floor["mb_s"],
+            "store_ratio": best["store_bytes"] / best["bytes"],
+            "all_seconds": [round(r["seconds"], 2) for r in runs],
+        }
+        print(spec, json.dumps(rows[spec]))
+    render_diff = render_changes(path)
+    print("render", json.dumps(render_diff))
+    return {
+        "floor": floor,
+        "codecs": rows,
+        "render": render_diff,
+        "floor_runs": [round(f["seconds"], 2) for f in floors],
+    }
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def report(iw: list[dict], coast: dict | None, store: dict | None, seconds: float, load: tuple) -> str:
+    import platform
+
+    lines = [
+        SECTION,
+        "",
+        f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by `python benchmarks/aoi.py`; machine: "
+        f"{os.cpu_count()} cores (shared), Linux {platform.machine()}, Python {platform.python_version()}; "
+        f"benchmark wall time {seconds:.0f} s; 1-min load average {load[0]:.1f} at the start, {load[1]:.1f} "
+        "at the end. Every scene is GENERATED (benchmarks/tiling.py's generator); `run` is the CLI with the "
+        "packaged tiny demo model on the CPU, `--max-new-tokens 16`, tiles 504 px, overlap 56 px.",
+        "",
+    ]
+    if iw:
+        lines += [
+            f"AOI-clipped `run` on a GENERATED IW GRD-size scene ({IW_SHAPE[0]:,} x {IW_SHAPE[1]:,} px, "
+            "dual-pol, 10 m, UTM 31N); centred rectangular AOIs:",
+            "",
+            "| AOI share | AOI (px) | whole-scene tiles | min tiles (no overlap / overlap 56) "
+            "| tiles inferred | inferred / min (no overlap / overlap) | `run` wall time (s) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in iw:
+            lines.append(
+                f"| {r['share']:.0%} | {r['aoi_px'][0]} x {r['aoi_px'][1]} | {r['whole_tiles']} | "
+                f"{r['min_no_overlap']} / {r['min_overlap']} | {r['inferred']} | "
+                f"{r['inferred'] / r['min_no_overlap']:.2f}x / {r['inferred'] / r['min_overlap']:.2f}x | "
+                f"{r['seconds']:.0f} |"
+            )
+        lines.append("")
+    if coast:
+        lines += [
+            "`run --surface sea` on a GENERATED 3,000 x 3,000 px scene placed over the real coastline of "
+            "Marseille (UTM 31N, 30 x 30 km; the values are synthetic, the place and the land mask are "
+            f"real): {coast['tiles']} tiles, {coast['skipped']} skipped as land, {coast['inferred']} "
+            f"inferred; skipped tiles with ocean within one mask cell of their footprint (checked with "
+            f"global-land-mask's own `globe.is_ocean` every 1/480 degree): "
+            f"{coast['skipped_with_ocean_within_one_cell']}; wall time {coast['seconds']:.0f} s.",
+            "",
+        ]
+    if store:
+        f = store["floor"]
+        lines += [
+            f"Tile store on the {tiling_bench.BASE:,} x {tiling_bench.BASE:,} px GENERATED COG "
+            f"(benchmarks/tiling.py): floor {f['mb_s']:.0f} MB/s (fastest of {store['floor_runs']}); "
+            "`tile_scene`, fastest of the runs listed, each in a fresh process:",
+            "",
+            "| dtype-codec | MB/s | share of floor | store / float32 scene bytes | runs (s) |",
+            "|---|---|---|---|---|",
+        ]
+        for spec, r in store["codecs"].items():
+            lines.append(
+                f"| {spec} | {r['mb_s']:.0f} | {r['share_of_floor']:.0%} | {r['store_ratio']:.2f}x | "
+                f"{r['all_seconds']} |"
+            )
+        rd = store["render"]
+        lines += [
+            "",
+            f"float16 vs float32 storage, rendered 8-bit (grey and false-colour) on {rd['tiles']} tiles: "
+            f"{rd['changed_share']:.3%} of the pixel values differ, by at most "
+            f"{rd['max_level_change']} level(s).",
+            "",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(text: str) -> None:
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if SECTION in old:
+        head, _, rest = old.partition(SECTION)
+        nxt = rest.find("\n## ")
+        old = head + (rest[nxt + 1 :] if nxt >= 0 else "")
+    RESULTS.write_text(old.rstrip() + "\n\n" + text)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        import resource
+
+        out = _child_tile(*sys.argv[2:5])
+        out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print("RESULT " + json.dumps(out))
+        return
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--parts", default="iw,coast,store")
+    parser.add_argument("--shares", default="0.01", help="AOI shares of the IW scene, e.g. 0.01,0.1,1")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    WORK.mkdir(parents=True, exist_ok=True)
+    started, load0 = time.perf_counter(), os.getloadavg()[0]
+    iw = part_iw([float(s) for s in args.shares.split(",")]) if "iw" in parts else []
+    coast = part_coast() if "coast" in parts else None
+    store = part_store(args.repeat) if "store" in parts else None
+    text = report(iw, coast, store, time.perf_counter() - started, (load0, os.getloadavg()[0]))
+    print(text)
+    if not args.no_write:
+        write_results(text)
+
+
+if __name__ == "__main__":
+    main()
