@@ -258,7 +258,7 @@ class RunConfig(BaseModel):
                 f"{self.cfar_guard_m:g} m"
             )
         if self.engine == "cfar" and self.prescreen != "none":
-            raise ValueError("prescreen: --prescreen cfar is for --engine model (CFAR already answers)")
+            raise ValueError("prescreen: --prescreen cfar is for --engine hf or vllm (CFAR already answers)")
         if self.engine == "cfar" and len(self.labels) != 1:
             raise ValueError(
                 f"labels: --engine cfar takes one label (got {', '.join(self.labels)}): CFAR finds bright "
