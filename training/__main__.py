@@ -164,6 +164,16 @@ def export(
     typer.echo(f"merged model written to {out} ({size / 1e6:.1f} MB)")
 
 
+@app.command()
+def summary(
+    dirs: Annotated[list[Path], typer.Argument(help="fusarbatch eval output folders (metrics.json).")],
+) -> None:
+    """One markdown table (values in %) of several evaluations, each beside its baselines."""
+    from training.summary import summary_table
+
+    typer.echo(summary_table(dirs), nl=False)
+
+
 def main() -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
