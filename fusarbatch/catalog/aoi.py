@@ -33,6 +33,7 @@ from shapely.geometry import MultiPolygon, Polygon, shape
 from shapely.geometry.base import BaseGeometry
 
 from fusarbatch.errors import AOIError
+from fusarbatch.files import read_capped
 
 log = logging.getLogger("fusarbatch.catalog")
 
@@ -141,15 +142,14 @@ def _read_json(path: Path) -> dict[str, Any]:
         size = path.stat().st_size
     except OSError as exc:
         raise AOIError(f"--aoi {path}: cannot read it ({exc.strerror or exc}); check the path") from None
-    if not path.is_file():
-        raise AOIError(f"--aoi {path}: not a file; give a GeoJSON file")
-    if size > MAX_AOI_BYTES:
+    if path.is_file() and size > MAX_AOI_BYTES:
         raise AOIError(
             f"--aoi {path}: the file is {size / 2**20:.0f} MB, more than the {MAX_AOI_BYTES // 2**20} MB "
             f"allowed; simplify the geometry"
         )
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        # a FIFO or device (not a file) is refused before it is opened; the read stops at the cap
+        text = read_capped(path, "--aoi", AOIError, MAX_AOI_BYTES, "give a GeoJSON file").decode("utf-8-sig")
     except OSError as exc:
         raise AOIError(f"--aoi {path}: cannot read it ({exc.strerror or exc}); check the path") from None
     except UnicodeDecodeError:

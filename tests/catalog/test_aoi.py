@@ -208,7 +208,7 @@ def test_missing_file(tmp_path):
 
 
 def test_directory_is_not_a_file(tmp_path):
-    with pytest.raises(AOIError, match="not a file"):
+    with pytest.raises(AOIError, match="a directory, not a regular file"):
         load_aoi(tmp_path)
 
 
