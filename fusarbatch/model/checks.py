@@ -13,13 +13,15 @@ allocate them (e.g. 1e6 layers) and is refused here. Loading itself is
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from fusarbatch.errors import ModelError
-from fusarbatch.files import check_regular, read_capped
+from fusarbatch.files import file_kind, read_capped
 
 TLM_WEIGHTS_FILE = "tlm.safetensors"
 """fusarbatch's TLM weights: the ``film_mlp`` state dict (keys ``0.weight, 0.bias, 2.weight, 2.bias``)."""
@@ -55,8 +57,37 @@ def _not_a_dir(d: Path, what: str) -> ModelError:
     return ModelError(f"{what} {d}: {state}; pass a local model directory")
 
 
+def _regular(d: Path, name: str, what: str) -> os.stat_result:
+    """``os.stat`` of ``d/name`` when it is a regular file (links followed).
+
+    :raises ModelError: it is a FIFO, device, socket or directory (never opened: a FIFO would block).
+    """
+    st = os.stat(d / name)
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelError(
+            f"{what} {d}: {name} is {file_kind(st.st_mode)}, not a regular file; restore the file"
+        )
+    return st
+
+
+def _only_files_and_folders(d: Path, what: str) -> None:
+    """Every entry of ``d`` is a regular file or a folder: the loaders read whatever they find there
+    (``generation_config.json``, ``chat_template.jinja``, ...), and a FIFO would block them.
+
+    :raises ModelError: one line naming the first other entry."""
+    for entry in sorted(d.iterdir()):
+        try:
+            mode = os.stat(entry).st_mode
+        except OSError:  # a dangling link: whatever needs the file reports it missing
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ModelError(
+                f"{what} {d}: {entry.name} is {file_kind(mode)}, not a regular file; remove or restore it"
+            )
+
+
 def _not_too_large(d: Path, name: str, what: str) -> None:
-    st = check_regular(d / name, f"{what} {d}:", ModelError, "restore the file")
+    st = _regular(d, name, what)
     if st.st_size > _MAX_JSON_BYTES:
         raise ModelError(f"{what} {d}: {name} is larger than {_MAX_JSON_BYTES >> 20} MiB; restore the file")
 
@@ -87,7 +118,7 @@ def _tensor_shapes(path: Path, what: str) -> dict[str, list[int]]:
     """
     from safetensors import safe_open
 
-    check_regular(path, f"{what} {path.parent}:", ModelError, "restore the file")  # a FIFO would block
+    _regular(path.parent, path.name, what)  # a FIFO would block the reader
     try:
         with safe_open(str(path), framework="pt") as fh:
             return {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 (not a dict)
@@ -281,6 +312,7 @@ def check_model_dir(model_dir: str | Path) -> Path:
     if not d.is_dir():
         raise _not_a_dir(d, "model dir")
     what = "model dir"
+    _only_files_and_folders(d, what)
     missing: list[str] = []
     if not (d / "config.json").is_file():
         missing.append("config.json")
@@ -345,6 +377,7 @@ def check_adapter_dir(adapter_dir: str | Path, hidden_size: int | None = None) -
     what = "adapter dir"
     if not d.is_dir():
         raise _not_a_dir(d, what)
+    _only_files_and_folders(d, what)
     if (d / "adapter_config.json").is_file() and not any(
         (d / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")
     ):
