@@ -18,16 +18,26 @@ from affine import Affine
 from PIL import Image, ImageDraw
 from shapely.geometry import Polygon
 
+from fusarbatch.outputs import check_inside
 from fusarbatch.render import render
 
 
 def write_quicklook(
-    store: Path, group: str, detections_map: Sequence[Polygon], path: Path, *, max_side: int = 1024
+    store: Path,
+    group: str,
+    detections_map: Sequence[Polygon],
+    path: Path,
+    *,
+    max_side: int = 1024,
+    staged: list[tuple[Path, Path]] | None = None,
 ) -> Path:
     """Write ``path`` (PNG, atomically) for one scene group of the tile store.
 
     :param detections_map: detection polygons in the scene CRS (``Detection.geometry_map``).
     :param max_side: the longer side of the PNG in pixels (the scene is decimated by an integer factor).
+    :param staged: as in :func:`fusarbatch.outputs.geoparquet.write_table`: leave the file under its
+        temporary name and append ``(temporary, final)`` here.
+    :raises UsageError: the quick-look folder leads outside the output folder (a symbolic link).
     """
     g = zarr.open_group(str(store / group), mode="r", zarr_format=3)
     height, width = (int(v) for v in g.attrs["scene_shape"])
@@ -48,10 +58,15 @@ def write_quicklook(
         pts = [to_px @ (x, y) for x, y in np.asarray(poly.exterior.coords)]
         draw.polygon([(c / factor, r / factor) for c, r in pts], outline=(255, 40, 40), width=2)
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_inside(path.parent.parent, path)  # <out>/quicklooks/<name>.png
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         canvas.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
+        if staged is None:
+            os.replace(tmp, path)
+        else:
+            staged.append((tmp, path))
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
     return path
