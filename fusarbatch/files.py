@@ -99,4 +99,6 @@ def read_capped(
 
 
 def _size(n: int) -> str:
-    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n / 2**10:g} KiB"
+    if n >= 2**20:
+        return f"{n / 2**20:g} MiB"
+    return f"{n / 2**10:g} KiB" if n >= 2**10 else f"{n} bytes"

@@ -888,10 +888,10 @@ def collect_status(out: Path, *, runs: int = 5) -> dict[str, Any]:
             if not g.is_dir() or not (g / "zarr.json").is_file():
                 continue
             attrs = group_attrs(g) or {}
-            missing = missing_arrays(g, attrs)
-            if missing:  # e.g. an array folder deleted by hand: the next run tiles the scene again
+            absent = missing_arrays(g, attrs)
+            if absent:  # e.g. an array folder deleted by hand: the next run tiles the scene again
                 groups["corrupt"] += 1
-                corrupt.append({"group": g.name, "missing": missing})
+                corrupt.append({"group": g.name, "missing": absent})
             elif attrs.get("complete") is True:
                 groups["complete"] += 1
             else:
