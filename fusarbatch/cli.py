@@ -136,13 +136,13 @@ def tile(
 ) -> None:
     """Search, then tile every scene into <out>/tiles.zarr (DESIGN 3.2)."""
     from fusarbatch.catalog import search_scenes
-    from fusarbatch.outputs import ensure_writable_dir
+    from fusarbatch.outputs.ledger import prepare_out
     from fusarbatch.report import print_scenes, print_tiling
     from fusarbatch.tiling import tile_scenes
     from fusarbatch.tiling.grid import validate_tiling
 
     validate_tiling(tile_size, overlap)
-    ensure_writable_dir(out)
+    prepare_out(out)  # writable, and no symbolic link where it writes
 
     result = search_scenes(
         aoi=aoi,

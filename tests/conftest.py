@@ -297,16 +297,39 @@ def generated_demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ------------------------------------------------------------------------------ hostile inputs and servers
 
 
+def _release_readers(path: Path) -> bool:
+    """Open the FIFO for writing and close it at once: a reader blocked in ``open()`` goes on and reads
+    end-of-file. False when no reader is waiting (ENXIO)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
-def generated_fifo(path: Path) -> Iterator[Path]:
-    """A real FIFO (named pipe) at ``path``. On exit, a reader still blocked on it (the bug a test looks
-    for) is released by opening the FIFO for writing, then it is removed."""
+def generated_fifo(path: Path, release_after_s: float = 15.0) -> Iterator[Path]:
+    """A real FIFO (named pipe) at ``path``. A reader blocked on it (the bug a test looks for) is released
+    after ``release_after_s`` (it then reads end-of-file), so that such a bug fails the test instead of
+    hanging the suite: a blocked ``open()`` in C code (pyarrow, GDAL) is not interrupted by
+    pytest-timeout's signal. Removed on exit."""
     os.mkfifo(path)
+    done = threading.Event()
+
+    def watchdog() -> None:
+        if done.wait(release_after_s):
+            return
+        while not done.wait(0.1):
+            _release_readers(path)
+
+    thread = threading.Thread(target=watchdog, daemon=True)
+    thread.start()
     try:
         yield path
     finally:
-        with contextlib.suppress(OSError):  # ENXIO: no reader is waiting, nothing to release
-            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        done.set()
+        thread.join(timeout=5)
+        _release_readers(path)
         path.unlink(missing_ok=True)
 
 

@@ -26,7 +26,6 @@ from fusarbatch.catalog.aoi import load_aoi
 from fusarbatch.catalog.spec import resolve_catalog
 from fusarbatch.config import read_config_file
 from fusarbatch.errors import AOIError, CatalogError, FusarbatchError, UsageError
-from fusarbatch.files import MAX_TOML_BYTES, check_regular, read_capped
 from tests.conftest import DEMO_CATALOG, REPO, generated_fifo
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,6 +43,8 @@ def fifo(tmp_path):
 
 
 def test_fifo_device_socket_and_directory_are_refused_unopened(tmp_path, fifo):
+    from fusarbatch.files import check_regular, read_capped
+
     sock_path = tmp_path / "generated.sock"
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(sock_path))
@@ -66,6 +67,8 @@ def test_fifo_device_socket_and_directory_are_refused_unopened(tmp_path, fifo):
 
 
 def test_read_capped_reads_up_to_the_cap_and_no_further(tmp_path):
+    from fusarbatch.files import MAX_TOML_BYTES, read_capped
+
     small = tmp_path / "small.json"
     small.write_bytes(b"x" * 100)
     assert read_capped(small, "--x", UsageError, 100) == b"x" * 100

@@ -361,9 +361,12 @@ def _probe_scheduler(address: str, timeout_s: float) -> None:
     import asyncio
 
     from distributed.comm import connect
+    from distributed.security import Security
+
+    args = Security().get_connection_args("client")  # TLS settings from the Dask config, as a Client's
 
     async def identity() -> Any:
-        comm = await connect(address, timeout=timeout_s)
+        comm = await connect(address, timeout=timeout_s, **args)
         try:
             await comm.write({"op": "identity", "reply": True})
             return await comm.read()
