@@ -242,19 +242,21 @@ def infer_prepared(model_spec: ModelSpec, task: TaskSpec, prepared: PreparedTile
 
 
 def check_logits(model: Any, spec: ModelSpec, image: Any, prompt: str, anchors: Any) -> None:
-    """One forward pass on one tile of a worker's first batch: the logits must be finite. A model with NaN
-    (or infinite) weights otherwise generates garbage that parses as "no target", and a run would end
-    "done" with 0 detections, replacing good outputs.
+    """One forward pass on one tile of a worker's first batch: no logit may be NaN or +inf, and no position
+    may have every logit -inf (a token masked with -inf is allowed). A model with NaN (or infinite) weights
+    otherwise generates garbage that parses as "no target", and a run would end "done" with 0 detections,
+    replacing good outputs.
 
-    :raises ModelError: some logits are NaN or infinite (one line naming the model).
+    :raises ModelError: the logits are broken (one line naming the model).
     """
     import torch
 
     inputs = model.build_inputs([image], [prompt], image_size=model.image_size)
     with torch.inference_mode():
-        logits = model.forward([anchors], **inputs).logits
-    if not bool(torch.isfinite(logits).all()):
-        bad = int((~torch.isfinite(logits)).sum())
+        logits = model.forward([anchors], **inputs).logits.float()
+    bad = int((torch.isnan(logits) | torch.isposinf(logits)).sum())
+    bad += int(torch.isneginf(logits).all(dim=-1).sum()) * logits.shape[-1]
+    if bad:
         name = spec.adapter_dir or spec.model_dir
         raise ModelError(
             f"model {name}: {bad} of {logits.numel()} logits of the first batch are NaN or infinite (NaN or "
