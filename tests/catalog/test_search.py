@@ -549,6 +549,29 @@ def test_api_whose_pages_never_end_fails_at_the_search_deadline(france_aoi):
 
 
 @pytest.mark.timeout(60)
+def test_search_command_ends_at_the_deadline_of_pages_that_never_end(france_aoi, tmp_path):
+    """End to end: ``fusarbatch search`` with a catalog definition (``search_timeout_s = 2``) of a STAC
+    API whose pages never end: one line, exit 2, soon after the deadline (it paged for ever)."""
+    from tests.conftest import run_cli
+
+    with serve(_EndlessStacApi) as url:
+        toml = tmp_path / "endless.toml"
+        toml.write_text(f'kind = "api"\nhref = "{url}"\nsearch_timeout_s = 2\n')
+        t0 = time.monotonic()
+        proc = run_cli("search", "--aoi", str(france_aoi), "--start", "2015-01", "--catalog", str(toml))
+    assert time.monotonic() - t0 < 2 + 30  # the deadline plus a CLI start-up
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "the search did not end within 2 s (pages that never end?); narrow the AOI or dates, or raise "
+            "`search_timeout_s` in a catalog definition"
+        )
+    )
+
+
+@pytest.mark.timeout(60)
 def test_api_pages_beyond_the_search_byte_cap_fail(france_aoi):
     handler = type("PaddedPages", (_EndlessStacApi,), {"pad": 300_000})
     with serve(handler) as url:
@@ -614,7 +637,7 @@ def test_remote_catalog_may_not_name_local_files(tmp_path):
 
 def test_search_command_refuses_local_assets_of_a_remote_catalog(tmp_path):
     """End to end: ``fusarbatch search`` against a real http.server on 127.0.0.1."""
-    from conftest import run_cli
+    from tests.conftest import run_cli
 
     _remote_catalog_with_local_assets(tmp_path)
     args = ["search", "--aoi", str(DEMO_AOIS / "camargue.geojson"), "--start", "2015-01"]
