@@ -25,10 +25,20 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+
+def _path(value: str) -> Path:
+    """A path option's value; an empty one is refused (``Path("")`` would be the current folder)."""
+    if not value.strip():
+        raise typer.BadParameter("empty; give a path")
+    return Path(value)
+
+
 # Options shared by several commands, defined once.
 AoiOpt = Annotated[
     Path,
-    typer.Option("--aoi", help="AOI GeoJSON file: Feature, FeatureCollection or bare geometry, any CRS."),
+    typer.Option(
+        "--aoi", parser=_path, help="AOI GeoJSON file: Feature, FeatureCollection or bare geometry, any CRS."
+    ),
 ]
 StartOpt = Annotated[
     str,
@@ -51,6 +61,12 @@ CollectionOpt = Annotated[
     list[str] | None, typer.Option("--collection", help="Collection id to search (repeatable).")
 ]
 LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="At most this many scenes.")]
+LocalAssetsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-local-assets", help="Read assets that a remote (http/https) catalog names as local files."
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -77,8 +93,10 @@ def search(
     collection: CollectionOpt = None,
     limit: LimitOpt = None,
     save: Annotated[
-        Path | None, typer.Option("--save", help="Write the scenes as stac-geoparquet to this file.")
+        Path | None,
+        typer.Option("--save", parser=_path, help="Write the scenes as stac-geoparquet to this file."),
     ] = None,
+    allow_local_assets: LocalAssetsOpt = False,
 ) -> None:
     """Search a STAC catalog for SAR scenes over an AOI and print them."""
     from fusarbatch.catalog import search_scenes
@@ -92,6 +110,7 @@ def search(
         collections=tuple(collection or ()),
         limit=limit,
         save=save,
+        allow_local_assets=allow_local_assets,
     )
     print_scenes(console, result)
 
@@ -100,7 +119,10 @@ def search(
 def tile(
     aoi: AoiOpt,
     start: StartOpt,
-    out: Annotated[Path, typer.Option("--out", help="Output folder: scenes.parquet and tiles.zarr go here.")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", parser=_path, help="Output folder: scenes.parquet and tiles.zarr go here."),
+    ],
     end: EndOpt = None,
     catalog: CatalogOpt = None,
     collection: CollectionOpt = None,
@@ -110,16 +132,20 @@ def tile(
     whole_scenes: Annotated[
         bool, typer.Option("--whole-scenes", help="Tile whole scenes (default: only around the AOI).")
     ] = False,
+    max_tiles: Annotated[
+        int, typer.Option("--max-tiles", min=1, help="Most tiles per scene (a bigger raster is refused).")
+    ] = 100_000,
+    allow_local_assets: LocalAssetsOpt = False,
 ) -> None:
     """Search, then tile every scene (the tiles the AOI needs) into <out>/tiles.zarr (DESIGN 3.2)."""
     from fusarbatch.catalog import load_aoi, search_scenes
-    from fusarbatch.outputs import ensure_writable_dir
+    from fusarbatch.outputs.ledger import prepare_out
     from fusarbatch.report import print_line, print_scenes, print_tiling
     from fusarbatch.tiling import tile_scenes
     from fusarbatch.tiling.grid import validate_tiling
 
     validate_tiling(tile_size, overlap)
-    ensure_writable_dir(out)
+    prepare_out(out)  # writable, and no symbolic link where it writes
 
     result = search_scenes(
         aoi=aoi,
@@ -129,10 +155,13 @@ def tile(
         collections=tuple(collection or ()),
         limit=limit,
         save=out / "scenes.parquet",
+        allow_local_assets=allow_local_assets,
     )
     print_scenes(console, result)
     clip = None if whole_scenes else load_aoi(aoi).geometry
-    results = tile_scenes(result.scenes, out / "tiles.zarr", tile_size=tile_size, overlap=overlap, aoi=clip)
+    results = tile_scenes(
+        result.scenes, out / "tiles.zarr", tile_size=tile_size, overlap=overlap, aoi=clip, max_tiles=max_tiles
+    )
     print_tiling(console, results, out / "tiles.zarr")
     if (out / "ledger.sqlite").exists():  # a run folder: its GeoParquet was made from the old groups
         print_line(
@@ -164,10 +193,12 @@ def _run_overrides(params: dict[str, object]) -> dict[str, object]:
 @app.command()
 def run(
     config: Annotated[
-        Path | None, typer.Option("--config", help="TOML file with any of these options (flags win).")
+        Path | None,
+        typer.Option("--config", parser=_path, help="TOML file with any of these options (flags win)."),
     ] = None,
     aoi: Annotated[
-        Path | None, typer.Option("--aoi", help="AOI GeoJSON file: Feature, FeatureCollection or geometry.")
+        Path | None,
+        typer.Option("--aoi", parser=_path, help="AOI GeoJSON file: Feature, FeatureCollection or geometry."),
     ] = None,
     start: Annotated[
         str | None,
@@ -177,18 +208,21 @@ def run(
     catalog: CatalogOpt = None,
     collection: CollectionOpt = None,
     limit: LimitOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: out).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", parser=_path, help="Output folder (default: out).")
+    ] = None,
     model: Annotated[
         Path | None,
         typer.Option(
             "--model",
+            parser=_path,
             help="Model directory, or a FUSAR-GPT checkpoint (TLM + LoRA) on top of --base-model "
             "(default: the packaged demo model).",
         ),
     ] = None,
     base_model: Annotated[
         Path | None,
-        typer.Option("--base-model", help="Base Qwen2.5-VL directory of a checkpoint --model."),
+        typer.Option("--base-model", parser=_path, help="Base Qwen2.5-VL directory of a checkpoint --model."),
     ] = None,
     engine: Annotated[
         str | None,
@@ -271,6 +305,10 @@ def run(
     workers: Annotated[
         int | None, typer.Option("--workers", help="LocalCluster model workers, one per GPU (1).")
     ] = None,
+    dashboard: Annotated[
+        bool | None,
+        typer.Option("--dashboard", help="Serve the LocalCluster's Dask dashboard on 127.0.0.1 (off)."),
+    ] = None,
     device: Annotated[
         str | None, typer.Option("--device", help="cuda or cpu (default: cuda if present).")
     ] = None,
@@ -279,7 +317,18 @@ def run(
         typer.Option("--require-gpu", help="Fail when no GPU is visible instead of using the CPU."),
     ] = None,
     task_timeout_s: Annotated[
-        float | None, typer.Option("--task-timeout", help="Seconds before one batch counts as hung.")
+        float | None,
+        typer.Option(
+            "--task-timeout",
+            help="Seconds before one batch (or tiling without a live worker) counts as hung.",
+        ),
+    ] = None,
+    max_tiles: Annotated[
+        int | None, typer.Option("--max-tiles", help="Most tiles per scene (100000); more is refused.")
+    ] = None,
+    allow_local_assets: Annotated[
+        bool | None,
+        typer.Option("--allow-local-assets", help="Read local assets named by a remote catalog (off)."),
     ] = None,
     quicklooks: Annotated[
         bool | None, typer.Option("--quicklooks/--no-quicklooks", help="PNG per scene (on).")
@@ -298,7 +347,9 @@ def run(
     wait: Annotated[
         bool | None, typer.Option("--wait", help="Wait for a run holding --out instead of exiting 75.")
     ] = None,
-    log_file: Annotated[Path | None, typer.Option("--log-file", help="Append JSON-lines logs here.")] = None,
+    log_file: Annotated[
+        Path | None, typer.Option("--log-file", parser=_path, help="Append JSON-lines logs here.")
+    ] = None,
 ) -> None:
     """Search, tile, attach AlphaEarth anchors, run FUSAR-GPT (or --engine cfar) and write GeoParquet.
 
@@ -360,7 +411,7 @@ def config_show(ctx: typer.Context) -> None:
 
 @app.command()
 def status(
-    out: Annotated[Path, typer.Option("--out", help="Output folder of `fusarbatch run`.")],
+    out: Annotated[Path, typer.Option("--out", parser=_path, help="Output folder of `fusarbatch run`.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
     runs: Annotated[int, typer.Option("--runs", min=1, help="How many recent runs to list.")] = 5,
 ) -> None:
@@ -380,7 +431,7 @@ def status(
 
 @app.command()
 def features(
-    out: Annotated[Path, typer.Option("--out", help="Output folder holding tiles.zarr.")],
+    out: Annotated[Path, typer.Option("--out", parser=_path, help="Output folder holding tiles.zarr.")],
     aef_index: Annotated[
         str | None,
         typer.Option("--aef-index", help="AlphaEarth index (GeoParquet/CSV), local or fsspec URL."),

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fusarbatch.errors import UsageError
+from fusarbatch.files import MAX_TOML_BYTES, read_capped
 
 _NAME = re.compile(r"[\w][\w .\-/]*")  # labels and classes: words, no control characters or markup
 
@@ -174,12 +175,31 @@ class RunConfig(BaseModel):
     )
     scheduler: str | None = Field(None, description="Dask scheduler address; default: a LocalCluster.")
     scheduler_timeout_s: float = Field(
-        20.0, gt=0, description="Seconds to reach --scheduler before giving up."
+        20.0, gt=0, le=3600, allow_inf_nan=False, description="Seconds to reach --scheduler before giving up."
     )
-    workers: int = Field(1, ge=1, description="Model workers of the LocalCluster (one per GPU).")
+    workers: int = Field(1, ge=1, le=64, description="Model workers of the LocalCluster (one per GPU).")
+    dashboard: bool = Field(
+        False, description="Serve the LocalCluster's Dask dashboard (on 127.0.0.1, a free port; logged)."
+    )
     device: str | None = Field(None, description="cuda, cpu or None (cuda when available).")
     require_gpu: bool = Field(False, description="Fail instead of falling back to CPU.")
-    task_timeout_s: float = Field(1800.0, gt=0, description="Seconds before one batch counts as hung.")
+    task_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        le=7 * 86400,
+        allow_inf_nan=False,
+        description="Seconds before one batch, or a scene's tiling on a cluster without a live worker, "
+        "counts as hung.",
+    )
+    max_tiles: int = Field(
+        100_000,
+        ge=1,
+        description="Most tiles one scene may have; a raster whose header claims more is refused before "
+        "any task is built.",
+    )
+    allow_local_assets: bool = Field(
+        False, description="Read assets that a remote (http/https) catalog names as local files."
+    )
     quicklooks: bool = Field(True, description="Write a PNG per scene with the detections drawn.")
     since_last_run: bool = Field(
         False,
@@ -194,6 +214,13 @@ class RunConfig(BaseModel):
     force: bool = Field(False, description="Redo every scene found, even those done with the same hashes.")
     wait: bool = Field(False, description="Wait for another run on the same --out instead of exiting 75.")
     log_file: Path | None = Field(None, description="Also append JSON-lines logs to this file.")
+
+    @field_validator(*_PATH_FIELDS, "base_model", mode="before")
+    @classmethod
+    def _no_empty_path(cls, v: Any, info: Any) -> Any:
+        if isinstance(v, str | Path) and not str(v).strip():  # Path("") is "." (the current folder)
+            raise ValueError("empty; give a path")
+        return v
 
     @field_validator("labels", "classes")
     @classmethod
@@ -347,11 +374,13 @@ def _jsonable(value: Any) -> Any:
 def read_config_file(path: Path) -> dict[str, Any]:
     """The TOML file as config keys (``-`` -> ``_``; relative path fields resolved against its folder).
 
-    :raises UsageError: unreadable file or TOML, a table where a value is expected.
+    :raises UsageError: unreadable file or TOML, a table where a value is expected, not a regular file
+        (a FIFO or device is never opened), larger than :data:`~fusarbatch.files.MAX_TOML_BYTES`.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not an error
+        raw_bytes = read_capped(path, "--config", UsageError, MAX_TOML_BYTES, "give a TOML file")
+        text = raw_bytes.decode("utf-8-sig")  # a BOM (Windows editors) is not an error
     except FileNotFoundError:
         raise UsageError(f"--config {path}: no such file; give the path of a TOML file") from None
     except (OSError, UnicodeDecodeError) as exc:

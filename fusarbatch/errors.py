@@ -9,6 +9,8 @@ Exit codes (README): 0 all done, 1 some scenes failed or a runtime error, 2 usag
 
 from __future__ import annotations
 
+import errno
+
 
 class FusarbatchError(Exception):
     """Base class: a one-line, user-facing error. ``exit_code`` is what the CLI exits with."""
@@ -43,3 +45,33 @@ class ModelError(FusarbatchError):
     """A model, adapter or TLM directory is missing, incomplete or does not match (exit code 2)."""
 
     exit_code = 2
+
+
+class NoWorkerError(FusarbatchError):
+    """The Dask cluster has had no live worker for longer than the task timeout (the only worker died):
+    the run stops sending work to it; the scenes not done fail with this message."""
+
+
+#: errno values that mean "the output device is full" (or a per-user or per-file limit on it was hit).
+_DISK_FULL = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file-size limit"}
+
+
+def disk_full(exc: BaseException, writing: str = "the outputs") -> str | None:
+    """One line when ``exc`` (or an exception in its cause/context chain) is a write that failed for lack of
+    space: ``disk full (No space left on device: '<path>') while writing <writing>; ...``, ``disk quota
+    exceeded (...)`` or ``disk full: file-size limit reached (File too large)`` (``RLIMIT_FSIZE``,
+    ``ulimit -f``); else ``None``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL:
+            where = f": {current.filename!r}" if current.filename else ""
+            what = _DISK_FULL[current.errno]
+            head = "disk full: file-size limit reached" if current.errno == errno.EFBIG else what
+            return (
+                f"{head} ({current.strerror}{where}) while writing {writing}; free space, then rerun "
+                "(earlier outputs are kept)"
+            )
+        current = current.__cause__ or current.__context__
+    return None

@@ -62,13 +62,24 @@ from fusarbatch.catalog import Scene
 from fusarbatch.config import RunConfig
 from fusarbatch.engines import Engine, open_engine
 from fusarbatch.engines.prescreen import prescreen_skips
-from fusarbatch.errors import AOIError, FusarbatchError, UsageError
+from fusarbatch.errors import AOIError, FusarbatchError, ModelError, NoWorkerError, UsageError, disk_full
 from fusarbatch.features import open_source, write_scene_features_or_empty
 from fusarbatch.inference.geo import Detection, MapProjector, TileGeometry, scene_detections
-from fusarbatch.inference.workers import start_client
+from fusarbatch.inference.workers import (
+    start_client,
+)
+from fusarbatch.outputs import (
+    AEF_ARRAYS,
+    SCENE_ARRAYS,
+    discard_staged,
+    group_attrs,
+    missing_arrays,
+    publish_staged,
+    zarr_temp_files,
+)
 from fusarbatch.outputs.geoparquet import KINDS, count_column, write_table
 from fusarbatch.outputs.ledger import Ledger, RunLock, new_run_id, prepare_out, utc_now
-from fusarbatch.outputs.provenance import OUTPUTS_MADE_FROM, group_attrs, outputs_out_of_step
+from fusarbatch.outputs.provenance import OUTPUTS_MADE_FROM, outputs_out_of_step
 from fusarbatch.outputs.quicklook import write_quicklook
 from fusarbatch.tiling import tile_scene
 from fusarbatch.tiling.clip import aoi_digest, aoi_in_map, centres_inside
@@ -170,6 +181,8 @@ class _Context:
     searched_at: str = ""
     aoi: Any = None
     """The AOI (EPSG:4326 geometry) that clips tiling and outputs; None: whole scenes."""
+    no_worker: str | None = None
+    """Set when the cluster lost its workers: the scenes not tiled yet fail with it, untried."""
 
 
 def run(
@@ -257,6 +270,7 @@ def _run_locked(
             workers=cfg.workers,
             connect_timeout_s=cfg.scheduler_timeout_s,
             gpu=ctx.engine.resources is not None,
+            dashboard=cfg.dashboard,
         )
         try:
             ctx.client = client
@@ -368,7 +382,7 @@ def _find_scenes(ctx: _Context) -> tuple[list[Scene], tuple[dt.datetime | None, 
         raise UsageError(f"the search window starts after --end {cfg.end}: nothing to search")
     area = load_aoi(Path(str(cfg.aoi)))  # a bad AOI file is an error even in an incremental run
     try:
-        result = search(spec, area, first, end, limit=cfg.limit)
+        result = search(spec, area, first, end, limit=cfg.limit, allow_local_assets=cfg.allow_local_assets)
     except AOIError:
         if not incremental:
             raise
@@ -428,7 +442,7 @@ def _redo_reason(ctx: _Context, rec: Any) -> str | None:
     missing = [p for p in rec.outputs if not (ctx.cfg.out / p).is_file()]
     if missing or not rec.outputs:
         return f"output file(s) missing ({', '.join(missing[:2]) or 'none recorded'}): redoing it"
-    out_of_step = outputs_out_of_step(group_attrs(ctx.store, rec.group))
+    out_of_step = outputs_out_of_step(group_attrs(ctx.store / rec.group) or {})
     if out_of_step:
         return f"{out_of_step}: redoing it, so that tiles.zarr and the GeoParquet agree"
     return None
@@ -548,6 +562,8 @@ def _fail(ctx: _Context, p: _Pending, exc: BaseException | str) -> None:
     outcome.status = "failed"
     if isinstance(exc, str):
         outcome.error = exc
+    elif (full := disk_full(exc, f"the {outcome.stage} stage's files")) is not None:
+        outcome.error = full
     else:
         outcome.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if not isinstance(exc, FusarbatchError):
@@ -560,6 +576,9 @@ def _tile_and_submit(ctx: _Context, scene: Scene) -> _Pending:
     cfg = ctx.cfg
     outcome = SceneOutcome(scene.item_id)
     p = _Pending(scene, scene.safe_id, outcome, [], time.perf_counter())
+    if ctx.no_worker is not None:
+        _fail(ctx, p, f"not tried: {ctx.no_worker}")
+        return p
     try:
         t0 = time.perf_counter()
         reuse_tiles = _reusable(ctx, scene, "tile")  # before _stage resets the stage rows
@@ -577,6 +596,8 @@ def _tile_and_submit(ctx: _Context, scene: Scene) -> _Pending:
                 overlap=cfg.overlap,
                 min_valid=cfg.min_valid,
                 aoi=ctx.aoi,
+                max_tiles=cfg.max_tiles,
+                timeout_s=cfg.task_timeout_s,
             )
             p.group = tiled.group
             if tiled.status != "ok":
@@ -624,6 +645,8 @@ def _tile_and_submit(ctx: _Context, scene: Scene) -> _Pending:
             )
     except Exception as exc:  # one scene's failure never stops the run
         _fail(ctx, p, exc)
+        if isinstance(exc, NoWorkerError):
+            ctx.no_worker = str(exc)
     return p
 
 
@@ -632,9 +655,17 @@ def _reusable(ctx: _Context, scene: Scene, stage: str) -> bool:
     and the Zarr group is complete for it (``complete`` / ``aef_complete``) with the same tiling."""
     if ctx.cfg.force or ctx.ledger.stage_hash(scene.item_id, stage) != ctx.cfg.stage_hash(stage):
         return False
-    try:
-        attrs = dict(zarr.open_group(str(ctx.store / scene.safe_id), mode="r", zarr_format=3).attrs)
-    except Exception:
+    group = ctx.store / scene.safe_id
+    attrs = group_attrs(group)
+    if attrs is None:
+        return False
+    missing = missing_arrays(group, attrs) or [
+        name for name in (AEF_ARRAYS if stage == "features" else SCENE_ARRAYS) if not (group / name).is_dir()
+    ]
+    if missing:  # e.g. deleted by hand: tile (or sample) it again instead of failing on it every run
+        log.warning(
+            "scene %s: tiles.zarr/%s lacks %s; doing its %s again", scene.item_id, group.name, missing, stage
+        )
         return False
     same_tiling = (
         attrs.get("complete") is True
@@ -703,8 +734,11 @@ def _finish(ctx: _Context, p: _Pending) -> tuple[float, int]:
         )
         if cfg.prune_tiles:  # outputs written and recorded: the tiles can go (a rerun re-tiles)
             shutil.rmtree(ctx.store / p.group, ignore_errors=True)
-    except Exception as exc:  # one scene's failure never stops the run
+    except Exception as exc:  # one scene's failure never stops the run ...
         _fail(ctx, p, exc)
+        if isinstance(exc, ModelError):  # ... but a broken model would fail every scene the same way
+            _scene_done_event(ctx, p)
+            raise
     _scene_done_event(ctx, p)
     return generate_s, prompts
 
@@ -814,25 +848,31 @@ def _write_scene(ctx: _Context, p: _Pending, answers: dict[int, Any]) -> None:
         }
         for d in detections
     ]
+    # every file is written to a temporary name first, and renamed into place only when all are: a
+    # failure (a full disk) leaves the last good outputs of the scene as they were, none replaced
     out = cfg.out
-    outcome.outputs = [write_table(det_rows, out, "detections", scene.datetime, p.group)]
-    _pause_hook("write", outcome.scene_id)
-    outcome.outputs += [
-        write_table(tile_rows, out, "tiles", scene.datetime, p.group),
-        write_table(count_rows, out, "counts", scene.datetime, p.group),
-    ]
+    staged: list[tuple[Path, Path]] = []
     quicklook = out / "quicklooks" / f"{p.group}.png"
-    if cfg.quicklooks:
-        outcome.outputs.append(
+    try:
+        write_table(det_rows, out, "detections", scene.datetime, p.group, staged=staged)
+        write_table(tile_rows, out, "tiles", scene.datetime, p.group, staged=staged)
+        write_table(count_rows, out, "counts", scene.datetime, p.group, staged=staged)
+        if cfg.quicklooks:
             write_quicklook(
                 store,
                 p.group,
                 [d.geometry_map for d in detections],
                 quicklook,
                 aoi_map=None if ctx.aoi is None else _aoi_map(ctx.aoi, g),
+                staged=staged,
             )
-        )
-    else:
+        publish_staged(staged[:1])
+        _pause_hook("write", outcome.scene_id)
+        publish_staged(staged[1:])
+    finally:
+        discard_staged(staged)
+    outcome.outputs = [final for _, final in staged]
+    if not cfg.quicklooks:
         quicklook.unlink(missing_ok=True)  # outputs equal a run made with this configuration
 
 
@@ -860,9 +900,14 @@ _ZARR_LEFTOVER = re.compile(r"^\..+\.(?:partial|old)-(?P<pid>\d+)$")
 def sweep_leftovers(out: Path) -> list[str]:
     """Delete what killed runs left behind: temporary output files (``.<name>.tmp-<pid>``, written by
     :func:`~fusarbatch.outputs.geoparquet.write_table` and the quick-look writer) and partial or old Zarr
-    scene groups (``tiles.zarr/.<group>.partial-<pid>`` / ``.old-<pid>``) of processes that are gone.
-    Returns the paths removed, relative to ``out``."""
+    scene groups (``tiles.zarr/.<group>.partial-<pid>`` / ``.old-<pid>``) of processes that are gone, and
+    Zarr's own temporary metadata files (``tiles.zarr/zarr.<uuid>.partial``, in the store root, a group or
+    an array: :func:`~fusarbatch.outputs.zarr_temp_files`; the caller holds the run lock, so no writer
+    is left). Returns the paths removed, relative to ``out``."""
     removed: list[str] = []
+    for path in zarr_temp_files(out / "tiles.zarr"):
+        path.unlink(missing_ok=True)
+        removed.append(str(path.relative_to(out)))
     candidates: list[tuple[Path, re.Pattern[str]]] = []
     for kind in (*KINDS, "quicklooks"):
         base = out / kind

@@ -186,6 +186,8 @@ def print_status(console: Console, status: dict[str, Any]) -> None:
         lock_line = f"lock: held by a running run ({who}, run {holder.get('run_id')})"
     elif lock["stale"]:
         lock_line = f"lock: free; left by a run that died ({who}): the next run takes it over"
+    elif lock.get("unreadable"):
+        lock_line = f"lock: free; {status['out']}/run.lock holds unreadable content: the next run replaces it"
     else:
         lock_line = "lock: free"
     print_line(console, f"{status['ledger']}: {status['scenes_total']} scene(s); {lock_line}")
@@ -256,8 +258,8 @@ def print_status(console: Console, status: dict[str, Any]) -> None:
     z = disk["tiles.zarr"]
     lines = [
         f"tiles.zarr: {z['complete']} complete scene group(s), {z['failed']} failure marker(s), "
-        f"{z['incomplete']} incomplete, {_size(z.get('bytes', 0))} (--prune-tiles keeps only the tiles of "
-        "scenes not yet done)",
+        f"{z['incomplete']} incomplete, {z.get('corrupt', 0)} with arrays missing, "
+        f"{_size(z.get('bytes', 0))} (--prune-tiles keeps only the tiles of scenes not yet done)",
         f"done scenes with missing output files: {len(status['missing_outputs'])}"
         + (
             f" (e.g. {status['missing_outputs'][0]['path']}; the next run redoes them)"
@@ -270,6 +272,11 @@ def print_status(console: Console, status: dict[str, Any]) -> None:
     stale = status.get("out_of_step", [])
     lines.append(f"done scenes whose tiles.zarr group changed since their outputs were made: {len(stale)}")
     lines += [f"  {s['scene_id']}: {s['reason']}; {s['action']}" for s in stale[:10]]
+    for c in status.get("corrupt_groups", []):
+        lines.append(
+            f"tiles.zarr/{c['group']}: arrays missing ({', '.join(c['missing'])}); the next run tiles "
+            "the scene again (or use --force)"
+        )
     for line in lines:
         print_line(console, line)
 

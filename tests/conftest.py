@@ -5,7 +5,11 @@ Fixtures that generate data say so in their names ("generated").
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import http.server
+import io
 import json
 import os
 import shutil
@@ -348,3 +352,96 @@ def generated_fixed_answer_model(tmp_path_factory: pytest.TempPathFactory) -> Pa
     out = fusar.save_full(root / "model")
     assert json.loads((out / "tlm_config.json").read_text())["image_size"] == FIXED_GRID
     return out
+
+
+# ------------------------------------------------------------------------------ hostile inputs and servers
+
+
+def _release_readers(path: Path) -> bool:
+    """Open the FIFO for writing and close it at once: a reader blocked in ``open()`` goes on and reads
+    end-of-file. False when no reader is waiting (ENXIO)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def generated_fifo(path: Path, release_after_s: float = 15.0) -> Iterator[Path]:
+    """A real FIFO (named pipe) at ``path``. A reader blocked on it (the bug a test looks for) is released
+    after ``release_after_s`` (it then reads end-of-file), so that such a bug fails the test instead of
+    hanging the suite: a blocked ``open()`` in C code (pyarrow, GDAL) is not interrupted by
+    pytest-timeout's signal. Removed on exit."""
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def watchdog() -> None:
+        if done.wait(release_after_s):
+            return
+        while not done.wait(0.1):
+            _release_readers(path)
+
+    thread = threading.Thread(target=watchdog, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        _release_readers(path)
+        path.unlink(missing_ok=True)
+
+
+class RangeFileHandler(http.server.SimpleHTTPRequestHandler):
+    """``http.server``'s file handler plus single byte ranges (GDAL's ``/vsicurl/`` reads COGs by range),
+    quiet."""
+
+    def send_head(self):  # type: ignore[no-untyped-def]
+        spec = self.headers.get("Range", "")
+        path = Path(self.translate_path(self.path))
+        if not spec.startswith("bytes=") or not path.is_file():
+            return super().send_head()
+        data = path.read_bytes()
+        first, _, last = spec[len("bytes=") :].split(",")[0].partition("-")
+        start = int(first) if first else max(0, len(data) - int(last))
+        end = min(len(data) - 1, int(last)) if first and last else len(data) - 1
+        body = data[start : end + 1]
+        self.send_response(206)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        return io.BytesIO(body)
+
+    def end_headers(self) -> None:
+        if "Range" not in self.headers:
+            self.send_header("Accept-Ranges", "bytes")
+        super().end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serve(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A real threaded ``http.server`` on a free 127.0.0.1 port with ``handler``; yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def serve_directory(root: Path) -> Iterator[str]:
+    """The files under ``root`` over HTTP on 127.0.0.1, byte ranges included; yields the base URL."""
+    handler = functools.partial(RangeFileHandler, directory=str(root))
+    with serve(handler) as url:  # type: ignore[arg-type]
+        yield url

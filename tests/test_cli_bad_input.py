@@ -137,3 +137,28 @@ def test_save_needs_a_parquet_name_and_huge_numbers_in_an_aoi_are_an_aoi_error(t
     aoi = tmp_path / "generated_bigint.geojson"
     aoi.write_text('{"type": "Point", "coordinates": [' + "9" * 5000 + ", 1]}")
     assert_usage_error(run_cli("search", "--aoi", str(aoi), "--start", "2015-01"), "unreadable JSON")
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--out", ""], "Invalid value for '--out': empty; give a path"),
+        (["--out", " "], "Invalid value for '--out': empty; give a path"),
+        (["--workers", "1000000"], "workers: Input should be less than or equal to 64"),
+        (["--task-timeout", "inf"], "task_timeout_s: Input should be a finite number"),
+        (["--scheduler-timeout", "1e300"], "scheduler_timeout_s: Input should be less than or equal to 3600"),
+    ],
+    ids=["out-empty", "out-blank", "workers-1e6", "timeout-inf", "scheduler-timeout-huge"],
+)
+def test_absurd_run_options_are_usage_errors(tmp_path, flags, needle):
+    """Issue 10: ``--out ''`` was the current folder, a million workers a million threads, an infinite
+    task timeout a wait for ever."""
+    proc = run_cli("run", "--aoi", CAMARGUE, "--start", "2015-01", *(["--out", str(tmp_path / "o")]), *flags)
+    assert_usage_error(proc, needle)
+    assert not (tmp_path / "o").exists() and not (REPO / "run.lock").exists()
+
+
+def test_empty_out_in_a_config_file_is_a_usage_error(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(f'aoi = "{CAMARGUE}"\nstart = "2015-01"\nout = ""\n')
+    assert_usage_error(run_cli("run", "--config", str(config)), f"--config {config}: out: empty; give a path")

@@ -229,7 +229,12 @@ def test_sigkill_during_tiling_or_writing_then_rerun_equals_uninterrupted(
         assert not (out / "tiles" / "date=2017-03-01" / f"{SEN12MS}.parquet").exists()
     kill(proc)
     dead = status_json(out)
-    assert dead["lock"] == {"held": False, "holder": dead["lock"]["holder"], "stale": True}
+    assert dead["lock"] == {
+        "held": False,
+        "holder": dead["lock"]["holder"],
+        "stale": True,
+        "unreadable": False,
+    }
     assert dead["lock"]["holder"]["pid"] == proc.pid and dead["running_without_run"] >= 1
     rerun = run_cli(*run_args(out, generated_demo_model), timeout=BOUNDED_S)
     assert rerun.returncode == 0, rerun.stderr
@@ -321,7 +326,7 @@ def test_sigterm_stops_the_run_cleanly(generated_demo_model, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 130
     status = status_json(out)
-    assert status["lock"] == {"held": False, "holder": None, "stale": False}  # released, file emptied
+    assert status["lock"] == {"held": False, "holder": None, "stale": False, "unreadable": False}  # emptied
     assert status["runs"][0]["status"] == "interrupted" and status["runs"][0]["exit_code"] == 130
     assert [(f["scene_id"], f["status"], f["stage"]) for f in status["failures"]] == [
         (CAMARGUE, "interrupted", "infer")
@@ -379,8 +384,9 @@ def test_disk_full_while_writing_fails_the_scenes_and_loses_nothing(
     first = run_cli(*run_args(out, generated_demo_model), timeout=BOUNDED_S)
     assert first.returncode == 0, first.stderr
     before = snapshot(out)
-    # --force redoes every scene; when the first one reaches its writing, the disk is filled up
-    proc, info, pause = start_paused(out, generated_demo_model, "write:1", tmp_path, "--force")
+    # --force redoes every scene; when the first one's answers come in, just before its outputs are
+    # written (to temporary names, renamed together once all are), the disk is filled up
+    proc, info, pause = start_paused(out, generated_demo_model, "infer:1", tmp_path, "--force")
     assert info["scene"] == CAMARGUE
     ballast = small_filesystem / "ballast"
     free = os.statvfs(small_filesystem).f_bavail * os.statvfs(small_filesystem).f_frsize
@@ -388,14 +394,15 @@ def test_disk_full_while_writing_fails_the_scenes_and_loses_nothing(
         fh.write(b"\0" * max(0, free - 64 * 1024))
     pause.unlink()  # let the run go on
     proc.wait(timeout=BOUNDED_S)
-    err = (tmp_path / "paused-write-1.err").read_text()
+    err = (tmp_path / "paused-infer-1.err").read_text()
     assert proc.returncode == 1, err
     status = status_json(out)
     failures = {f["scene_id"]: f for f in status["failures"]}
-    # camargue fails while its outputs are written; the quick-look scene while its tiles are (its old
-    # group is then replaced by a failure marker, which frees room: SEN12MS may get through)
+    # camargue fails while its outputs are written; the quick-look scene while its tiles are (its old,
+    # complete group stays: issue 10)
     assert failures[CAMARGUE]["stage"] == "write" and failures[QUICKLOOK]["stage"] == "tile", err
-    assert all("No space left on device" in f["reason"] for f in failures.values()), failures
+    assert all("disk full (No space left on device" in f["reason"] for f in failures.values()), failures
+    assert status["disk"]["tiles.zarr"]["complete"] == 3
     assert set(failures) | {r["scene"] for r in events(err, "scene_done") if r["status"] == "ok"} == set(ALL)
     assert status["leftovers"] == []  # temporary files were removed
     assert_snapshot(out, before)  # every earlier table and quick-look is intact, none truncated
@@ -404,9 +411,11 @@ def test_disk_full_while_writing_fails_the_scenes_and_loses_nothing(
 
 
 def test_file_size_limit_fails_the_scenes_cleanly(reference, generated_demo_model, tmp_path):
-    """RLIMIT_FSIZE (no privileges needed): 150 kB per file lets the single-polarisation scene through
-    (its float16 + zstd tile chunk: ~95 kB) and stops the dual-polarisation ones (~0.2 and ~1.1 MB chunks)
-    while they are written."""
+    """RLIMIT_FSIZE (no privileges needed; writes fail with EFBIG, as on a full disk): 150 kB per file lets
+    the single-polarisation scene through (its float16 + zstd tile chunk: ~95 kB) and stops the
+    dual-polarisation ones (~0.2 and ~1.1 MB chunks) while they are written, in a --force redo. Their
+    complete groups of the earlier run stay (issue 10: failure markers replaced them), and the reason says
+    disk full, not a source raster."""
     ref, _, _ = reference
     out = tmp_path / "out"
     shutil.copytree(ref, out)
@@ -428,11 +437,20 @@ def test_file_size_limit_fails_the_scenes_cleanly(reference, generated_demo_mode
     assert proc.returncode == 1, proc.stderr
     failed = {r["scene"]: r for r in events(proc.stderr, "scene_done") if r["status"] == "failed"}
     assert sorted(failed) == sorted((SEN12MS, QUICKLOOK))
-    assert all("File too large" in r["error"] and r["stage"] == "tile" for r in failed.values())
+    assert all(r["stage"] == "tile" for r in failed.values())
+    assert {r["error"] for r in failed.values()} == {
+        "tile: disk full: file-size limit reached (File too large) while writing the tile store; free space, "
+        "then rerun (earlier outputs are kept)"
+    }
     assert re.search(r"^S1A_IW_GRD_20150309T173017_VV_camargue\s+ok\s", proc.stdout, re.M)
     assert_snapshot(out, before)
     status = status_json(out)
-    assert status["leftovers"] == [] and status["disk"]["tiles.zarr"]["failed"] == 2
+    assert status["leftovers"] == []
+    assert status["disk"]["tiles.zarr"] == {"complete": 3, "failed": 0, "incomplete": 0, "corrupt": 0}
+    for scene in (SEN12MS, QUICKLOOK):  # the last good tiles, as the reference run wrote them
+        g_ref = zarr.open_group(str(ref / "tiles.zarr" / scene), mode="r")
+        g_out = zarr.open_group(str(out / "tiles.zarr" / scene), mode="r")
+        np.testing.assert_array_equal(g_out["backscatter"][:], g_ref["backscatter"][:])
     assert {(r["status"], r["n"]) for r in status["scenes"]} == {("done", 1), ("failed", 2)}
 
 
@@ -642,4 +660,6 @@ def test_unreachable_scheduler_fails_within_the_timeout(generated_demo_model, tm
     status = status_json(tmp_path / "out")
     last = status["runs"][0]
     assert last["status"] == "error" and last["exit_code"] == 1 and address in last["error"]
-    assert status["scenes_total"] == 0 and status["lock"] == {"held": False, "holder": None, "stale": False}
+    assert (
+        status["scenes_total"] == 0 and status["lock"]["held"] is False and status["lock"]["holder"] is None
+    )

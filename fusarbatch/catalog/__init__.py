@@ -40,6 +40,7 @@ def search_scenes(
     limit: int | None = None,
     save: Path | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
+    allow_local_assets: bool = False,
 ) -> SearchResult:
     """Search a catalog for the scenes over an AOI in a period (the ``search`` command).
 
@@ -53,6 +54,8 @@ def search_scenes(
     :param limit: at most this many scenes (see :func:`~fusarbatch.catalog.search.search`).
     :param save: write the scenes to this stac-geoparquet file (atomically).
     :param page_size: items per page of an API search.
+    :param allow_local_assets: keep items of a remote catalog whose assets are local files (see
+        :func:`~fusarbatch.catalog.search.search`).
     :returns: scenes sorted by (datetime, item id), the AOI share each covers, the catalog spec, the AOI
         and where the scenes were saved.
     :raises UsageError: a bad date or a start after the end.
@@ -62,7 +65,9 @@ def search_scenes(
     first, last = parse_period(start, end)
     area = load_aoi(Path(aoi))
     spec = resolve_catalog(catalog, collections=tuple(collections))
-    result = search(spec, area, first, last, limit=limit, page_size=page_size)
+    result = search(
+        spec, area, first, last, limit=limit, page_size=page_size, allow_local_assets=allow_local_assets
+    )
     if save is not None:
         saved = save_scenes(result.scenes, save)
         result = dataclasses.replace(result, saved=saved)

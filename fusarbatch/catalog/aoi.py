@@ -33,6 +33,7 @@ from shapely.geometry import MultiPolygon, Polygon, shape
 from shapely.geometry.base import BaseGeometry
 
 from fusarbatch.errors import AOIError
+from fusarbatch.files import read_capped
 
 log = logging.getLogger("fusarbatch.catalog")
 
@@ -43,6 +44,13 @@ GEOD = Geod(ellps="WGS84")
 #: Longest edge, degrees, taken as a geodesic when measuring areas: a 0.05 degree geodesic strays about
 #: 0.3 m from the straight longitude/latitude line at 60 degrees latitude (less nearer the equator).
 AREA_SEGMENT_DEG = 0.05
+#: Most points an area measurement or a reprojection cuts an AOI's edges into: beyond it, the pieces get
+#: longer than :data:`AREA_SEGMENT_DEG` (a valid AOI of tens of thousands of vertices over 160 degrees of
+#: latitude would otherwise become 10^8 points: gigabytes and minutes).
+MAX_DENSIFY_POINTS = 200_000
+#: Most vertices of the geometry sent to a STAC API as ``intersects``; a larger AOI is sent as a simpler
+#: superset (:func:`query_geometry`), the exact AOI still filters the answer.
+MAX_QUERY_VERTICES = 1_000
 _AREAL = {"Polygon", "MultiPolygon"}
 _GEOJSON_GEOMETRIES = {
     "Point",
@@ -96,15 +104,43 @@ def geodesic_area(geometry: BaseGeometry) -> float:
 
     Edges are straight in longitude/latitude (RFC 7946): they are cut into pieces of at most
     :data:`AREA_SEGMENT_DEG` degrees, each taken as a geodesic (``pyproj.Geod.geometry_area_perimeter``).
-    Non-areal parts count zero.
+    The work is bounded: when that would give more than :data:`MAX_DENSIFY_POINTS` points, the pieces
+    are ``perimeter / MAX_DENSIFY_POINTS`` degrees long instead (meridian edges are geodesics whatever the
+    piece length; only long edges along parallels lose accuracy). Non-areal parts count zero.
     """
     if geometry.is_empty:
         return 0.0
+    parts = _polygons(geometry)
+    step = _densify_step(parts, AREA_SEGMENT_DEG)
     total = 0.0
-    for part in _polygons(geometry):
-        area, _ = GEOD.geometry_area_perimeter(shapely.segmentize(part, AREA_SEGMENT_DEG))
+    for part in parts:
+        area, _ = GEOD.geometry_area_perimeter(shapely.segmentize(part, step))
         total += abs(area)
     return total
+
+
+def _densify_step(parts: list[Polygon], step: float) -> float:
+    """``step``, or longer, so that cutting the edges of ``parts`` gives at most :data:`MAX_DENSIFY_POINTS`
+    points (edge lengths in the geometry's own units)."""
+    length = float(sum(shapely.length(p) for p in parts))
+    return max(step, length / MAX_DENSIFY_POINTS)
+
+
+def query_geometry(aoi: AOI) -> Polygon | MultiPolygon:
+    """The geometry to send to a STAC API for ``aoi``: the AOI itself when it has at most
+    :data:`MAX_QUERY_VERTICES` vertices; else a superset with fewer: the convex hull of each part, or
+    when that is still too many, the bounding box of each part, or of all parts east and all parts west
+    of the antimeridian split (never one box across +-180). Items are then filtered against the exact AOI.
+    """
+    if shapely.get_num_coordinates(aoi.geometry) <= MAX_QUERY_VERTICES:
+        return aoi.geometry
+    for simpler in (shapely.convex_hull, shapely.envelope):
+        parts = [simpler(p) for p in aoi.parts]
+        if sum(shapely.get_num_coordinates(p) for p in parts) <= MAX_QUERY_VERTICES:
+            return shapely.union_all(parts)
+    sides = [[p for p in aoi.parts if p.centroid.x >= 0], [p for p in aoi.parts if p.centroid.x < 0]]
+    boxes = [shapely.box(*shapely.total_bounds(side)) for side in sides if side]
+    return boxes[0] if len(boxes) == 1 else MultiPolygon(boxes)
 
 
 def load_aoi(path: Path) -> AOI:
@@ -141,15 +177,14 @@ def _read_json(path: Path) -> dict[str, Any]:
         size = path.stat().st_size
     except OSError as exc:
         raise AOIError(f"--aoi {path}: cannot read it ({exc.strerror or exc}); check the path") from None
-    if not path.is_file():
-        raise AOIError(f"--aoi {path}: not a file; give a GeoJSON file")
-    if size > MAX_AOI_BYTES:
+    if path.is_file() and size > MAX_AOI_BYTES:
         raise AOIError(
             f"--aoi {path}: the file is {size / 2**20:.0f} MB, more than the {MAX_AOI_BYTES // 2**20} MB "
             f"allowed; simplify the geometry"
         )
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        # a FIFO or device (not a file) is refused before it is opened; the read stops at the cap
+        text = read_capped(path, "--aoi", AOIError, MAX_AOI_BYTES, "give a GeoJSON file").decode("utf-8-sig")
     except OSError as exc:
         raise AOIError(f"--aoi {path}: cannot read it ({exc.strerror or exc}); check the path") from None
     except UnicodeDecodeError:
@@ -274,7 +309,7 @@ def _flatten(path: Path, geom: Any, where: str) -> list[BaseGeometry]:
 
 def _to_wgs84(path: Path, geometry: BaseGeometry, crs: CRS) -> BaseGeometry:
     minx, miny, maxx, maxy = geometry.bounds
-    step = max(maxx - minx, maxy - miny) / _DENSIFY_STEPS
+    step = _densify_step(_polygons(geometry), max(maxx - minx, maxy - miny) / _DENSIFY_STEPS)
     if step > 0:
         geometry = shapely.segmentize(geometry, step)
     transformer = Transformer.from_crs(crs, 4326, always_xy=True)

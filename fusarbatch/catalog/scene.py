@@ -93,12 +93,14 @@ class Scene:
     def safe_id(self) -> str:
         """:attr:`item_id` as a file and Zarr group name (item ids come from untrusted catalogs).
 
-        Characters outside ``[A-Za-z0-9._-]`` become ``_`` and leading dots go. When that changed the id,
+        Characters outside ``[A-Za-z0-9._-]`` become ``_`` and leading dots and underscores go (pyarrow's
+        and geopandas' dataset readers skip files whose names start with ``.`` or ``_``, so
+        ``geopandas.read_parquet("out/detections")`` would drop the scene). When that changed the id,
         or the result is empty, longer than 120 characters, or a name the Zarr store reserves
         (``zarr.json``, ``c``), the first 8 hex digits of the id's SHA-1 are appended, so that different
         ids never share a name.
         """
-        cleaned = _SAFE_ID.sub("_", self.item_id).lstrip(".")
+        cleaned = _SAFE_ID.sub("_", self.item_id).lstrip("._")
         reserved = cleaned.lower() in _RESERVED or cleaned.lower().startswith("zarr.")
         if cleaned == self.item_id and cleaned and len(cleaned) <= 120 and not reserved:
             return cleaned

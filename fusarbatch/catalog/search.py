@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import threading
+import time
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ import shapely
 from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 
-from fusarbatch.catalog.aoi import AOI, fix_antimeridian
+from fusarbatch.catalog.aoi import AOI, fix_antimeridian, query_geometry
 from fusarbatch.catalog.scene import Scene, _parse_datetime, read_items_parquet
 from fusarbatch.catalog.spec import CatalogSpec
 from fusarbatch.errors import AOIError, CatalogError, UsageError
@@ -42,6 +44,8 @@ log = logging.getLogger("fusarbatch.catalog")
 DEFAULT_PAGE_SIZE = 100
 #: Seconds added to ``spec.timeout_s`` for the hard deadline of one HTTP request.
 DEADLINE_MARGIN_S = 1.0
+#: Largest answer to one HTTP request, bytes (a page of 100 Sentinel-1 items is about 1 MB).
+MAX_RESPONSE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ def search(
     *,
     limit: int | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
+    allow_local_assets: bool = False,
 ) -> SearchResult:
     """Scenes of catalog ``spec`` whose footprint overlaps ``aoi`` and whose time falls in [start, end].
 
@@ -78,11 +83,16 @@ def search(
         asked to sort by ascending datetime when it supports sorting, otherwise the first ``limit``
         scenes in the server's order are kept. Either way the result is sorted by (datetime, id).
     :param page_size: items per page of an API search.
+    :param allow_local_assets: read local assets of a remote catalog. By default an item of a remote
+        catalog (an ``http(s)://`` API or catalog.json) whose asset href is a local path, a ``file://`` URL
+        or a GDAL ``/vsi`` path to a local file is skipped with a warning: a catalog on someone else's
+        server must not make the run read this machine's files.
     :returns: the scenes (sorted by datetime, then item id) and the share of the AOI each covers;
         ``saved`` is ``None``.
     :raises AOIError: nothing in the catalog overlaps the AOI in the period.
     :raises CatalogError: the catalog cannot be opened, read or searched (one line naming it and the
-        reason); or items match but none has an asset for any polarisation.
+        reason), or took longer than ``spec.search_timeout_s`` or sent more than ``spec.max_search_mb``;
+        or items match but none has an asset for any polarisation, or only local ones (remote catalog).
     :raises UsageError: ``limit`` or ``page_size`` below 1.
     """
     if limit is not None and limit < 1:
@@ -101,10 +111,13 @@ def search(
         )
 
     spec.signer()  # a missing signer is the catalog's error, not every item's
+    shapely.prepare(aoi.geometry)  # one index for every item's intersection test
     stream = spec.kind == "api"
     scenes: list[Scene] = []
     coverage: dict[str, float] = {}
     matched = 0
+    refused = 0
+    remote = "://" in spec.href
     seen: set[str] = set()
     for item in items:
         item_id = str(item.get("id", ""))
@@ -121,6 +134,17 @@ def search(
         except CatalogError as exc:
             log.warning("skipped: %s", exc)
             continue
+        local = [ref.href for ref in scene.bands.values() if is_local_href(ref.href)]
+        if remote and local and not allow_local_assets:
+            refused += 1
+            log.warning(
+                "skipped: item %r of the remote catalog %r names the local file %s; refused "
+                "(--allow-local-assets reads it)",
+                scene.item_id,
+                spec.name,
+                local[0],
+            )
+            continue
         scenes.append(scene)
         coverage[scene.item_id] = share
         if stream and limit is not None and len(scenes) >= limit:
@@ -131,6 +155,12 @@ def search(
     coverage = {s.item_id: coverage[s.item_id] for s in scenes}
     if not scenes:
         period = f"between {start.date()} and {end.date()}" if end else f"from {start.date()} on"
+        if refused:
+            raise CatalogError(
+                f"catalog {spec.name!r}: {refused} item(s) overlap --aoi {aoi.source} {period} but their "
+                f"assets are local files, which a remote catalog may not name; pass --allow-local-assets "
+                f"if you trust the catalog"
+            )
         if matched:
             raise CatalogError(
                 f"catalog {spec.name!r}: {matched} item(s) overlap --aoi {aoi.source} {period} but none has "
@@ -141,6 +171,22 @@ def search(
             f"check the AOI, dates or catalog"
         )
     return SearchResult(scenes=scenes, coverage=coverage, spec=spec, aoi=aoi)
+
+
+#: GDAL virtual file systems that read over the network (every other ``/vsi`` path reads local files).
+_REMOTE_VSI = ("/vsicurl", "/vsis3", "/vsigs", "/vsiaz", "/vsiadls", "/vsioss", "/vsiswift", "/vsihdfs")
+
+
+def is_local_href(href: str) -> bool:
+    """Whether an asset href reads this machine's files: a path, a ``file://`` URL, a one-letter scheme
+    (a Windows drive), or a GDAL ``/vsi`` path other than the network ones (``/vsicurl/``, ``/vsis3/``
+    ...; ``/vsizip/`` or ``/vsigzip/`` over a local file is local, over ``/vsicurl/`` remote)."""
+    text = str(href).strip()
+    if text.startswith("/vsi"):
+        parts = [p for p in text.split("/") if p.startswith("vsi")]
+        return not any(f"/{p}".startswith(_REMOTE_VSI) for p in parts)
+    scheme = urlparse(text).scheme.lower()
+    return len(scheme) <= 1 or scheme == "file"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,7 +269,7 @@ def _static_items(spec: CatalogSpec) -> list[dict[str, Any]]:
 def _walk_static(spec: CatalogSpec) -> list[dict[str, Any]]:
     import pystac
 
-    io = _stac_io(spec) if "://" in spec.href else None
+    io = _stac_io(spec)
     try:
         root = pystac.read_file(spec.href, stac_io=io)
     except Exception as exc:  # pystac raises many types for a missing or malformed file
@@ -282,7 +328,7 @@ def _children(catalog: Any, visited: set[str] | None = None) -> list[Any]:
     out = []
     for href, child in _linked(catalog, "child", visited):
         if isinstance(child, Exception):
-            log.warning("skipped: child %s of catalog %r (%s)", href, catalog.id, _one_line(child))
+            log.warning("skipped: child %s of catalog %r (%s)", href, catalog.id, _reason(child))
         elif isinstance(child, pystac.Catalog):
             out.append(child)
             out.extend(_children(child, visited))
@@ -305,7 +351,7 @@ def _linked_items(catalog: Any, visited: set[str]) -> list[dict[str, Any]]:
                 item.make_asset_hrefs_absolute()
                 items.append(item.to_dict(include_self_link=False, transform_hrefs=False))
             except Exception as exc:  # untrusted catalog: pystac raises many types
-                log.warning("skipped: item %s (%s)", href, _one_line(exc))
+                log.warning("skipped: item %s (%s)", href, _reason(exc))
     return items
 
 
@@ -317,19 +363,75 @@ class _DeadlineError(Exception):
     """One HTTP request took longer than its deadline."""
 
 
+class _SearchDeadlineError(Exception):
+    """The whole search (or walk of a static catalog) took longer than ``spec.search_timeout_s``."""
+
+
+class _TooLargeError(Exception):
+    """An answer, or all answers of one search together, exceeded their byte cap."""
+
+
 def _stac_io(spec: CatalogSpec) -> Any:
-    """A pystac-client ``StacApiIO`` whose every request ends within ``spec.timeout_s`` + 1 s.
+    """A pystac-client ``StacApiIO`` for one search (or walk of a static catalog), with bounds on time and
+    bytes:
+
+    - every request ends within ``spec.timeout_s`` + 1 s, and all requests of the search within
+      ``spec.search_timeout_s`` (a server whose pages never end);
+    - one answer may hold at most :data:`MAX_RESPONSE_BYTES` (a body that never ends is cut there, whatever
+      its ``Content-Length`` says), all answers together ``spec.max_search_mb`` MiB.
 
     Connection failures are retried twice; timed-out reads and HTTP errors are not retried (a STAC search is
     read-only, so retrying is safe, but it would multiply the wait). ``Retry-After`` is not honoured.
+
+    Local files (a static catalog on disk and the files it links to) are read only when the catalog itself
+    is local: as regular files (a FIFO or device is refused before it is opened) of at most
+    :data:`~fusarbatch.files.MAX_JSON_BYTES` bytes. A remote catalog never makes this read a local
+    file.
     """
     from pystac_client.stac_api_io import StacApiIO
     from urllib3.util.retry import Retry
 
+    from fusarbatch.files import MAX_JSON_BYTES, read_capped
+
     timeout = float(spec.timeout_s)
     deadline = timeout + DEADLINE_MARGIN_S
+    search_ends = time.monotonic() + float(spec.search_timeout_s)
+    budget = {"bytes": int(float(spec.max_search_mb) * 2**20)}
+    local_catalog = "://" not in spec.href
+
+    def capped_body(resp: Any, *args: Any, **kwargs: Any) -> Any:
+        """A requests response hook: runs before requests reads the body, and reads it here, capped."""
+        cap = min(MAX_RESPONSE_BYTES, budget["bytes"])
+        length = str(resp.headers.get("Content-Length", "")).strip()
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            if length.isdigit() and int(length) > cap:
+                raise _TooLargeError(int(length))
+            for chunk in resp.iter_content(2**16):
+                total += len(chunk)
+                if total > cap:
+                    raise _TooLargeError(total)
+                chunks.append(chunk)
+        except _TooLargeError:
+            resp.close()
+            raise
+        finally:
+            budget["bytes"] -= total
+        resp._content = b"".join(chunks)
+        return resp
 
     class DeadlineStacApiIO(StacApiIO):
+        def read_text(self, source: Any, *args: Any, **kwargs: Any) -> str:
+            href = str(os.fspath(source)) if isinstance(source, str | os.PathLike) else None
+            parsed = urlparse(str(href))
+            if href is None or (len(parsed.scheme) > 1 and parsed.scheme != "file"):  # a Link or a URL
+                return super().read_text(source, *args, **kwargs)
+            if not local_catalog:
+                raise CatalogError(f"{href}: a local file linked from a remote catalog; not read")
+            path = parsed.path if parsed.scheme == "file" else str(href)
+            return read_capped(path, "STAC file", CatalogError, MAX_JSON_BYTES).decode("utf-8")
+
         def request(
             self,
             href: str,
@@ -337,6 +439,11 @@ def _stac_io(spec: CatalogSpec) -> Any:
             headers: dict[str, str] | None = None,
             parameters: dict[str, Any] | None = None,
         ) -> str:
+            left = search_ends - time.monotonic()
+            if left <= 0:
+                raise _SearchDeadlineError(href)
+            if budget["bytes"] <= 0:
+                raise _TooLargeError("search")
             # requests' timeout bounds the connection and each read, not the whole exchange (nor DNS):
             # the request runs in a daemon thread that is abandoned at the deadline.
             box: dict[str, Any] = {}
@@ -349,9 +456,9 @@ def _stac_io(spec: CatalogSpec) -> Any:
 
             worker = threading.Thread(target=run, name="fusarbatch-stac-request", daemon=True)
             worker.start()
-            worker.join(deadline)
+            worker.join(min(deadline, left))
             if worker.is_alive():
-                raise _DeadlineError(href)
+                raise _DeadlineError(href) if left > deadline else _SearchDeadlineError(href)
             if "error" in box:
                 raise box["error"]
             return box["text"]
@@ -366,7 +473,9 @@ def _stac_io(spec: CatalogSpec) -> Any:
         respect_retry_after_header=False,
         raise_on_status=False,
     )
-    return DeadlineStacApiIO(timeout=(timeout, timeout), max_retries=retry)
+    io = DeadlineStacApiIO(timeout=(timeout, timeout), max_retries=retry)
+    io.session.hooks["response"].append(capped_body)
+    return io
 
 
 def _api_items(
@@ -400,7 +509,7 @@ def _api_items(
         )
     kwargs: dict[str, Any] = {
         "collections": list(spec.collections) or None,
-        "intersects": mapping(aoi.geometry),
+        "intersects": mapping(query_geometry(aoi)),  # bounded size; the exact AOI filters below
         "datetime": [start, end],
         "limit": page_size,
     }
@@ -455,6 +564,18 @@ def _catalog_error(spec: CatalogSpec, exc: BaseException, what: str | None = Non
     chain = _chain(exc)
     timeout = f"{float(spec.timeout_s):g}"
     fix = "check the URL or your network"
+    if any(isinstance(e, _SearchDeadlineError) for e in chain):
+        return CatalogError(
+            f"catalog {_label(spec)}: the search did not end within {float(spec.search_timeout_s):g} s "
+            f"(pages that never end?); narrow the AOI or dates, or raise `search_timeout_s` in a catalog "
+            f"definition"
+        )
+    if any(isinstance(e, _TooLargeError) for e in chain):
+        return CatalogError(
+            f"catalog {_label(spec)}: the server sent more than {MAX_RESPONSE_BYTES // 2**20} MiB in one "
+            f"answer, or {float(spec.max_search_mb):g} MiB in all; narrow the AOI or dates, or raise "
+            f"`max_search_mb` in a catalog definition"
+        )
     # Order matters: urllib3's NewConnectionError (refused, DNS) subclasses its ConnectTimeoutError.
     if any(isinstance(e, ConnectionRefusedError) for e in chain):
         return CatalogError(f"catalog {_label(spec)}: cannot reach it (connection refused); {fix}")
@@ -501,6 +622,13 @@ def _chain(exc: BaseException) -> list[BaseException]:
             if isinstance(nxt, BaseException):
                 todo.append(nxt)
     return out
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for a skipped child or item: our own reason when one is in the chain (a FIFO refused, a
+    local file of a remote catalog), else the exception's."""
+    ours = [e for e in _chain(exc) if isinstance(e, CatalogError)]
+    return _one_line(ours[0] if ours else exc)
 
 
 def _named(exc: BaseException, name: str) -> bool:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fusarbatch.errors import CatalogError
+from fusarbatch.files import MAX_TOML_BYTES, check_regular, read_capped
 
 Kind = Literal["api", "static", "geoparquet"]
 Scale = Literal["db", "power", "amplitude", "dn"]
@@ -62,6 +63,10 @@ class CatalogSpec:
     :param sign: href signer: empty for none, a built-in name (``planetary-computer``) or ``module:function``
         taking and returning an href string.
     :param timeout_s: seconds before a request to an API gives up.
+    :param search_timeout_s: seconds before a whole search (all its pages; or the walk of a static catalog
+        over HTTP) gives up: a server whose pages never end fails here, not never.
+    :param max_search_mb: MiB that all answers of one search may hold together (one answer: at most
+        :data:`~fusarbatch.catalog.search.MAX_RESPONSE_BYTES`).
     """
 
     name: str
@@ -73,6 +78,8 @@ class CatalogSpec:
     scale: Scale | Literal[""] = ""
     sign: str = ""
     timeout_s: float = 20.0
+    search_timeout_s: float = 900.0
+    max_search_mb: float = 1024.0
     description: str = ""
 
     def signer(self) -> Callable[[str], str] | None:
@@ -121,11 +128,13 @@ _FIELDS = set(CatalogSpec.__dataclass_fields__)
 def load_spec_file(path: Path) -> CatalogSpec:
     """Read one catalog definition; a relative ``href`` is taken relative to the TOML file.
 
-    :raises CatalogError: unreadable TOML, an unknown key, or a value of the wrong kind.
+    :raises CatalogError: unreadable TOML, an unknown key, or a value of the wrong kind; not a regular file
+        (a FIFO or device is never opened) or larger than :data:`~fusarbatch.files.MAX_TOML_BYTES`.
     """
     try:
-        raw: dict[str, Any] = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        text = read_capped(path, "catalog file", CatalogError, MAX_TOML_BYTES, "give a TOML file").decode()
+        raw: dict[str, Any] = tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise CatalogError(f"catalog file {path}: cannot read it ({exc}); fix the TOML") from None
     unknown = sorted(set(raw) - _FIELDS)
     if unknown:
@@ -145,12 +154,13 @@ def load_spec_file(path: Path) -> CatalogSpec:
     for key, kind in types.items():
         if key in raw and not isinstance(raw[key], kind):
             raise CatalogError(f"catalog file {path}: `{key}` must be a string, got {raw[key]!r}")
-    if "timeout_s" in raw and (
-        isinstance(raw["timeout_s"], bool)
-        or not isinstance(raw["timeout_s"], int | float)
-        or raw["timeout_s"] <= 0
-    ):
-        raise CatalogError(f"catalog file {path}: `timeout_s` must be a number of seconds > 0")
+    for key, unit in (("timeout_s", "seconds"), ("search_timeout_s", "seconds"), ("max_search_mb", "MiB")):
+        if key in raw and (
+            isinstance(raw[key], bool)
+            or not isinstance(raw[key], int | float)
+            or not 0 < raw[key] < float("inf")
+        ):
+            raise CatalogError(f"catalog file {path}: `{key}` must be a number of {unit} > 0")
     collections = raw.get("collections", [])
     if not isinstance(collections, list) or not all(isinstance(c, str) for c in collections):
         raise CatalogError(f"catalog file {path}: `collections` must be a list of strings")
@@ -181,8 +191,8 @@ def resolve_catalog(value: str | None, *, collections: tuple[str, ...] = ()) -> 
     """Turn a ``--catalog`` value (name, URL or path; ``None`` = ``demo``) into a :class:`CatalogSpec`.
 
     :param collections: overrides the spec's collections when given (``--collection``).
-    :raises CatalogError: unknown name, missing path, or unrecognised file type; the message lists the
-        known names.
+    :raises CatalogError: unknown name, missing path, or unrecognised file type (the message lists the
+        known names); a catalog file that is not a regular file (FIFO, device).
     """
     value = value or "demo"
     named = catalogs_dir() / f"{value}.toml"
@@ -202,6 +212,9 @@ def resolve_catalog(value: str | None, *, collections: tuple[str, ...] = ()) -> 
                 f"or give an http(s):// STAC API URL, a catalog.json or a stac-geoparquet file"
             )
         suffix = path.suffix.lower()
+        if suffix in (".toml", ".parquet", ".geoparquet", ".json"):
+            # a FIFO or device would block (or never end) the reader: refused before it is opened
+            check_regular(path, "--catalog", CatalogError, "give a catalog.json, .parquet or .toml file")
         if suffix == ".toml":
             spec = load_spec_file(path)
         elif suffix in (".parquet", ".geoparquet"):

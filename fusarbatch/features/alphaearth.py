@@ -79,6 +79,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from fusarbatch.errors import FusarbatchError
+from fusarbatch.files import check_regular
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +277,10 @@ def _read_table(path: str, storage_options: Mapping[str, Any] | None) -> Any:
 
     so = dict(storage_options or {})
     suffix = Path(urlparse(path).path if _is_url(path) else path).suffix.lower()
-    if not _is_url(path) and not Path(path).exists():
-        raise FileNotFoundError(f"no such file: {path}")
+    if not _is_url(path):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"no such file: {path}")
+        check_regular(path, "AEF index", AEFUnavailable, "give a GeoParquet or CSV file")  # FIFO: blocks
     if suffix in (".csv", ".txt"):
         return pd.read_csv(path, storage_options=so or None)
     if suffix in (".gpkg", ".geojson", ".json", ".fgb", ".shp"):
@@ -365,6 +368,8 @@ def load_index(path: str | Path, storage_options: Mapping[str, Any] | None = Non
     path = str(path)
     try:
         df = _read_table(path, storage_options)
+    except AEFUnavailable:
+        raise
     except Exception as err:
         raise AEFUnavailable(
             f"AEF index {path} cannot be read ({type(err).__name__}: {err}); check the path or URL and "
@@ -695,6 +700,10 @@ class COGIndexSource:
 
         kwargs = {} if self.overview_level is None else {"overview_level": self.overview_level}
         if _gdal_native(href):
+            scheme = urlparse(href).scheme.lower()
+            local = (len(scheme) <= 1 and not href.startswith("/vsi")) or scheme == "file"
+            if local:  # a FIFO or device would block GDAL's open
+                check_regular(urlparse(href).path if scheme == "file" else href, "AEF COG", AEFUnavailable)
             return rasterio.open(href, **kwargs)
         import fsspec
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fusarbatch.errors import FusarbatchError, UsageError
+from fusarbatch.errors import FusarbatchError, ModelError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class BatchResult:
 
 _models: dict[ModelSpec, Any] = {}
 _models_lock = threading.Lock()
+_logits_checked: set[ModelSpec] = set()
 
 
 def resolve_device(device: str | None, *, require_gpu: bool = False) -> str:
@@ -232,6 +233,10 @@ def infer_prepared(model_spec: ModelSpec, task: TaskSpec, prepared: PreparedTile
     model = get_model(model_spec)
     grid = int(model.image_size)
     images, anchors, tile_ids = prepared.images, prepared.anchors, prepared.tile_ids
+    if model_spec not in _logits_checked and images and hasattr(model, "forward"):
+        # the hf engine's own forward; the vllm engine keeps no PyTorch copy of the language model
+        check_logits(model, model_spec, images[0], detection_prompt(task.labels[0]), anchors[0])
+        _logits_checked.add(model_spec)
     answers = [TileAnswer(tile_id=int(t), grid=grid) for t in tile_ids]
     asks: list[tuple[str, str]] = [(f"detect:{label}", detection_prompt(label)) for label in task.labels]
     if task.classes:
@@ -275,22 +280,56 @@ def infer_prepared(model_spec: ModelSpec, task: TaskSpec, prepared: PreparedTile
     return BatchResult(answers, generate_s, len(asks) * len(tile_ids))
 
 
+def check_logits(model: Any, spec: ModelSpec, image: Any, prompt: str, anchors: Any) -> None:
+    """One forward pass on one tile of a worker's first batch: no logit may be NaN or +inf, and no position
+    may have every logit -inf (a token masked with -inf is allowed). A model with NaN (or infinite) weights
+    otherwise generates garbage that parses as "no target", and a run would end "done" with 0 detections,
+    replacing good outputs.
+
+    :raises ModelError: the logits are broken (one line naming the model).
+    """
+    import torch
+
+    inputs = model.build_inputs([image], [prompt], image_size=model.image_size)
+    with torch.inference_mode():
+        logits = model.forward([anchors], **inputs).logits.float()
+    bad = int((torch.isnan(logits) | torch.isposinf(logits)).sum())
+    bad += int(torch.isneginf(logits).all(dim=-1).sum()) * logits.shape[-1]
+    if bad:
+        name = spec.adapter_dir or spec.model_dir
+        raise ModelError(
+            f"model {name}: {bad} of {logits.numel()} logits of the first batch are NaN or infinite (NaN or "
+            "infinite weights?); restore or retrain the model"
+        )
+
+
 def start_client(
-    scheduler: str | None, *, workers: int = 1, connect_timeout_s: float = 20.0, gpu: bool = True
+    scheduler: str | None,
+    *,
+    workers: int = 1,
+    connect_timeout_s: float = 20.0,
+    gpu: bool = True,
+    dashboard: bool = False,
 ) -> tuple[Any, Any]:
     """A Dask client: joins ``scheduler`` (``tcp://host:port``) or starts a LocalCluster.
 
     The LocalCluster has ``workers`` worker(s) declaring ``GPU=1`` (one per GPU; with dask-cuda installed and
     several GPUs visible, a ``LocalCUDACluster`` with one worker per GPU). Threads, not processes, so that
-    start-up is quick and the model stays in this process on a single node.
+    start-up is quick and the model stays in this process on a single node. It listens on 127.0.0.1 only
+    (the scheduler, the workers and their HTTP servers, each on a free port); the dashboard is served only
+    with ``dashboard=True`` (its address is logged).
+
+    Before a :class:`distributed.Client` is made for ``scheduler``, one Dask message (``identity``) must
+    come back within ``connect_timeout_s``: a port that accepts and never answers, or a server that is not
+    a Dask scheduler (e.g. HTTP), fails there (the Client's own handshake waits for ever).
 
     :param gpu: whether the run's tasks ask for the ``GPU`` resource (the model engine). False (the CFAR
         engine): a joined scheduler needs no GPU worker, and no ``LocalCUDACluster`` is made (torch is
         not imported).
 
     :returns: ``(client, cluster)``; ``cluster`` is None when joining an existing scheduler.
-    :raises FusarbatchError: the scheduler cannot be reached within ``connect_timeout_s``, or it has no
-        worker with the ``GPU`` resource.
+    :raises FusarbatchError: the scheduler cannot be reached within ``connect_timeout_s``, is not a Dask
+        scheduler, or has no worker with the ``GPU`` resource.
     """
     from distributed import Client, LocalCluster
 
@@ -305,6 +344,7 @@ def start_client(
             raise UsageError(
                 f"--scheduler {scheduler!r}: not a scheduler address ({exc}); give e.g. tcp://host:8786"
             ) from None
+        _probe_scheduler(scheduler, connect_timeout_s)
         try:
             client = Client(scheduler, timeout=f"{connect_timeout_s}s")
         except (OSError, TimeoutError) as exc:
@@ -329,16 +369,72 @@ def start_client(
                 from dask_cuda import LocalCUDACluster  # type: ignore[import-not-found]
 
                 cluster = LocalCUDACluster(
-                    resources=GPU_RESOURCE, dashboard_address=None, threads_per_worker=2
+                    resources=GPU_RESOURCE, threads_per_worker=2, host=LOOPBACK, **_http_kwargs(dashboard)
                 )
         except ImportError:
             cluster = None
     if cluster is None:
-        cluster = LocalCluster(
+        cluster = LocalCluster(  # in-process (inproc://): only the HTTP servers listen, on loopback
             n_workers=workers,
             threads_per_worker=2,
             processes=False,
             resources=GPU_RESOURCE,
-            dashboard_address=None,
+            **_http_kwargs(dashboard),
         )
-    return Client(cluster), cluster
+    client = Client(cluster)
+    if dashboard:
+        port = client.scheduler_info().get("services", {}).get("dashboard")
+        log.info("Dask dashboard: http://%s:%s/status", LOOPBACK, port)
+    return client, cluster
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def _http_kwargs(dashboard: bool) -> dict[str, Any]:
+    """LocalCluster arguments for its HTTP servers: every one on 127.0.0.1 and a free port. Dask starts an
+    HTTP server (health, metrics) even without a dashboard, on every interface and port 8787 when not
+    told otherwise."""
+    address = f"{LOOPBACK}:0"
+    return {
+        "dashboard_address": address if dashboard else None,
+        "worker_dashboard_address": address,
+        "scheduler_kwargs": {"dashboard": dashboard, "dashboard_address": address},
+    }
+
+
+def _probe_scheduler(address: str, timeout_s: float) -> None:
+    """Send one ``identity`` message to ``address`` and wait, at most ``timeout_s`` in all, for a Dask
+    scheduler's answer.
+
+    :raises FusarbatchError: no answer in time, or an answer that is not a Dask scheduler's.
+    """
+    import asyncio
+
+    from distributed.comm import connect
+    from distributed.security import Security
+
+    args = Security().get_connection_args("client")  # TLS settings from the Dask config, as a Client's
+
+    async def identity() -> Any:
+        comm = await connect(address, timeout=timeout_s, **args)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    try:
+        answer = asyncio.run(asyncio.wait_for(identity(), timeout_s))
+    except (OSError, TimeoutError) as exc:
+        raise FusarbatchError(
+            f"--scheduler {address}: cannot connect within {timeout_s:.0f} s ({type(exc).__name__}); check "
+            "the address and that `dask scheduler` is running"
+        ) from None
+    except Exception as exc:  # a peer that is not Dask: the comm closes, or sends what Dask cannot read
+        answer = exc
+    if not (isinstance(answer, dict) and answer.get("type") == "Scheduler"):
+        raise FusarbatchError(
+            f"--scheduler {address}: the server there did not answer as a Dask scheduler "
+            f"({type(answer).__name__}); give the address of `dask scheduler` (tcp://host:8786)"
+        )

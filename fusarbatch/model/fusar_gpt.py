@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import warnings
-import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,6 +50,16 @@ from transformers import (
 from transformers.processing_utils import ProcessorMixin
 
 from fusarbatch.errors import ModelError
+from fusarbatch.model.checks import (
+    _PROCESSOR_FILES,
+    TLM_CONFIG_FILE,
+    TLM_LEGACY_FILE,
+    TLM_WEIGHTS_FILE,
+    _json_object,
+    check_adapter_dir,
+    check_model_dir,
+    resolve_model_dirs,
+)
 from fusarbatch.model.tlm import TLM, Anchors, TLMConfig
 
 __all__ = [
@@ -75,19 +84,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TLM_WEIGHTS_FILE = "tlm.safetensors"
-"""fusarbatch's TLM weights: the ``film_mlp`` state dict (keys ``0.weight, 0.bias, 2.weight, 2.bias``)."""
-TLM_LEGACY_FILE = "vec64_film.pt"
-"""The official release's TLM weights: ``torch.save({"film_mlp": state_dict})``."""
-TLM_CONFIG_FILE = "tlm_config.json"
-"""TLM settings (``format``, ``sigma``, ``hidden_mult``, ``image_size``, ``vec_dim``)."""
-
 LORA_TARGET_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 """peft ``target_modules`` regex (full match): the LLM's attention and MLP projections, never the vision
 tower (a plain name list would also wrap ``visual.blocks.*.mlp.*_proj``; STACK section 3)."""
-
-_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
 class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
@@ -192,293 +191,6 @@ def _agreeing(a: str, b: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------- loading
-_KNOWN_JSON = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "chat_template.json",
-    "model.safetensors.index.json",
-    "adapter_config.json",
-    TLM_CONFIG_FILE,
-    "fusarbatch_train.json",
-)
-_MAX_JSON_BYTES = 256 * 2**20  # Qwen2.5-VL's tokenizer.json is ~7 MB
-
-
-def _not_a_dir(d: Path, what: str) -> ModelError:
-    state = "is a file, not a directory" if d.exists() else "directory missing"
-    return ModelError(f"{what} {d}: {state}; pass a local model directory")
-
-
-def _not_too_large(d: Path, name: str, what: str) -> None:
-    if (d / name).stat().st_size > _MAX_JSON_BYTES:
-        raise ModelError(f"{what} {d}: {name} is larger than {_MAX_JSON_BYTES >> 20} MiB; restore the file")
-
-
-def _json_file(d: Path, name: str, what: str) -> Any:
-    """The parsed ``d/name``. :raises ModelError: too large, not UTF-8, or not valid JSON."""
-    path = d / name
-    _not_too_large(d, name, what)
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ModelError(f"{what} {d}: {name} is not valid JSON ({exc}); restore the file") from None
-
-
-def _json_object(d: Path, name: str, what: str) -> dict[str, Any]:
-    data = _json_file(d, name, what)
-    if not isinstance(data, dict):
-        raise ModelError(f"{what} {d}: {name} is not a JSON object; restore the file")
-    return data
-
-
-def _tensor_shapes(path: Path, what: str) -> dict[str, list[int]]:
-    """Tensor name -> shape from a safetensors header (no tensor data is read). The header must describe
-    tensors that fill the file exactly, so a truncated or overwritten file fails here.
-
-    :raises ModelError: the file is not a readable safetensors file.
-    """
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 (not a dict)
-    except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"{what} {path.parent}: {path.name} is not a readable safetensors file ({first}); "
-            "re-download or re-save it"
-        ) from None
-
-
-def _check_known_files(d: Path, what: str) -> None:
-    """The configuration files that are there parse (JSON objects), and ``tokenizer.json`` loads."""
-    for name in _KNOWN_JSON:
-        if (d / name).is_file():
-            _json_object(d, name, what)
-    if (d / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        _not_too_large(d, "tokenizer.json", what)
-        try:
-            tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
-        except Exception as exc:  # tokenizers raises a plain Exception subclass
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{what} {d}: tokenizer.json is not a tokenizer ({first}); restore it") from None
-        if tokenizer.token_to_id("<|image_pad|>") is None:
-            raise ModelError(
-                f"{what} {d}: tokenizer.json has no <|image_pad|> token: not a Qwen2.5-VL tokenizer; "
-                "restore it"
-            )
-
-
-def _hidden_size(config: dict[str, Any]) -> int | None:
-    text = config.get("text_config")
-    value = text.get("hidden_size") if isinstance(text, dict) else None
-    value = value if value is not None else config.get("hidden_size")
-    return value if isinstance(value, int) and value > 0 else None
-
-
-def _check_tlm(d: Path, hidden_size: int | None, what: str) -> None:
-    """``tlm_config.json`` (when there) is a valid TLM configuration, and ``tlm.safetensors`` holds exactly
-    the ``film_mlp`` of a model with hidden size ``C``: ``0.weight (H, 64)``, ``0.bias (H,)``,
-    ``2.weight (2C, H)``, ``2.bias (2C,)`` with ``H = max(128, hidden_mult * C)`` (DESIGN 3.4), all finite
-    (the TLM is small: its values are read); ``vec64_film.pt`` is at least a torch.save archive (read with
-    ``weights_only`` at load)."""
-    from fusarbatch.model.tlm import TLMConfig
-
-    config = TLMConfig()
-    if (d / TLM_CONFIG_FILE).is_file():
-        try:
-            config = TLMConfig.from_json_dict(_json_object(d, TLM_CONFIG_FILE, what))
-        except (ValueError, TypeError) as exc:
-            raise ModelError(f"{what} {d}: {TLM_CONFIG_FILE} invalid ({exc})") from None
-    if (d / TLM_WEIGHTS_FILE).is_file():
-        shapes = _tensor_shapes(d / TLM_WEIGHTS_FILE, what)
-        if hidden_size is None:  # C unknown: the tensors need only fit each other
-            h, c2 = shapes.get("0.weight", [0])[0], shapes.get("2.weight", [0])[0]
-        else:
-            h, c2 = max(128, config.hidden_mult * hidden_size), 2 * hidden_size
-        expected = {"0.weight": [h, 64], "0.bias": [h], "2.weight": [c2, h], "2.bias": [c2]}
-        if shapes != expected:
-            raise ModelError(
-                f"{what} {d}: {TLM_WEIGHTS_FILE} is not the TLM of a model with hidden size {hidden_size} "
-                f"and hidden_mult {config.hidden_mult}: tensors {shapes}, expected {expected}"
-            )
-        from safetensors.torch import load_file
-
-        if not all(bool(t.isfinite().all()) for t in load_file(str(d / TLM_WEIGHTS_FILE)).values()):
-            raise ModelError(f"{what} {d}: {TLM_WEIGHTS_FILE} holds NaN or infinite values; restore it")
-    elif (d / TLM_LEGACY_FILE).is_file() and not zipfile.is_zipfile(d / TLM_LEGACY_FILE):
-        raise ModelError(f"{what} {d}: {TLM_LEGACY_FILE} is not a torch.save file (truncated or corrupt?)")
-
-
-def _check_config(d: Path, what: str) -> None:
-    """``config.json`` builds a ``Qwen2_5_VLConfig`` (types and layer settings; no weights are read)."""
-    from transformers import Qwen2_5_VLConfig
-
-    try:
-        Qwen2_5_VLConfig.from_pretrained(d, local_files_only=True)
-    except Exception as exc:  # pydantic/strict-dataclass or value errors, whatever transformers raises
-        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        detail = " ".join(lines[:3])[:300] or type(exc).__name__
-        raise ModelError(
-            f"{what} {d}: config.json is not a valid Qwen2.5-VL configuration ({detail})"
-        ) from None
-
-
-def check_model_dir(model_dir: str | Path) -> Path:
-    """Check that ``model_dir`` holds a loadable Qwen2.5-VL model; return it as a Path.
-
-    Required: ``config.json`` (``model_type`` ``qwen2_5_vl``), safetensors weights (``model.safetensors``, or
-    ``model.safetensors.index.json`` and every shard it lists) holding a vision tower and token embeddings,
-    a tokenizer (``tokenizer.json`` or ``vocab.json``) and an image processor config
-    (``preprocessor_config.json`` or ``processor_config.json``). Configuration files must parse, weights
-    headers must be complete, and TLM weights, when the directory has them, must fit the model. Of the
-    weights only safetensors headers are read, and the TLM's own (small) tensors.
-
-    :raises ModelError: one line naming the directory and the missing or unreadable file.
-    """
-    d = Path(model_dir)
-    if not d.is_dir():
-        raise _not_a_dir(d, "model dir")
-    what = "model dir"
-    missing: list[str] = []
-    if not (d / "config.json").is_file():
-        missing.append("config.json")
-    index = d / "model.safetensors.index.json"
-    shards: list[str] = ["model.safetensors"]
-    if index.is_file():
-        weight_map = _json_object(d, index.name, what).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ModelError(f"{what} {d}: {index.name} has no weight_map of tensor -> shard file names")
-        shards = sorted(set(weight_map.values()))
-        if any(not s or s in (".", "..") or Path(s).name != s for s in shards):
-            raise ModelError(f"{what} {d}: {index.name} names shards outside the directory (or no name)")
-        missing += [s for s in shards if not (d / s).is_file()]
-    elif not (d / "model.safetensors").is_file():
-        missing.append("model.safetensors (weights)")
-    if not any((d / f).is_file() for f in _TOKENIZER_FILES):
-        missing.append("tokenizer.json")
-    if not any((d / f).is_file() for f in _PROCESSOR_FILES):
-        missing.append("preprocessor_config.json")
-    if missing:
-        raise ModelError(
-            f"{what} {d}: {', '.join(missing)} missing; pass a complete Qwen2.5-VL model directory"
-        )
-    config = _json_object(d, "config.json", what)
-    model_type = config.get("model_type")
-    if model_type != "qwen2_5_vl":
-        raise ModelError(f"{what} {d}: config.json has model_type {model_type!r}, expected 'qwen2_5_vl'")
-    _check_known_files(d, what)
-    _check_config(d, what)
-    headers = {shard: _tensor_shapes(d / shard, what) for shard in shards}
-    if index.is_file():
-        for tensor, shard in _json_object(d, index.name, what)["weight_map"].items():
-            if tensor not in headers[shard]:
-                raise ModelError(
-                    f"{what} {d}: {shard} lacks {tensor}, which {index.name} places there; restore the shard"
-                )
-    names = [name for header in headers.values() for name in header]
-    if not any("visual." in n for n in names) or not any("embed_tokens" in n for n in names):
-        raise ModelError(
-            f"{what} {d}: {', '.join(shards[:2])} holds no Qwen2.5-VL vision tower or token embeddings "
-            "(another model's file?); restore the weights"
-        )
-    _check_tlm(d, _hidden_size(config), what)
-    return d
-
-
-def check_adapter_dir(adapter_dir: str | Path, hidden_size: int | None = None) -> Path:
-    """Check that ``adapter_dir`` holds a FUSAR-GPT checkpoint: TLM weights (``tlm.safetensors`` or the
-    official ``vec64_film.pt``) that fit ``hidden_size`` (when given) and, when ``adapter_config.json`` is
-    there, the peft LoRA weights; configuration files parse and safetensors headers are complete.
-    Returns it as a Path.
-
-    :raises ModelError: one line naming the directory and the missing or unreadable file.
-    """
-    d = Path(adapter_dir)
-    what = "adapter dir"
-    if not d.is_dir():
-        raise _not_a_dir(d, what)
-    if (d / "adapter_config.json").is_file() and not any(
-        (d / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")
-    ):
-        raise ModelError(f"{what} {d}: adapter_model.safetensors missing (adapter_config.json present)")
-    if not any((d / f).is_file() for f in (TLM_WEIGHTS_FILE, TLM_LEGACY_FILE)):
-        raise ModelError(f"{what} {d}: {TLM_WEIGHTS_FILE} (or {TLM_LEGACY_FILE}) missing")
-    _check_known_files(d, what)
-    if (d / "adapter_model.safetensors").is_file():
-        _tensor_shapes(d / "adapter_model.safetensors", what)
-    _check_tlm(d, hidden_size, what)
-    return d
-
-
-def resolve_model_dirs(model: str | Path, base_model: str | Path | None = None) -> tuple[Path, Path | None]:
-    """``(model_dir, adapter_dir)`` for ``--model`` (and ``--base-model``), checked.
-
-    ``model`` is either a full model directory (``config.json``: a Qwen2.5-VL with the TLM, as written by
-    :meth:`FusarGPT.save_full`, e.g. the packaged demo model) or a FUSAR-GPT checkpoint (the official
-    release, or a ``fusarbatch train`` output: TLM + LoRA adapter) whose base Qwen2.5-VL directory is
-    ``base_model``, else the ``base_model`` recorded in ``fusarbatch_train.json``, else the adapter's
-    ``base_model_name_or_path`` when that is a local directory.
-
-    :raises ModelError: a directory is missing, incomplete or holds an unreadable file; a full model has
-        no TLM.
-    :raises UsageError: ``model`` is a checkpoint whose base model is unknown (pass ``base_model``), or
-        ``base_model`` is given with a full model directory.
-    """
-    from fusarbatch.errors import UsageError
-
-    d = Path(model)
-    if not d.is_dir():
-        raise _not_a_dir(d, "--model")
-    if (d / "config.json").is_file():
-        if base_model is not None:
-            raise UsageError(
-                f"--base-model {base_model}: only for a checkpoint --model; {d} is a full model directory "
-                "(it has config.json): drop --base-model"
-            )
-        check_model_dir(d)
-        if not any((d / f).is_file() for f in (TLM_WEIGHTS_FILE, TLM_LEGACY_FILE)):
-            raise ModelError(
-                f"--model {d}: no TLM weights ({TLM_WEIGHTS_FILE} or {TLM_LEGACY_FILE}): a plain "
-                "Qwen2.5-VL is not FUSAR-GPT; give the FUSAR-GPT checkpoint as --model and this directory "
-                "as --base-model"
-            )
-        return d, None
-    if (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file():
-        raise ModelError(f"--model {d}: config.json missing beside the model weights; restore it")
-    if base_model is None:
-        recorded_in = (
-            ("fusarbatch_train.json", "base_model"),
-            ("adapter_config.json", "base_model_name_or_path"),
-        )
-        for name, key in recorded_in:
-            try:
-                recorded = json.loads((d / name).read_text(encoding="utf-8")).get(key)
-            except (OSError, ValueError, AttributeError):
-                continue
-            if isinstance(recorded, str) and recorded and Path(recorded).is_dir():
-                base_model = recorded
-                break
-        else:
-            if not any((d / f).is_file() for f in (TLM_WEIGHTS_FILE, TLM_LEGACY_FILE, "adapter_config.json")):
-                raise ModelError(
-                    f"--model {d}: neither a model directory (no config.json) nor a FUSAR-GPT checkpoint "
-                    f"(no {TLM_WEIGHTS_FILE}, {TLM_LEGACY_FILE} or adapter_config.json)"
-                )
-            raise UsageError(
-                f"--model {d}: a FUSAR-GPT checkpoint whose base model is unknown or missing; "
-                "pass --base-model DIR (a local Qwen2.5-VL directory)"
-            )
-    base = check_model_dir(base_model)
-    return base, check_adapter_dir(d, _hidden_size(_json_object(base, "config.json", "model dir")))
 
 
 def load_processor(source: str | Path) -> ImageOnlyQwen2_5_VLProcessor:

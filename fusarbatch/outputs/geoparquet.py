@@ -25,6 +25,8 @@ from typing import Any
 import geopandas as gpd
 import pandas as pd
 
+from fusarbatch.outputs import check_inside
+
 KINDS = ("detections", "tiles", "counts")
 _LABEL_SAFE = re.compile(r"[^\w]")  # letters of any script, digits, _
 
@@ -93,23 +95,39 @@ def _frame(rows: Sequence[dict[str, Any]], columns: dict[str, str]) -> gpd.GeoDa
 
 
 def write_table(
-    rows: Sequence[dict[str, Any]], out: Path, kind: str, when: dt.datetime, scene_id: str
+    rows: Sequence[dict[str, Any]],
+    out: Path,
+    kind: str,
+    when: dt.datetime,
+    scene_id: str,
+    *,
+    staged: list[tuple[Path, Path]] | None = None,
 ) -> Path:
     """Write one scene's rows of ``kind`` atomically; returns the final path.
 
     Each row is a dict with the columns of the kind (``DETECTION_COLUMNS``, ``TILE_COLUMNS``,
     ``COUNT_COLUMNS``) plus ``geometry`` (shapely, EPSG:4326); the tiles table also takes ``count_<label>``
     integer columns. Missing values become nulls.
+
+    :param staged: when given, the file is left under its temporary name and ``(temporary, final)`` is
+        appended here, for :func:`fusarbatch.outputs.publish_staged` to rename once every file of the
+        scene is written (or :func:`~fusarbatch.outputs.discard_staged` to drop).
+    :raises UsageError: the partition folder leads outside ``out`` (a symbolic link).
     """
     columns = {"detections": DETECTION_COLUMNS, "tiles": TILE_COLUMNS, "counts": COUNT_COLUMNS}[kind]
     path = partition_path(out, kind, when, scene_id)
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_inside(out, path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         _frame(rows, columns).to_parquet(tmp, index=False, write_covering_bbox=True, schema_version="1.1.0")
-        os.replace(tmp, path)
-    finally:
+        if staged is None:
+            os.replace(tmp, path)
+        else:
+            staged.append((tmp, path))
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

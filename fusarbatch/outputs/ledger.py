@@ -34,6 +34,7 @@ import logging
 import os
 import socket
 import sqlite3
+import stat
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from fusarbatch.errors import FusarbatchError, UsageError
-from fusarbatch.outputs.provenance import group_attrs, outputs_out_of_step
+from fusarbatch.outputs.provenance import outputs_out_of_step
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +133,63 @@ def new_run_id() -> str:
 
 
 def prepare_out(out: Path) -> None:
-    """Create ``out`` and check that files can be written there (:func:`fusarbatch.outputs.
-    ensure_writable_dir`).
+    """Create ``out``, check that files can be written there (:func:`fusarbatch.outputs.
+    ensure_writable_dir`) and that nothing written there would land outside it
+    (:func:`check_out_paths`).
 
-    :raises UsageError: it cannot be created or written (one line naming ``--out``).
+    :raises UsageError: it cannot be created or written, or holds a symbolic link where fusarbatch writes
+        (one line naming ``--out`` and the link).
     """
     from fusarbatch.outputs import ensure_writable_dir
 
     ensure_writable_dir(Path(out), "--out")
+    check_out_paths(Path(out))
+
+
+#: What a run writes directly under ``--out`` (files and folders).
+OUT_ENTRIES = (
+    LEDGER_NAME,
+    f"{LEDGER_NAME}-journal",
+    LOCK_NAME,
+    "scenes.parquet",
+    "tiles.zarr",
+    "detections",
+    "tiles",
+    "counts",
+    "quicklooks",
+)
+
+
+def check_out_paths(out: Path) -> None:
+    """Refuse an output folder where a write would leave it: a symbolic link as one of
+    :data:`OUT_ENTRIES` (``run.lock`` -> ``/etc/passwd`` would be truncated; ``detections`` -> elsewhere
+    would be filled) or as a scene group of ``tiles.zarr``. Nothing is written or truncated first. (Folders
+    below, such as ``detections/date=...``, are checked by the writers: :func:`fusarbatch.outputs.
+    check_inside`.)
+
+    :raises UsageError: one line naming the link, where it points, and the fix.
+    """
+    from fusarbatch.files import file_kind
+
+    out = Path(out)
+    links = [out / name for name in OUT_ENTRIES if (out / name).is_symlink()]
+    store = out / "tiles.zarr"
+    if not links and store.is_dir():
+        links = [p for p in store.iterdir() if p.is_symlink()]
+    if links:
+        link = links[0]
+        raise UsageError(
+            f"--out {out}: {link.relative_to(out)} is a symbolic link (to {os.readlink(link)}); fusarbatch "
+            "writes only inside --out: remove the link (or choose another --out)"
+        )
+    for name in (LEDGER_NAME, f"{LEDGER_NAME}-journal", LOCK_NAME):  # a FIFO there would block or fail
+        with contextlib.suppress(FileNotFoundError):
+            mode = os.lstat(out / name).st_mode
+            if not stat.S_ISREG(mode):
+                raise UsageError(
+                    f"--out {out}: {name} is {file_kind(mode)}, not a regular file; remove it (fusarbatch "
+                    "recreates it)"
+                )
 
 
 def parse_time(text: str | None) -> dt.datetime | None:
@@ -173,18 +223,32 @@ class LockInfo:
 
     @classmethod
     def read(cls, path: Path) -> LockInfo | None:
-        """The holder written in ``path``; ``None`` when the file is missing, empty or unreadable."""
+        """The holder written in ``path``; ``None`` when the file is missing, empty or unreadable. Whatever
+        else the file holds (binary bytes, a JSON list, a wrong type per field: it is only informative)
+        gives an unknown holder, never an exception."""
+        from fusarbatch.files import read_capped
+
         try:
-            text = Path(path).read_text().strip()
+            text = read_capped(path, LOCK_NAME, UsageError, 64 * 2**10).decode("utf-8").strip()
         except OSError:
             return None
+        except (UsageError, UnicodeDecodeError):  # larger than any lock record, or not text
+            return LockInfo(None, None, None, None)
         if not text:
             return None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return LockInfo(None, None, None, None)
-        return cls(data.get("pid"), data.get("host"), data.get("started_at"), data.get("run_id"))
+        if not isinstance(data, dict):
+            return LockInfo(None, None, None, None)
+        pid, host, started, run_id = (data.get(k) for k in ("pid", "host", "started_at", "run_id"))
+        return cls(
+            pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+            host if isinstance(host, str) else None,
+            started if isinstance(started, str) else None,
+            run_id if isinstance(run_id, str) else None,
+        )
 
 
 class RunLock:
@@ -217,9 +281,11 @@ class RunLock:
         """
         if self._fd is not None:
             return self
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:  # never through a symbolic link: a lock file is truncated
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                check_out_paths(self.out)  # raises, naming the link
             raise UsageError(
                 f"--out {self.out}: cannot create {LOCK_NAME} ({exc.strerror}); choose a writable folder"
             ) from None
@@ -239,6 +305,10 @@ class RunLock:
             previous = LockInfo.read(self.path)
             if previous is not None and previous.pid is not None:
                 self.stale = previous
+            elif previous is not None:
+                log.warning(
+                    "--out %s: %s held unreadable content (not a lock record); replaced", self.out, LOCK_NAME
+                )
             info = {
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
@@ -400,6 +470,8 @@ class Ledger:
         :raises UsageError: the file is not a fusarbatch ledger, or cannot be opened or created.
         """
         path = Path(out) / LEDGER_NAME
+        if not readonly:
+            check_out_paths(Path(out))  # SQLite follows a symbolic link (and writes its journal beside)
         if readonly and not path.exists():
             raise UsageError(f"--out {out}: no {LEDGER_NAME} there (no fusarbatch run has used this folder)")
         try:
@@ -794,10 +866,12 @@ def collect_status(out: Path, *, runs: int = 5) -> dict[str, Any]:
         run.pop("config", None)
         run["argv"] = json.loads(run["argv"]) if run.get("argv") else None
     missing = [(s.scene_id, p) for s in done for p in s.outputs if not (out / p).is_file()]
+    from fusarbatch.outputs import group_attrs as _group_attrs
+
     out_of_step = [
         {"scene_id": s.scene_id, "reason": why, "action": "the next run redoes it"}
         for s in done
-        if (why := outputs_out_of_step(group_attrs(out / "tiles.zarr", s.group)))
+        if (why := outputs_out_of_step(_group_attrs(out / "tiles.zarr" / s.group) or {}))
     ]
     disk: dict[str, Any] = {}
     for kind in _OUTPUT_KINDS:
@@ -809,22 +883,25 @@ def collect_status(out: Path, *, runs: int = 5) -> dict[str, Any]:
         }
     pngs = [p for p in (out / "quicklooks").glob("*.png") if not p.name.startswith(".")]
     disk["quicklooks"] = {"files": len(pngs), "bytes": sum(p.stat().st_size for p in pngs)}
-    groups = {"complete": 0, "failed": 0, "incomplete": 0}
+    from fusarbatch.outputs import group_attrs, missing_arrays, zarr_temp_files
+
+    groups = {"complete": 0, "failed": 0, "incomplete": 0, "corrupt": 0}
+    corrupt = []
     store = out / "tiles.zarr"
-    leftovers = []
+    leftovers = [str(p.relative_to(out)) for p in zarr_temp_files(store)]
     if store.is_dir():
         for g in store.iterdir():
             if g.name.startswith("."):
                 leftovers.append(f"tiles.zarr/{g.name}")
                 continue
-            meta = g / "zarr.json"
-            if not g.is_dir() or not meta.is_file():
+            if not g.is_dir() or not (g / "zarr.json").is_file():
                 continue
-            try:
-                attrs = json.loads(meta.read_text()).get("attributes", {})
-            except (OSError, json.JSONDecodeError):
-                attrs = {}
-            if attrs.get("complete") is True:
+            attrs = group_attrs(g) or {}
+            absent = missing_arrays(g, attrs)
+            if absent:  # e.g. an array folder deleted by hand: the next run tiles the scene again
+                groups["corrupt"] += 1
+                corrupt.append({"group": g.name, "missing": absent})
+            elif attrs.get("complete") is True:
                 groups["complete"] += 1
             else:
                 groups["failed" if attrs.get("status") == "failed" else "incomplete"] += 1
@@ -839,8 +916,9 @@ def collect_status(out: Path, *, runs: int = 5) -> dict[str, Any]:
         "ledger": str(out / LEDGER_NAME),
         "lock": {
             "held": held,
-            "holder": None if holder is None else holder.__dict__,
-            "stale": (not held) and holder is not None,
+            "holder": None if holder is None or holder.pid is None else holder.__dict__,
+            "stale": (not held) and holder is not None and holder.pid is not None,
+            "unreadable": holder is not None and holder.pid is None,
         },
         "scenes_total": total,
         "running_without_run": 0 if held else running,
@@ -851,5 +929,6 @@ def collect_status(out: Path, *, runs: int = 5) -> dict[str, Any]:
         "disk": disk,
         "missing_outputs": [{"scene_id": s, "path": p} for s, p in missing],
         "out_of_step": out_of_step,
+        "corrupt_groups": sorted(corrupt, key=lambda c: c["group"]),
         "leftovers": sorted(leftovers),
     }

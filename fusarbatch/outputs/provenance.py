@@ -12,8 +12,6 @@ GDAL import.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 #: Group attribute ``run`` sets when a scene's outputs are written: the ``tiling_id`` and ``aef_id`` (and
@@ -47,11 +45,3 @@ def outputs_out_of_step(attrs: dict[str, Any]) -> str | None:
         cause = "e.g. by `fusarbatch features`"
         return f"its AlphaEarth anchors were rewritten after its outputs were made ({cause})"
     return None
-
-
-def group_attrs(store: Path | str, group: str) -> dict[str, Any]:
-    """A scene group's attributes read from its ``zarr.json`` (``{}`` when missing or unreadable)."""
-    try:
-        return dict(json.loads((Path(store) / group / "zarr.json").read_text()).get("attributes") or {})
-    except (OSError, ValueError, AttributeError):
-        return {}

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from shapely.geometry import Polygon
 from shapely.geometry.base import BaseGeometry
 
+from fusarbatch.outputs import check_inside
 from fusarbatch.render import render
 
 
@@ -32,12 +33,16 @@ def write_quicklook(
     *,
     max_side: int = 1024,
     aoi_map: BaseGeometry | None = None,
+    staged: list[tuple[Path, Path]] | None = None,
 ) -> Path:
     """Write ``path`` (PNG, atomically) for one scene group of the tile store.
 
     :param detections_map: detection polygons in the scene CRS (``Detection.geometry_map``).
     :param aoi_map: the AOI in the scene CRS (polygons; drawn as outlines), or ``None``.
     :param max_side: the longer side of the PNG in pixels (the scene is decimated by an integer factor).
+    :param staged: as in :func:`fusarbatch.outputs.geoparquet.write_table`: leave the file under its
+        temporary name and append ``(temporary, final)`` here.
+    :raises UsageError: the quick-look folder leads outside the output folder (a symbolic link).
     """
     g = zarr.open_group(str(store / group), mode="r", zarr_format=3)
     size = int(g.attrs["tile_size"])
@@ -68,10 +73,15 @@ def write_quicklook(
     for poly in detections_map:
         outline(poly, (255, 40, 40))
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_inside(path.parent.parent, path)  # <out>/quicklooks/<name>.png
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         canvas.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
+        if staged is None:
+            os.replace(tmp, path)
+        else:
+            staged.append((tmp, path))
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
     return path

@@ -90,6 +90,25 @@ def tile_origins(
     return [k * last // steps for k in range(steps + 1)]
 
 
+def tile_count(
+    height: int, width: int, tile_size: int = DEFAULT_TILE_SIZE, overlap: int = DEFAULT_OVERLAP
+) -> int:
+    """Number of tiles of a ``height x width`` scene, computed without building the grid (constant time
+    and memory, for any claimed size): per axis 1 when ``L <= T``, else ``ceil((L - T) / S) + 1``, the
+    length of :func:`tile_origins`.
+
+    :raises ValueError: non-positive scene size or invalid tile size / overlap.
+    """
+    validate_tiling(tile_size, overlap)
+    stride = tile_size - overlap
+    counts = []
+    for length in (int(height), int(width)):
+        if length < 1:
+            raise ValueError(f"axis length must be >= 1 pixel, got {length}")
+        counts.append(1 if length <= tile_size else -(-(length - tile_size) // stride) + 1)
+    return counts[0] * counts[1]
+
+
 @dataclass(frozen=True)
 class TileGrid:
     """The tiles of a ``height x width`` scene: origins per axis and derived per-tile offsets."""

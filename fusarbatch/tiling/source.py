@@ -59,6 +59,7 @@ from rasterio.warp import transform as warp_points
 
 from fusarbatch.catalog.scene import BandRef, Scene
 from fusarbatch.errors import SceneError
+from fusarbatch.files import check_regular
 from fusarbatch.tiling.calibration import LATTICE_STEP, LUT_NAMES, lattice
 
 #: Resampling of every warp (GCP -> UTM, and aligning a polarisation onto the scene grid).
@@ -425,6 +426,7 @@ def _inspect(href: str) -> _FileInfo:
             raise SceneError(f"{href}: asset file not found")
         if os.path.isdir(path):
             raise SceneError(f"{href}: is a directory, not a raster file")
+        check_regular(path, "asset", SceneError, "give a raster file")  # a FIFO or device would block GDAL
         if not os.access(path, os.R_OK):
             raise SceneError(f"{href}: permission denied (cannot read the file)")
     try:

@@ -32,8 +32,16 @@ scene's GeoParquet is written (:mod:`fusarbatch.outputs.provenance`).
 **Crash safety.** A scene is written to ``tiles.zarr/.<safe_id>.partial-<pid>``; ``complete`` is set to
 true last; then the directory is renamed to ``<safe_id>``, replacing an older group (the older one is first
 renamed aside, then deleted). Readers only trust groups with ``complete == true``. A scene that fails
-leaves no partial group; its group becomes a marker with no arrays and attributes ``{"complete": false,
-"status": "failed", "error": ...}`` (the store thus always reflects the last attempt at each scene).
+leaves no partial group, and never replaces a complete group of an earlier attempt (a transient failure,
+such as a full disk during a ``--force`` redo, keeps the last good tiles; the ledger records the failure).
+Without a complete group, its group becomes a marker with no arrays and attributes ``{"complete": false,
+"status": "failed", "error": ...}``. A failure for lack of space says ``disk full``
+(:func:`~fusarbatch.errors.disk_full`), not that a source raster is bad.
+
+**Bounds.** A raster whose header claims more than ``max_tiles`` tiles (e.g. a VRT of 1e9 x 1e9 pixels) is
+refused from its header, before any task is built. On a ``dask.distributed`` cluster, tiling waits for
+the cluster with a deadline: when no worker is alive for ``timeout_s`` (the only worker died),
+:class:`~fusarbatch.errors.NoWorkerError` is raised instead of waiting for ever.
 Leftovers of a killed run (``.<safe_id>.partial-<pid>`` / ``.<safe_id>.old-<pid>`` of a dead process) are
 removed the next time that scene is tiled.
 
@@ -59,6 +67,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -75,12 +84,13 @@ from shapely.geometry.base import BaseGeometry
 
 from fusarbatch import __version__
 from fusarbatch.catalog.scene import Scene
-from fusarbatch.errors import FusarbatchError
+from fusarbatch.errors import FusarbatchError, NoWorkerError, SceneError, disk_full
 from fusarbatch.tiling.clip import aoi_digest, aoi_pixels, select_tiles
 from fusarbatch.tiling.grid import (
     DEFAULT_OVERLAP,
     DEFAULT_TILE_SIZE,
     TileGrid,
+    tile_count,
     tile_grid,
     tile_transforms,
     validate_tiling,
@@ -105,6 +115,11 @@ BACKSCATTER_COMPRESSORS: Any = (zarr.codecs.ZstdCodec(level=1),)
 THREADS: int | None = None
 #: GDAL block cache while a scene is read, in bytes (GDAL reads values >= 100000 as bytes).
 GDAL_CACHE_BYTES = 256 * 2**20
+#: Default ``max_tiles``: the most tiles one scene may have (a Sentinel-1 IW GRD scene has about 2,000 at
+#: the default tile size; 100,000 tiles are 25 billion pixels).
+DEFAULT_MAX_TILES = 100_000
+#: Seconds between two looks at a cluster's workers while tiling waits for it.
+_WORKER_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -133,7 +148,8 @@ def tile_scenes(scenes: Iterable[Scene], store: Path | str, **kwargs: Any) -> li
     A scene that fails is recorded as failed and the others go on. Two different item ids that map to the
     same group name (:attr:`Scene.safe_id`) would overwrite each other: the second one fails instead.
 
-    :param kwargs: ``tile_size``, ``overlap``, ``min_valid``, ``aoi``, passed to :func:`tile_scene`.
+    :param kwargs: ``tile_size``, ``overlap``, ``min_valid``, ``aoi``, ``max_tiles``, ``timeout_s``, passed
+        to :func:`tile_scene`.
     :returns: one :class:`TileResult` per scene, in input order.
     :raises ValueError: invalid ``tile_size`` / ``overlap`` / ``min_valid`` (before any scene is read).
     """
@@ -171,6 +187,8 @@ def tile_scene(
     overlap: int = DEFAULT_OVERLAP,
     min_valid: float = DEFAULT_MIN_VALID,
     aoi: BaseGeometry | None = None,
+    max_tiles: int = DEFAULT_MAX_TILES,
+    timeout_s: float | None = None,
 ) -> TileResult:
     """Tile one scene into the group ``<store>/<scene.safe_id>`` (layout: module docstring).
 
@@ -180,9 +198,14 @@ def tile_scene(
     :param min_valid: tiles with ``valid_fraction >= min_valid`` count as inferable.
     :param aoi: AOI in EPSG:4326: only the tiles of the scene grid it needs are stored
         (:mod:`fusarbatch.tiling.clip`; possibly none); ``None``: the whole scene.
+    :param max_tiles: a scene whose header gives more tiles fails before any task is built.
+    :param timeout_s: on a ``dask.distributed`` client, seconds without any live worker after which the
+        tiling gives up (``None``: wait as long as it takes).
     :returns: a :class:`TileResult`; ``status="failed"`` with a one-line ``error`` when the scene cannot
         be read or written (nothing is raised for per-scene problems).
     :raises ValueError: invalid ``tile_size`` / ``overlap`` / ``min_valid``.
+    :raises NoWorkerError: the cluster had no live worker for ``timeout_s`` (not the scene's fault: no
+        failure marker is written).
     """
     _check_params(tile_size, overlap, min_valid)
     started = time.perf_counter()
@@ -192,15 +215,21 @@ def tile_scene(
     try:
         root = _open_root(store)
         _remove_stale(store, name)
-        n_tiles, n_inferable = _write_scene(root, partial, scene, tile_size, overlap, min_valid, aoi)
+        n_tiles, n_inferable = _write_scene(
+            root, partial, scene, tile_size, overlap, min_valid, aoi, max_tiles, timeout_s
+        )
         _publish(store, partial, name)
+    except NoWorkerError:
+        shutil.rmtree(store / partial, ignore_errors=True)
+        raise
     except Exception as exc:
         shutil.rmtree(store / partial, ignore_errors=True)
         error = _error_line(exc, scene)
         if not isinstance(exc, FusarbatchError):
             log.debug("scene %s failed", scene.item_id, exc_info=True)
-        with contextlib.suppress(Exception):
-            _write_failure(store, scene, error)
+        if not group_complete(store / name):  # the last good tiles stay (a full disk is transient)
+            with contextlib.suppress(Exception):
+                _write_failure(store, scene, error)
         return TileResult(
             scene_id=scene.item_id,
             status="failed",
@@ -334,6 +363,60 @@ def _scheduler() -> dict[str, Any]:
     return {"scheduler": "threads", "num_workers": int(workers)}
 
 
+def _compute(stored: Any, fractions: da.Array, timeout_s: float | None) -> tuple[Any, Any]:
+    """``dask.compute(stored, fractions)`` on :func:`_scheduler`. On a distributed client with
+    ``timeout_s``, through futures, looking at the cluster every second: when it has had no worker for
+    ``timeout_s`` s, the futures are cancelled and :class:`NoWorkerError` is raised."""
+    scheduler = _scheduler()
+    client = scheduler["scheduler"]
+    if isinstance(client, str):
+        # an own pool, shut down before returning or raising: when one task fails, the others still
+        # running finish before the caller deletes the partial group (no write lands after that)
+        with ThreadPoolExecutor(scheduler["num_workers"], thread_name_prefix="fusarbatch-tile") as pool:
+            return dask.compute(stored, fractions, scheduler="threads", pool=pool)
+    if timeout_s is None:
+        return dask.compute(stored, fractions, **scheduler)
+    from distributed import wait
+
+    futures = client.compute([stored, fractions])
+    alone_since: float | None = None
+    try:
+        while True:
+            try:
+                wait(futures, timeout=min(_WORKER_POLL_S, timeout_s))
+                break
+            except TimeoutError:
+                pass
+            if client.nthreads():
+                alone_since = None
+                continue
+            now = time.monotonic()
+            alone_since = alone_since or now
+            if now - alone_since >= timeout_s:
+                raise NoWorkerError(
+                    f"the Dask cluster has had no live worker for {timeout_s:g} s (--task-timeout) while "
+                    f"tiling; restart its workers (the remaining scenes are not tried)"
+                )
+        return tuple(client.gather(futures))  # type: ignore[return-value]
+    except BaseException:
+        client.cancel(futures)
+        raise
+
+
+def group_complete(path: Path) -> bool:
+    """Whether ``path`` is a scene group whose ``zarr.json`` says ``complete: true`` (read capped; any
+    unreadable or missing file: ``False``)."""
+    import json
+
+    from fusarbatch.files import MAX_JSON_BYTES, read_capped
+
+    try:
+        meta = json.loads(read_capped(path / "zarr.json", "zarr.json", FusarbatchError, MAX_JSON_BYTES))
+        return meta.get("attributes", {}).get("complete") is True
+    except (OSError, ValueError, AttributeError, FusarbatchError):
+        return False
+
+
 def _gdal_env() -> rasterio.Env:
     """GDAL settings for the read: a bounded block cache (:data:`GDAL_CACHE_BYTES`) unless the user set
     ``GDAL_CACHEMAX`` in the environment. The cache must hold the blocks that overlapping windows share
@@ -375,9 +458,18 @@ def _write_scene(
     overlap: int,
     min_valid: float,
     aoi: BaseGeometry | None = None,
+    max_tiles: int = DEFAULT_MAX_TILES,
+    timeout_s: float | None = None,
 ) -> tuple[int, int]:
     radiometry = prepare_radiometry(scene, open_scene(scene, tile_size=tile_size))
     source, scale = radiometry.source, radiometry.scale
+    count = tile_count(source.height, source.width, tile_size, overlap)
+    if count > max_tiles:
+        raise SceneError(
+            f"{source.hrefs[0]}: its header claims {source.height} x {source.width} pixels, {count} tiles "
+            f"of {tile_size} px, more than --max-tiles {max_tiles}; check the raster (a broken header?) or "
+            f"raise --max-tiles"
+        )
     grid = tile_grid(source.height, source.width, tile_size, overlap)
     select, clip_attrs = None, None
     if aoi is not None:
@@ -454,7 +546,7 @@ def _write_scene(
     if n:
         stored = da.store(tiles, backscatter, lock=False, compute=False)
         with _gdal_env():
-            _, vf = dask.compute(stored, fractions, **_scheduler())
+            _, vf = _compute(stored, fractions, timeout_s)
     vf = np.asarray(vf, dtype=np.float32)
     group.create_array(
         "valid_fraction",
@@ -525,6 +617,9 @@ def _error_line(exc: BaseException, scene: Scene) -> str:
     file(s) concerned when the message does not give their full href."""
     if isinstance(exc, FusarbatchError):
         return " ".join(str(exc).split()) or type(exc).__name__
+    full = disk_full(exc, "the tile store")
+    if full is not None:  # writing the tiles failed: no source raster is to blame
+        return full
     parts: list[str] = []
     seen: set[int] = set()
     current: BaseException | None = exc

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -208,7 +212,7 @@ def test_missing_file(tmp_path):
 
 
 def test_directory_is_not_a_file(tmp_path):
-    with pytest.raises(AOIError, match="not a file"):
+    with pytest.raises(AOIError, match="a directory, not a regular file"):
         load_aoi(tmp_path)
 
 
@@ -260,3 +264,61 @@ def test_geodesic_area_of_a_known_box():
 
     expected = a**2 / 2 * np.radians(1) * (q(np.radians(1)) - q(0))
     assert geodesic_area(box(0, 0, 1, 1)) == pytest.approx(expected, rel=1e-6)
+
+
+_COMB = """
+import json, math, sys
+from pathlib import Path
+from fusarbatch.catalog.aoi import MAX_QUERY_VERTICES, load_aoi, query_geometry
+teeth, w = 20_000, 40.0 / 20_000
+coords = [[0.0, 80.0]]
+for i in range(teeth):
+    coords += [[i * w, -80.0], [i * w + w / 2, -80.0], [i * w + w / 2, 79.0], [(i + 1) * w, 79.0]]
+coords += [[40.0, 80.0], [0.0, 80.0]]
+path = Path(sys.argv[1])
+path.write_text(json.dumps({"type": "Polygon", "coordinates": [coords]}))
+aoi = load_aoi(path)
+query = query_geometry(aoi)
+print(json.dumps({"area": aoi.area_m2, "vertices": len(coords), "query_vertices": int(
+    __import__("shapely").get_num_coordinates(query)), "covers": bool(query.covers(aoi.geometry))}))
+"""
+
+
+def _lonlat_box_area(west: float, south: float, east: float, north: float) -> float:
+    """Exact area (m^2) on the WGS84 ellipsoid of a box bounded by meridians and parallels: the zone
+    between two latitudes (authalic formula), times the share of longitude."""
+    a, f = 6378137.0, 1 / 298.257223563
+    b, e = a * (1 - f), math.sqrt(f * (2 - f))
+
+    def zone(lat: float) -> float:
+        s = math.sin(math.radians(lat))
+        return s / (2 * (1 - e * e * s * s)) + math.log((1 + e * s) / (1 - e * s)) / (4 * e)
+
+    return math.radians(east - west) * b * b * (zone(north) - zone(south))
+
+
+def test_pathological_aoi_is_measured_and_searched_with_bounded_work(tmp_path):
+    """A valid AOI of 80,003 vertices over 160 degrees of latitude (a comb of 20,000 teeth): cutting every
+    edge into 0.05 degree pieces was 127 million points (1.9 GB at once, minutes). Run in a process limited
+    to 3 GB of address space, with a deadline: the area is right within 0.1 % of the exact one, and the
+    geometry sent to a STAC API is a superset of at most MAX_QUERY_VERTICES vertices."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMB, str(tmp_path / "generated_comb.geojson")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=limit,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout)
+    w = 40.0 / 20_000
+    exact = 20_000 * _lonlat_box_area(0, -80, w / 2, 79) + _lonlat_box_area(0, 79, 40, 80)
+    assert got["vertices"] == 80_003
+    assert got["area"] == pytest.approx(exact, rel=1e-3)
+    assert got["query_vertices"] <= 1000 and got["covers"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import http.server
 import json
 import logging
 import time
@@ -24,6 +26,8 @@ from conftest import (
     equal_area_share,
     generated_iw_copies,
     load_json,
+    serve,
+    serve_directory,
 )
 from shapely.geometry import box
 
@@ -260,7 +264,8 @@ def test_api_other_aoi_other_items(stac_api, tmp_path):
 
 
 def test_api_finds_the_demo_items_like_the_static_catalog(stac_api):
-    result = run(api(stac_api), DEMO_AOIS / "demo_all.geojson", "2015-01")
+    # the demo items name local files: a remote API may only do that with allow_local_assets
+    result = run(api(stac_api), DEMO_AOIS / "demo_all.geojson", "2015-01", allow_local_assets=True)
     static = run(resolve_catalog("demo"), DEMO_AOIS / "demo_all.geojson", "2015-01")
     assert ids(result) == ids(static) == list(DEMO_IDS)
     assert result.coverage == pytest.approx(static.coverage)
@@ -376,7 +381,10 @@ def test_api_url_that_is_not_an_api_root(stac_api, france_aoi):
 
 
 def test_api_demo_items_keep_absolute_paths(stac_api):
-    scene = run(api(stac_api), DEMO_AOIS / "camargue.geojson", "2015-03", "2015-03").scenes[0]
+    aoi, local = DEMO_AOIS / "camargue.geojson", {"allow_local_assets": True}
+    with pytest.raises(CatalogError, match="their assets are local files"):  # a remote API: refused
+        run(api(stac_api), aoi, "2015-03", "2015-03")
+    scene = run(api(stac_api), aoi, "2015-03", "2015-03", **local).scenes[0]
     expected = next(i for i in demo_items_absolute() if i["id"] == CAMARGUE_ID)["assets"]["vv"]["href"]
     assert scene.bands["VV"].href == expected
     assert Path(expected).is_file()
@@ -500,3 +508,207 @@ def test_static_catalog_with_percent_encoded_relative_hrefs_is_tiled(tmp_path):
         first = src.read(1, window=((0, 128), (0, 128))).astype(np.float32)
     first[first == -99] = np.nan
     np.testing.assert_array_equal(g["backscatter"][0, 0], first.astype(np.float16))  # float16 store
+
+
+# ---- bounds on a whole search, and local files named by a remote catalog (issue 10) --------------------
+
+
+class _EndlessStacApi(http.server.BaseHTTPRequestHandler):
+    """A STAC API whose search never ends: every page links to a next one with new items (``pad`` bytes of
+    padding per page), or, at ``/big``, a landing page whose body streams ``BIG_BYTES`` (far more than any
+    cap) as fast as loopback carries it."""
+
+    pad = 0
+    BIG_BYTES = 512 * 2**20
+
+    def _send(self, doc: dict) -> None:
+        body = json.dumps(doc).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _page(self, n: int) -> None:
+        base = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        feature = load_json(REAL_IW_ITEM) | {"id": f"generated-endless-{n}", "links": []}
+        feature["properties"] = feature["properties"] | {"padding": "x" * self.pad}
+        self._send(
+            {
+                "type": "FeatureCollection",
+                "features": [feature],
+                "links": [{"rel": "next", "href": f"{base}search?page={n + 1}", "method": "GET"}],
+            }
+        )
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/big"):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            chunk = b" " * 2**20
+            with contextlib.suppress(OSError):  # the client hangs up at its cap
+                for _ in range(self.BIG_BYTES // len(chunk)):
+                    self.wfile.write(chunk)
+            return
+        if self.path.startswith("/search"):
+            self._page(int(self.path.rpartition("=")[2]))
+            return
+        base = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        self._send(
+            {
+                "type": "Catalog",
+                "stac_version": "1.0.0",
+                "id": "generated-endless",
+                "description": "generated",
+                "conformsTo": ["https://api.stacspec.org/v1.0.0/core", ITEM_SEARCH],
+                "links": [{"rel": "search", "href": f"{base}search", "method": "POST"}],
+            }
+        )
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._page(0)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+ITEM_SEARCH = "https://api.stacspec.org/v1.0.0/item-search"
+
+
+@pytest.mark.timeout(60)
+def test_api_whose_pages_never_end_fails_at_the_search_deadline(france_aoi):
+    with serve(_EndlessStacApi) as url:
+        spec = CatalogSpec(name=url, kind="api", href=url, timeout_s=5, search_timeout_s=2)
+        t0 = time.monotonic()
+        with pytest.raises(CatalogError) as info:
+            run(spec, france_aoi, "2015-01")
+    assert time.monotonic() - t0 < 2 + 5 + 3  # the deadline, at most one request more, slack
+    assert str(info.value) == (
+        f"catalog {url!r}: the search did not end within 2 s (pages that never end?); narrow the AOI or "
+        "dates, or raise `search_timeout_s` in a catalog definition"
+    )
+
+
+@pytest.mark.timeout(60)
+def test_search_command_ends_at_the_deadline_of_pages_that_never_end(france_aoi, tmp_path):
+    """End to end: ``fusarbatch search`` with a catalog definition (``search_timeout_s = 2``) of a STAC
+    API whose pages never end: one line, exit 2, soon after the deadline (it paged for ever)."""
+    from tests.conftest import run_cli
+
+    with serve(_EndlessStacApi) as url:
+        toml = tmp_path / "endless.toml"
+        toml.write_text(f'kind = "api"\nhref = "{url}"\nsearch_timeout_s = 2\n')
+        t0 = time.monotonic()
+        proc = run_cli("search", "--aoi", str(france_aoi), "--start", "2015-01", "--catalog", str(toml))
+    assert time.monotonic() - t0 < 2 + 30  # the deadline plus a CLI start-up
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "the search did not end within 2 s (pages that never end?); narrow the AOI or dates, or raise "
+            "`search_timeout_s` in a catalog definition"
+        )
+    )
+
+
+@pytest.mark.timeout(60)
+def test_api_pages_beyond_the_search_byte_cap_fail(france_aoi):
+    handler = type("PaddedPages", (_EndlessStacApi,), {"pad": 300_000})
+    with serve(handler) as url:
+        spec = CatalogSpec(name=url, kind="api", href=url, timeout_s=5, max_search_mb=1)
+        with pytest.raises(CatalogError, match=r"more than 64 MiB in one answer, or 1 MiB in all"):
+            run(spec, france_aoi, "2015-01")
+
+
+@pytest.mark.timeout(60)
+def test_api_answer_that_never_ends_is_cut_at_the_answer_cap(france_aoi):
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    with serve(_EndlessStacApi) as url:
+        spec = CatalogSpec(name=url + "big", kind="api", href=url + "big", timeout_s=20)
+        with pytest.raises(CatalogError, match=r"the server sent more than 64 MiB in one answer"):
+            run(spec, france_aoi, "2015-01")
+    assert psutil.Process().memory_info().rss - rss < 400 * 2**20  # not the 512 MB it streamed
+
+
+def _remote_catalog_with_local_assets(root: Path) -> None:
+    """A static catalog to serve over HTTP whose item names a local file with a ``file://`` URL (the
+    camargue demo raster). (An absolute path there is resolved against the catalog's URL by pystac, so it
+    stays on the server; a STAC API's absolute paths stay local: see the next test.)"""
+    tif = next((DEMO_DIR / "data" / "camargue").glob("*.tif"))
+    item = next(i for i in demo_items_absolute() if i["id"] == CAMARGUE_ID)
+    links = [{"rel": "root", "href": "./catalog.json"}]
+    for n, href in enumerate([tif.as_uri()]):
+        doc = json.loads(json.dumps(item)) | {"id": f"generated-local-{n}", "links": []}
+        doc["assets"]["vv"]["href"] = href
+        (root / f"item{n}.json").write_text(json.dumps(doc))
+        links.append({"rel": "item", "href": f"./item{n}.json", "type": "application/json"})
+    (root / "catalog.json").write_text(
+        json.dumps(
+            {
+                "type": "Catalog",
+                "stac_version": "1.0.0",
+                "id": "generated",
+                "description": "g",
+                "links": links,
+            }
+        )
+    )
+
+
+def test_remote_catalog_may_not_name_local_files(tmp_path):
+    _remote_catalog_with_local_assets(tmp_path)
+    aoi = DEMO_AOIS / "camargue.geojson"
+    with serve_directory(tmp_path) as url:
+        spec = resolve_catalog(url + "catalog.json")
+        with pytest.raises(CatalogError) as info:
+            run(spec, aoi, "2015-01")
+        allowed = run(spec, aoi, "2015-01", allow_local_assets=True)
+    assert str(info.value) == (
+        f"catalog {url + 'catalog.json'!r}: 1 item(s) overlap --aoi {aoi} from 2015-01-01 on but their "
+        "assets are local files, which a remote catalog may not name; pass --allow-local-assets if you "
+        "trust the catalog"
+    )
+    assert ids(allowed) == ["generated-local-0"]
+    # a local catalog naming local files is the normal case
+    assert ids(run(resolve_catalog(str(tmp_path / "catalog.json")), aoi, "2015-01")) == ids(allowed)
+
+
+def test_search_command_refuses_local_assets_of_a_remote_catalog(tmp_path):
+    """End to end: ``fusarbatch search`` against a real http.server on 127.0.0.1."""
+    from tests.conftest import run_cli
+
+    _remote_catalog_with_local_assets(tmp_path)
+    args = ["search", "--aoi", str(DEMO_AOIS / "camargue.geojson"), "--start", "2015-01"]
+    with serve_directory(tmp_path) as url:
+        refused = run_cli(*args, "--catalog", url + "catalog.json")
+        allowed = run_cli(*args, "--catalog", url + "catalog.json", "--allow-local-assets")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "are local files, which a remote catalog may not name; pass --allow-local-assets if you trust "
+            "the catalog"
+        )
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    assert "generated-local-0" in allowed.stdout
+
+
+def test_local_href_kinds():
+    from fusarbatch.catalog.search import is_local_href
+
+    local = ["/data/x.tif", "x.tif", "../x.tif", "file:///data/x.tif", "C:/data/x.tif", "/vsizip//data/a.zip"]
+    remote = [
+        "https://h/x.tif",
+        "s3://b/x.tif",
+        "/vsicurl/https://h/x.tif",
+        "/vsizip//vsicurl/http://h/a.zip",
+    ]
+    assert [is_local_href(h) for h in local] == [True] * len(local)
+    assert [is_local_href(h) for h in remote] == [False] * len(remote)

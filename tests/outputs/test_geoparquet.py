@@ -79,3 +79,18 @@ def test_tiles_table_takes_count_columns(tmp_path):
 def test_partition_path_uses_utc_date(tmp_path):
     local = dt.datetime(2024, 1, 3, 0, 30, tzinfo=dt.timezone(dt.timedelta(hours=2)))
     assert partition_path(tmp_path, "tiles", local, "X").parent.name == "date=2024-01-02"
+
+
+def test_output_names_never_start_with_underscore_or_dot_so_dataset_readers_see_every_scene(tmp_path):
+    """pyarrow's and geopandas' dataset readers skip files named ``_*`` or ``.*``: ``read_parquet`` of the
+    folder dropped such scenes without a word (issue 10). Item ids that begin that way (or whose
+    forbidden first characters become ``_``) get names that do not, readable and distinct."""
+    from fusarbatch.catalog.scene import Scene
+
+    ids = ["_hidden", ".dot", "@at", "__", "._x", "_x", "x"]
+    names = [Scene(i, WHEN, shapely.box(0, 0, 1, 1), {}).safe_id for i in ids]
+    assert not [n for n in names if n[0] in "._"], names
+    assert len(set(names)) == len(ids) and names[-1] == "x" and names[0].startswith("hidden-")
+    for i, name in zip(ids, names, strict=True):
+        write_table([det(0) | {"scene_id": i}], tmp_path, "detections", WHEN, name)
+    assert sorted(gpd.read_parquet(tmp_path / "detections").scene_id) == sorted(ids)

@@ -283,3 +283,103 @@ def test_config_hash_of_the_cfar_engine_covers_its_parameters():
     same = RunConfig(**base, engine="cfar", max_new_tokens=5, classes=("ship", "sea"))
     assert same.output_hash() == cfar.output_hash()
     assert cfar.stage_hash("tile") == model.stage_hash("tile")  # the tiles are shared
+
+
+# ---- garbage lock files, symbolic links out of --out (issue 10) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content", [b"\xff\xfe\x00binary\x80", b'[1, "two"]', b'{"pid": "x", "host": 3}', b"[" * 100_000]
+)
+def test_garbage_lock_file_is_replaced_and_status_explains_it(tmp_path, content, caplog):
+    Ledger.open(tmp_path).close()
+    (tmp_path / "run.lock").write_bytes(content)
+    assert LockInfo.read(tmp_path / "run.lock") == LockInfo(None, None, None, None)
+    status = collect_status(tmp_path)
+    assert status["lock"] == {"held": False, "holder": None, "stale": False, "unreadable": True}
+    with caplog.at_level("WARNING", logger="fusarbatch.outputs.ledger"):
+        lock = RunLock(tmp_path).acquire(run_id="after-garbage")
+    try:
+        assert lock.stale is None
+        assert json.loads((tmp_path / "run.lock").read_text())["run_id"] == "after-garbage"
+        assert any("run.lock held unreadable content" in r.getMessage() for r in caplog.records)
+    finally:
+        lock.release()
+    assert collect_status(tmp_path)["lock"]["unreadable"] is False
+
+
+@pytest.fixture
+def victim(tmp_path):
+    """A file and a folder outside --out that a symbolic link in --out points to: never touched."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me\n")
+    return outside
+
+
+def _untouched(victim):
+    assert sorted(p.name for p in victim.iterdir()) == ["precious.txt"]
+    assert (victim / "precious.txt").read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize(
+    "name", ["run.lock", "ledger.sqlite", "ledger.sqlite-journal", "detections", "tiles.zarr"]
+)
+def test_symbolic_link_in_out_is_refused_before_anything_is_written(tmp_path, victim, name):
+    from fusarbatch.outputs.ledger import prepare_out
+
+    out = tmp_path / "out"
+    out.mkdir()
+    target = victim / "precious.txt" if "." in name and name != "tiles.zarr" else victim
+    (out / name).symlink_to(target)
+    expected = (
+        f"--out {out}: {name} is a symbolic link (to {target}); fusarbatch writes only inside --out: remove "
+        "the link (or choose another --out)"
+    )
+    with pytest.raises(UsageError) as info:
+        prepare_out(out)
+    assert str(info.value) == expected
+    with pytest.raises(UsageError, match="is a symbolic link"):
+        Ledger.open(out)  # SQLite would follow the link
+    if name == "run.lock":
+        with pytest.raises(UsageError, match="is a symbolic link"):
+            RunLock(out).acquire()  # O_NOFOLLOW: the file would be truncated
+    _untouched(victim)
+
+
+def test_scene_group_or_partition_linked_out_of_out_is_refused(tmp_path, victim):
+    import datetime as dt
+
+    import shapely
+
+    from fusarbatch.outputs.geoparquet import write_table
+    from fusarbatch.outputs.ledger import prepare_out
+
+    out = tmp_path / "out"
+    (out / "tiles.zarr").mkdir(parents=True)
+    (out / "tiles.zarr" / "scene-a").symlink_to(victim)
+    with pytest.raises(UsageError, match=r"tiles.zarr/scene-a is a symbolic link"):
+        prepare_out(out)
+    (out / "tiles.zarr" / "scene-a").unlink()
+    (out / "detections").mkdir()
+    (out / "detections" / "date=2024-01-15").symlink_to(victim)
+    row = {"scene_id": "a", "tile_id": 0, "geometry": shapely.box(0, 0, 1, 1)}
+    with pytest.raises(UsageError, match=r"detections/date=2024-01-15 leads to .*outside --out"):
+        write_table([row], out, "detections", dt.datetime(2024, 1, 15, tzinfo=dt.UTC), "a")
+    _untouched(victim)
+
+
+def test_run_with_a_symbolic_link_as_lock_is_one_usage_error(tmp_path, victim):
+    """End to end: ``fusarbatch run`` into an --out whose run.lock links to a file elsewhere."""
+    from tests.conftest import REPO, run_cli
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.lock").symlink_to(victim / "precious.txt")
+    aoi = REPO / "catalogs/demo/aois/camargue.geojson"
+    proc = run_cli("run", "--aoi", str(aoi), "--start", "2015-01", "--out", str(out))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert json.loads(line)["message"].startswith(f"--out {out}: run.lock is a symbolic link (to {victim}")
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
+    _untouched(victim)

@@ -255,3 +255,89 @@ def test_runs_on_an_active_distributed_client(tmp_path, demo_scenes):
     with rasterio.open(scene.bands["VV"].href) as src:
         window = src.read(window=((128, 256), (128, 256)))
         np.testing.assert_array_equal(g["backscatter"][8], window.astype(np.float16))
+
+
+# ---- bounds and lost outputs (issue 10) -----------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_header_with_absurd_dimensions_is_refused_before_any_task(tmp_path, write_generated_tif, make_scene):
+    """A VRT whose header claims 1e9 x 1e9 pixels (over a real 64 x 64 GeoTIFF): refused from the header
+    (5e12 tiles), before the grid, the arrays or any task exist."""
+    small = write_generated_tif("generated_small.tif", np.zeros((1, 64, 64), dtype=np.float32))
+    vrt = tmp_path / "generated_huge.vrt"
+    vrt.write_text(
+        f"""<VRTDataset rasterXSize="1000000000" rasterYSize="1000000000">
+  <SRS>EPSG:32633</SRS>
+  <GeoTransform>500000, 10, 0, 5100000, 0, -10</GeoTransform>
+  <VRTRasterBand dataType="Float32" band="1">
+    <SimpleSource><SourceFilename>{small}</SourceFilename><SourceBand>1</SourceBand>
+      <SrcRect xOff="0" yOff="0" xSize="64" ySize="64"/><DstRect xOff="0" yOff="0" xSize="64" ySize="64"/>
+    </SimpleSource>
+  </VRTRasterBand>
+</VRTDataset>"""
+    )
+    store = tmp_path / "tiles.zarr"
+    result = tile_scene(make_scene("generated-huge", {"VV": vrt}), store)
+    assert result.status == "failed"
+    assert result.error == (
+        f"{vrt}: its header claims 1000000000 x 1000000000 pixels, 4982462372449 tiles of 504 px, more than "
+        "--max-tiles 100000; check the raster (a broken header?) or raise --max-tiles"
+    )
+    assert _hidden_entries(store) == []
+
+
+def test_max_tiles_is_the_exact_tile_count_and_overridable(tmp_path, write_generated_tif, make_scene):
+    path = write_generated_tif("generated_300.tif", np.zeros((1, 300, 300), dtype=np.float32))
+    scene = make_scene("generated-300", {"VV": path})
+    refused = tile_scene(scene, tmp_path / "tiles.zarr", tile_size=64, overlap=8, max_tiles=35)
+    assert refused.status == "failed" and "36 tiles of 64 px, more than --max-tiles 35" in refused.error
+    done = tile_scene(scene, tmp_path / "tiles.zarr", tile_size=64, overlap=8, max_tiles=36)
+    assert done.status == "ok" and done.n_tiles == 36
+
+
+_RETILE_UNDER_FILE_LIMIT = """
+import json, resource, sys
+from fusarbatch.catalog.scene import BandRef, Scene
+from fusarbatch.tiling import tile_scene
+import datetime as dt, shapely
+resource.setrlimit(resource.RLIMIT_FSIZE, (16_384, 16_384))  # a 64 kB tile chunk cannot be written
+scene = Scene("generated-full", dt.datetime(2024, 1, 1, tzinfo=dt.UTC), shapely.box(14, 45, 15, 46),
+              {"VV": BandRef(sys.argv[2])}, crs="EPSG:32633")
+r = tile_scene(scene, sys.argv[1], tile_size=128, overlap=16)
+print(json.dumps({"status": r.status, "error": r.error}))
+"""
+
+
+def test_a_failed_redo_keeps_the_complete_group_and_says_disk_full(tmp_path, write_generated_tif, make_scene):
+    """The disk fills up (RLIMIT_FSIZE in a subprocess: writes fail with EFBIG, File too large) while a
+    complete scene is tiled again: the failure says "disk full", and the complete group stays as it was
+    (a failure marker replaced it before)."""
+    import json
+    import subprocess
+    import sys
+
+    path = write_generated_tif("generated_full.tif", np.full((1, 200, 200), -7.0, dtype=np.float32))
+    store = tmp_path / "tiles.zarr"
+    assert (
+        tile_scene(make_scene("generated-full", {"VV": path}), store, tile_size=128, overlap=16).status
+        == "ok"
+    )
+    before = zarr.open_group(str(store), path="generated-full", mode="r")["backscatter"][:]
+    proc = subprocess.run(
+        [sys.executable, "-c", _RETILE_UNDER_FILE_LIMIT, str(store), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["status"] == "failed"
+    assert result["error"] == (
+        "disk full: file-size limit reached (File too large) while writing the tile store; free space, "
+        "then rerun (earlier outputs are kept)"
+    )
+    g = zarr.open_group(str(store), path="generated-full", mode="r")
+    assert g.attrs["complete"] is True and g.attrs["status"] == "ok"
+    np.testing.assert_array_equal(g["backscatter"][:], before)
+    assert _hidden_entries(store) == []
