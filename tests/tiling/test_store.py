@@ -301,7 +301,7 @@ import json, resource, sys
 from fusarbatch.catalog.scene import BandRef, Scene
 from fusarbatch.tiling import tile_scene
 import datetime as dt, shapely
-resource.setrlimit(resource.RLIMIT_FSIZE, (16_384, 16_384))  # a 64 kB tile chunk cannot be written
+resource.setrlimit(resource.RLIMIT_FSIZE, (16_384, 16_384))  # a ~30 kB float16 chunk of noise cannot be
 scene = Scene("generated-full", dt.datetime(2024, 1, 1, tzinfo=dt.UTC), shapely.box(14, 45, 15, 46),
               {"VV": BandRef(sys.argv[2])}, crs="EPSG:32633")
 r = tile_scene(scene, sys.argv[1], tile_size=128, overlap=16)
@@ -317,7 +317,9 @@ def test_a_failed_redo_keeps_the_complete_group_and_says_disk_full(tmp_path, wri
     import subprocess
     import sys
 
-    path = write_generated_tif("generated_full.tif", np.full((1, 200, 200), -7.0, dtype=np.float32))
+    # noise: its float16 + zstd chunks stay ~30 kB (a constant image would compress below the limit)
+    noise = np.random.default_rng(0).normal(-15.0, 5.0, (1, 200, 200)).astype(np.float32)
+    path = write_generated_tif("generated_full.tif", noise)
     store = tmp_path / "tiles.zarr"
     assert (
         tile_scene(make_scene("generated-full", {"VV": path}), store, tile_size=128, overlap=16).status
