@@ -213,8 +213,13 @@ def cfar_predictions(
         if r.task not in ("detection", "counting", "grounding"):
             out.append(None)
             continue
-        with Image.open(r.image) as im:
-            image = im.convert("L")
+        try:
+            with Image.open(r.image) as im:
+                image = im.convert("L")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # not an image, truncated, huge
+            from training.manifest import ManifestError
+
+            raise ManifestError(f"image {r.image}: unreadable ({str(exc).splitlines()[0][:200]})") from None
         w, h = image.size
         sx, sy = r.coordinate_size / w, r.coordinate_size / h
         label = label_of(r)

@@ -249,9 +249,16 @@ def scan_voc(
         # the first in the order train, val, test, then the others by name (trainval never hides val)
         files = sorted(base.glob("*.txt"), key=lambda f: (_SPLIT_ORDER.get(f.stem, 9), f.stem))
         for f in files:
-            if f.is_file():
-                for line in f.read_text(encoding="utf-8").split():
-                    split_of.setdefault(line.strip(), f.stem)
+            if not f.is_file() or not f.stem:  # a FIFO or a folder named like a split file; ".txt"
+                continue
+            try:
+                text = f.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError(
+                    f"split file {f}: unreadable ({type(exc).__name__}); give ids, one per line"
+                ) from None
+            for line in text.split():
+                split_of.setdefault(line.strip(), f.stem)
     if not split_of:
         split_of = _hash_split(list(pairs), val_fraction)
     chips = []
@@ -611,14 +618,18 @@ def build_dataset(
         )
     else:
         raise UsageError(f"--kind {kind!r}: choose voc, folders or auto")
-    if grid < 28 or grid % 28:
-        raise UsageError(f"--grid {grid}: use a multiple of 28 (patch 14 x merge 2), e.g. 336 or 504")
+    if grid < 28 or grid % 28 or grid > 8176:
+        raise UsageError(
+            f"--grid {grid}: use a multiple of 28 (patch 14 x merge 2) up to 8176, e.g. 336 or 504"
+        )
     found = sorted({c.split for c in chips}, key=lambda s: (_SPLIT_ORDER.get(s, 9), s))
     if splits is not None:
         missing = sorted(set(splits) - set(found))
         if missing:
             raise UsageError(f"--split {', '.join(missing)}: {src} has the splits {', '.join(found)}")
         chips = [c for c in chips if c.split in splits]
+    if not chips:
+        raise UsageError(f"source {src}: no chip in the split(s) {', '.join(splits or found) or '(none)'}")
     if cmap:
         classes = sorted(set(cmap.values()))
     else:

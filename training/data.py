@@ -33,8 +33,13 @@ IGNORE_INDEX = -100
 def load_image(path: Any, size: int | None) -> Image.Image:
     """RGB image, resized to ``size`` x ``size`` (bicubic) when it is not already that size -- the same
     preparation as :meth:`fusarbatch.model.FusarGPT.prepare_image` at inference."""
-    with Image.open(path) as im:
-        image = im.convert("RGB")
+    from training.manifest import ManifestError
+
+    try:
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # not an image, truncated, too large
+        raise ManifestError(f"image {path}: unreadable ({str(exc).splitlines()[0][:200]})") from None
     if size is not None and image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     return image

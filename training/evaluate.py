@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -418,6 +419,11 @@ def _check(cfg: EvalConfig) -> None:
         raise UsageError("--engine cfar runs no model: drop --model, --base-model and --no-tlm")
     if cfg.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
+    if cfg.cfar is not None and not all(
+        math.isfinite(float(getattr(cfg.cfar, k))) and float(getattr(cfg.cfar, k)) > 0
+        for k in ("k", "guard", "background")
+    ):
+        raise UsageError("--cfar-k, --cfar-guard, --cfar-background: give numbers > 0")
     if not 0.0 <= cfg.min_score <= 1.0:
         raise UsageError(f"--min-score {cfg.min_score}: give a score in [0, 1]")
     unknown = set(cfg.tasks or ()) - set(TASKS)

@@ -157,6 +157,9 @@ class TrainConfig:
             raise UsageError("--freeze-language-model is for stage 0 (stages 1-2 freeze the base anyway)")
         if self.stage == 0 and self.init is not None:
             raise UsageError("--stage 0 trains the --base-model itself; --init is for stages 1 and 2")
+        for name, v in (("--lr", self.lr), ("--epochs", self.epochs)):
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise UsageError(f"{name} {v}: give a finite number > 0")
         if self.loss_mean is not None and self.loss_mean not in LOSS_MEANS:
             raise UsageError(f"--loss-mean {self.loss_mean!r}: choose token or answer")
         weights = (
@@ -412,6 +415,15 @@ def _trainer_class() -> type:
                 self._last_spread_loss = float(spread.detach())
                 loss = loss + self.spread_loss_weight * spread
             self._visual_tokens = None
+            if not torch.isfinite(loss.detach()).all():
+                # a diverged run would go on to save a model of NaN weights and end "done"
+                from fusarbatch.errors import FusarbatchError
+
+                raise FusarbatchError(
+                    f"training diverged at step {self.state.global_step + 1}: the loss is {float(loss):g}; "
+                    "lower --lr (or the loss weights) and start again (--resume continues from the last "
+                    "checkpoint)"
+                )
             if not loss.requires_grad:
                 # a batch without anchors while only the TLM trains: no trainable parameter is on the path;
                 # a zero term keeps backward() valid (the optimizer step then changes nothing)

@@ -238,3 +238,16 @@ def test_sub_pixel_boxes_keep_one_grid_pixel(tmp_path):
     assert boxes == [[410, 290, 411, 291], [50, 50, 151, 101]]
     assert all(x2 > x1 and y2 > y1 for x1, y1, x2, y2 in boxes)
     assert recs["counting"].answer == "2"
+
+
+def test_a_split_with_no_chip_and_unreadable_split_files_are_usage_errors(generated_voc, tmp_path):
+    (generated_voc / "ImageSets" / "train.txt").write_text("no_such_id\n")
+    (generated_voc / "ImageSets" / "val.txt").write_text("also_missing\n")
+    with pytest.raises(UsageError, match="no chip in the split"):
+        build_dataset(generated_voc, tmp_path / "out")
+    (generated_voc / "ImageSets" / "train.txt").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UsageError, match=r"train\.txt: unreadable"):
+        build_dataset(generated_voc, tmp_path / "out2")
+    (generated_voc / "ImageSets" / "train.txt").write_text("000001\n")
+    with pytest.raises(UsageError, match="up to 8176"):
+        build_dataset(generated_voc, tmp_path / "out3", grid=28_000)

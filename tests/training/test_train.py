@@ -240,3 +240,22 @@ def test_stage0_usage_errors(generated_base_model, generated_counting_manifest, 
         train(_config(generated_base_model, data, tmp_path / "c", stage=0, tasks=["detection"]))
     with pytest.raises(UsageError, match="--loss-mean"):
         train(_config(generated_base_model, data, tmp_path / "d", stage=0, loss_mean="sum"))
+
+
+def test_bad_rates_and_a_diverging_run_end_with_one_line(
+    generated_base_model, generated_counting_manifest, tmp_path
+):
+    from fusarbatch.errors import FusarbatchError
+
+    data = generated_counting_manifest(n=4)
+    for lr in (float("nan"), float("inf"), -1.0, 0.0):
+        with pytest.raises(UsageError, match="--lr"):
+            train(_config(generated_base_model, data, tmp_path / "a", stage=0, lr=lr))
+    with pytest.raises(UsageError, match="--epochs"):
+        train(
+            _config(generated_base_model, data, tmp_path / "b", stage=0, epochs=float("nan"), max_steps=None)
+        )
+    # a loss weight so large that the first loss is infinite: the run stops, no NaN model is saved as done
+    with pytest.raises(FusarbatchError, match="training diverged at step 1"):
+        train(_config(generated_base_model, data, tmp_path / "c", stage=0, spread_loss_weight=1e308))
+    assert not (tmp_path / "c" / "model.safetensors").exists()
