@@ -11,6 +11,13 @@
   direct, per-token signal about where the targets are, which a 1 M-parameter model does not get from the
   answers alone in the time available on a CPU (training/RESULTS.md). The head is used in training only and
   is not part of the exported model.
+- :class:`ImageProbe` + :func:`probe_loss`: image-level facts (cells, count, class) from the pooled visual
+  tokens (deep supervision; training only).
+- :func:`spread_loss`: keeps the visual tokens centred (measured: it dominated the loss; off in the shipped
+  recipe).
+
+None of these made a 1 M-parameter model trained from scratch on 2 CPU cores read the image
+(training/RESULTS.md); they are kept, tested, as options for larger bases and budgets.
 """
 
 from __future__ import annotations
