@@ -41,6 +41,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import tiling as tiling_bench  # noqa: E402  (benchmarks/tiling.py: the generator and the floor)
+from results_md import write_section  # noqa: E402  (benchmarks/results_md.py)
 
 WORK = HERE / "_work"
 RESULTS = HERE / "RESULTS.md"
@@ -238,12 +239,9 @@ def part_coast() -> dict:
 
 def _child_tile(path: str, store: str, spec: str) -> dict:
     import numpy as np
-    import rasterio
-    import shapely
     import zarr
 
     import fusarbatch.tiling.store as tiling_store
-    from fusarbatch.catalog.scene import BandRef, Scene
 
     dtype, codec = spec.split("-")
     tiling_store.BACKSCATTER_DTYPE = {"f32": np.float32, "f16": np.float16}[dtype]
@@ -253,27 +251,7 @@ def _child_tile(path: str, store: str, spec: str) -> dict:
         "lz4": (zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"),),
         "bzstd1": (zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),),
     }[codec]
-    with rasterio.open(path) as src:
-        height, width = src.shape
-    scene = Scene(
-        item_id="bench-generated",
-        datetime=dt.datetime(2024, 1, 1, tzinfo=dt.UTC),
-        footprint=shapely.box(3.0, 45.0, 3.1, 45.1),
-        bands={"VV": BandRef(path, 1), "VH": BandRef(path, 2)},
-        scale="db",
-        crs="EPSG:32631",
-    )
-    start = time.perf_counter()
-    result = tiling_store.tile_scene(scene, Path(store))
-    seconds = time.perf_counter() - start
-    if result.status != "ok":
-        raise SystemExit(f"tiling failed: {result.error}")
-    return {
-        "seconds": seconds,
-        "bytes": height * width * 2 * 4,
-        "tiles": result.n_tiles,
-        "store_bytes": sum(f.stat().st_size for f in Path(store).rglob("*") if f.is_file()),
-    }
+    return tiling_bench.time_tiling(path, store)
 
 
 def _run_child(path: Path, spec: str) -> dict:
@@ -419,12 +397,7 @@ def report(iw: list[dict], coast: dict | None, store: dict | None, seconds: floa
 
 
 def write_results(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION in old:
-        head, _, rest = old.partition(SECTION)
-        nxt = rest.find("\n## ")
-        old = head + (rest[nxt + 1 :] if nxt >= 0 else "")
-    RESULTS.write_text(old.rstrip() + "\n\n" + text)
+    write_section(SECTION, text, RESULTS)
 
 
 def main() -> None:

@@ -33,7 +33,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import shutil
 import socket
 import sqlite3
@@ -46,6 +45,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from results_md import write_section  # noqa: E402  (benchmarks/results_md.py)
+
 REPO = HERE.parent
 WORK = HERE / "_work" / "archive"
 RESULTS = HERE / "RESULTS.md"
@@ -489,13 +491,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, load: str) -
 
 
 def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
+    write_section(SECTION, section, RESULTS)
 
 
 def load_line() -> str:

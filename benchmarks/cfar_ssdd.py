@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import platform
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -44,6 +43,8 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+from results_md import write_section  # noqa: E402  (benchmarks/results_md.py)
 
 from fusarbatch.engines.cfar import (  # noqa: E402
     CHIP_PARAMS,
@@ -187,13 +188,7 @@ def describe(p: CfarParams) -> str:
 
 
 def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
+    write_section(SECTION, section, RESULTS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1836,6 +1836,11 @@ def part_7b_vllm(args: argparse.Namespace) -> tuple[str, str]:
 
 
 # ====================================================================================== main
+def _int_list(text: str) -> list[int]:
+    """``"8,32"`` -> ``[8, 32]`` (comma-separated option values)."""
+    return [int(x) for x in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1848,7 +1853,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--batches",
-        type=lambda s: [int(x) for x in s.split(",")],
+        type=_int_list,
         default=None,
         help="batch sizes (default 1,4,8; 7b: 8,32,64); with 7b-shape-check: also time that variant",
     )
@@ -1880,7 +1885,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--in-flight",
-        type=lambda s: [int(x) for x in s.split(",")],
+        type=_int_list,
         default=None,
         help="vllm: tiles per LLM.generate call (default 8,32 on the CPU; 256,1024 for 7b)",
     )

@@ -19,11 +19,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import sys
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from results_md import write_section  # noqa: E402  (benchmarks/results_md.py)
+
 RESULTS = HERE / "RESULTS.md"
 SECTION = "## CFAR pre-screen threshold (issue 11)"
 SSDD = Path("/work/shared/data/ssdd")
@@ -95,12 +99,7 @@ def main() -> None:
 
 
 def write_results(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION in old:
-        head, _, rest = old.partition(SECTION)
-        nxt = rest.find("\n## ")
-        old = head + (rest[nxt + 1 :] if nxt >= 0 else "")
-    RESULTS.write_text(old.rstrip() + "\n\n" + text)
+    write_section(SECTION, text, RESULTS)
 
 
 if __name__ == "__main__":

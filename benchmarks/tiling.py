@@ -142,12 +142,9 @@ def _case_floor(path: str, raw: str) -> dict:
 
 
 def _case_tile(path: str, store: str, codec: str | None) -> dict:
-    import rasterio
-    import shapely
     import zarr
 
     import fusarbatch.tiling.store as tiling_store
-    from fusarbatch.catalog.scene import BandRef, Scene
 
     if codec is not None:
         tiling_store.BACKSCATTER_COMPRESSORS = {
@@ -155,6 +152,18 @@ def _case_tile(path: str, store: str, codec: str | None) -> dict:
             "zstd1": zarr.codecs.ZstdCodec(level=1),
             "lz4": zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"),
         }[codec]
+    return time_tiling(path, store)
+
+
+def time_tiling(path: str, store: str) -> dict:
+    """Tile the generated dual-pol scene ``path`` into ``store`` with the store's current settings: wall
+    time, raw float32 bytes, tiles and store bytes."""
+    import rasterio
+    import shapely
+
+    import fusarbatch.tiling.store as tiling_store
+    from fusarbatch.catalog.scene import BandRef, Scene
+
     with rasterio.open(path) as src:
         height, width = src.shape
     scene = Scene(
