@@ -397,23 +397,10 @@ def test_api_demo_items_keep_absolute_paths(stac_api):
 @pytest.fixture
 def demo_over_http():
     """catalogs/demo served read-only by Python's http.server on loopback."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from tests.conftest import serve_directory
 
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(DEMO_DIR)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serve_directory(DEMO_DIR) as url:
+        yield url
 
 
 def test_static_catalog_over_http(demo_over_http):
