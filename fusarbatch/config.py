@@ -41,15 +41,12 @@ OUTPUTS_VERSION = (
 #: Fields that decide the tiles, the anchors, the answers and the tables of a scene. Everything else
 #: (where to search, where to run, batch size, timeouts, locking, logging) does not change a scene's
 #: outputs and does not cause a redo.
+_TILING_FIELDS = ("tile_size", "overlap", "min_valid", "whole_scenes", "aoi")
 OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
-    "tile": ("tile_size", "overlap", "min_valid", "whole_scenes", "aoi"),
-    "features": ("tile_size", "overlap", "min_valid", "whole_scenes", "aoi", "anchors", "aef_index"),
+    "tile": _TILING_FIELDS,
+    "features": (*_TILING_FIELDS, "anchors", "aef_index"),
     "outputs": (
-        "tile_size",
-        "overlap",
-        "min_valid",
-        "whole_scenes",
-        "aoi",
+        *_TILING_FIELDS,
         "surface",
         "prescreen",
         "prescreen_k",
@@ -70,11 +67,7 @@ OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
 #: model runs are unchanged.
 ENGINE_OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
     "cfar": (
-        "tile_size",
-        "overlap",
-        "min_valid",
-        "whole_scenes",
-        "aoi",
+        *_TILING_FIELDS,
         "surface",
         "anchors",
         "aef_index",
