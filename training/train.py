@@ -253,53 +253,40 @@ def _load_model(
         trainable=True,
     )
     fusar.tlm.to(torch.float32)
-    if cfg.stage == 0:
-        # the output is a full model directory with an identity TLM (last layer zeroed: no modulation) at the
-        # records' input size, so that eval and run take it as is and stage 1 trains that TLM on anchors
-        from dataclasses import replace
+    from fusarbatch.model.fusar_gpt import TLM_LEGACY_FILE, TLM_WEIGHTS_FILE
 
-        last = fusar.tlm.film_mlp[-1]
-        with torch.no_grad():
-            last.weight.zero_()
-            last.bias.zero_()
-        if image_size is not None:
-            fusar.tlm.config = replace(fusar.tlm.config, image_size=int(image_size))
-        if cfg.target_loss_weight:
-            from training.objectives import TargetHead
-
-            hidden = int(fusar.base_model.config.text_config.hidden_size)
-            fusar.add_module("target_head", TargetHead(hidden).to(device))
-        if cfg.probe_loss_weight:
-            from training.objectives import ImageProbe
-
-            hidden = int(fusar.base_model.config.text_config.hidden_size)
-            fusar.add_module("image_probe", ImageProbe(hidden, classes or []).to(device))
-        return fusar
-    new_tlm = not any(
-        (Path(d) / f).is_file()
-        for d in (cfg.init, cfg.base_model)
-        if d is not None
-        for f in ("tlm.safetensors", "vec64_film.pt")
-    )
-    if new_tlm and image_size is not None and fusar.tlm.config.image_size != image_size:
+    dirs = [Path(d) for d in (cfg.init, cfg.base_model) if d is not None]
+    new_tlm = not any((d / f).is_file() for d in dirs for f in (TLM_WEIGHTS_FILE, TLM_LEGACY_FILE))
+    if cfg.tlm_zero_init and not new_tlm:
+        raise UsageError(
+            "--tlm-zero-init starts a new TLM, but --init/--base-model already holds TLM weights"
+        )
+    # stage 0 writes a full model directory with an identity TLM (last layer zeroed: no modulation) at the
+    # records' input size, so that eval and run take it as is and stage 1 trains that TLM on anchors
+    fresh = new_tlm or cfg.stage == 0
+    if fresh and image_size is not None and fusar.tlm.config.image_size != image_size:
         # a new TLM is trained at the records' input size (tlm_config.json image_size: the model's grid)
         from dataclasses import replace
 
         fusar.tlm.config = replace(fusar.tlm.config, image_size=int(image_size))
         log.info("new TLM: image_size %d (the records' coordinate_size)", image_size)
-    if cfg.tlm_zero_init:
-        from fusarbatch.model.fusar_gpt import TLM_LEGACY_FILE, TLM_WEIGHTS_FILE
-
-        dirs = [Path(d) for d in (cfg.init, cfg.base_model) if d is not None]
-        if any((d / f).is_file() for d in dirs for f in (TLM_WEIGHTS_FILE, TLM_LEGACY_FILE)):
-            raise UsageError(
-                "--tlm-zero-init starts a new TLM, but --init/--base-model already holds TLM weights"
-            )
+    if cfg.tlm_zero_init or cfg.stage == 0:
         last = fusar.tlm.film_mlp[-1]
         with torch.no_grad():
             last.weight.zero_()
             last.bias.zero_()
         log.info("new TLM zero-initialised: it is the identity until trained on anchors")
+    if cfg.stage == 0:
+        hidden = int(fusar.base_model.config.text_config.hidden_size)
+        if cfg.target_loss_weight:
+            from training.objectives import TargetHead
+
+            fusar.add_module("target_head", TargetHead(hidden).to(device))
+        if cfg.probe_loss_weight:
+            from training.objectives import ImageProbe
+
+            fusar.add_module("image_probe", ImageProbe(hidden, classes or []).to(device))
+        return fusar
     if not fusar.has_lora and (cfg.stage == 2 or cfg.stage1_lora):
         fusar.add_lora(lcfg)
     return fusar
