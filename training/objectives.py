@@ -120,6 +120,15 @@ def target_maps(
     return out.reshape(rows * cols, len(TARGET_CHANNELS)).repeat(t, 1)
 
 
+def _tokens_per_image(tokens: torch.Tensor, grid_thw: torch.Tensor, merge: int) -> list[int]:
+    """Merged visual tokens per image (``t * h * w / merge**2``); raises ValueError when they do not add up to
+    ``tokens``."""
+    sizes = [int(t * h * w) // (merge * merge) for t, h, w in grid_thw.tolist()]
+    if sum(sizes) != tokens.shape[0]:
+        raise ValueError(f"{tokens.shape[0]} visual tokens but image_grid_thw gives {sum(sizes)}")
+    return sizes
+
+
 def target_loss(
     head: TargetHead,
     tokens: torch.Tensor,
@@ -136,9 +145,7 @@ def target_loss(
     :param grids: per image its input side in pixels.
     :returns: scalar; 0 (with a graph) when no image has known boxes.
     """
-    sizes = [int(t * h * w) // (merge * merge) for t, h, w in grid_thw.tolist()]
-    if sum(sizes) != tokens.shape[0]:
-        raise ValueError(f"{tokens.shape[0]} visual tokens but image_grid_thw gives {sum(sizes)}")
+    sizes = _tokens_per_image(tokens, grid_thw, merge)
     logits = head(tokens)
     parts, targets = [], []
     start = 0
@@ -195,7 +202,7 @@ def probe_loss(
     """
     from fusarbatch.model.prompts import grounding_cell
 
-    sizes = [int(t * h * w) // (merge * merge) for t, h, w in grid_thw.tolist()]
+    sizes = _tokens_per_image(tokens, grid_thw, merge)
     unit = F.rms_norm(tokens.float(), (tokens.shape[-1],))
     terms = []
     for i, part in enumerate(torch.split(unit, sizes)):
