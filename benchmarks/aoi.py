@@ -8,10 +8,11 @@ model on the CPU (``--max-new-tokens 16``).
 Parts (each optional, see ``--help``):
 
 - ``iw``: a scene of real IW GRD size, 16,700 rows x 25,000 columns (tiled DEFLATE GeoTIFF, UTM 31N), and
-  centred rectangular AOIs covering the given shares of it (default 1%): tiles inferred and wall time of
-  ``run`` against the tiles of the whole scene and the minimum number of full-size tiles covering
-  AOI intersect scene (two counts: without overlap, ``ceil(w/T) * ceil(h/T)``; and with the configured
-  overlap, ``n(w) * n(h)`` with ``n(L) = ceil((L - T) / S) + 1``).
+  centred rectangular AOIs covering the given shares of it (default 1%), each run at the given tile
+  overlaps (default 56 px, the default of ``run``, and 0): tiles inferred and wall time of ``run`` against
+  the tiles of the whole scene and the minimum number of full-size tiles covering AOI intersect scene (two
+  counts: without overlap, ``ceil(w/T) * ceil(h/T)``; and with the run's overlap, ``n(w) * n(h)`` with
+  ``n(L) = ceil((L - T) / S) + 1``, ``S = T - overlap``).
 - ``coast``: a 3,000 x 3,000 px scene placed over the real coastline of Marseille (UTM 31N; the values are
   generated, only the place is real), ``run --surface sea`` with an AOI covering it: tiles skipped, and a
   check with the land-mask package's own ``globe.is_ocean`` that no skipped tile has ocean within one mask
@@ -21,7 +22,8 @@ Parts (each optional, see ``--help``):
   share of the floor, store bytes / float32 scene bytes; and how many rendered 8-bit pixels (what the
   model sees) float16 storage changes.
 
-Usage: ``python benchmarks/aoi.py [--parts iw,coast,store] [--shares 0.01,0.1] [--no-write]``.
+Usage: ``python benchmarks/aoi.py [--parts iw,coast,store] [--shares 0.01,0.1] [--overlaps 56,0]
+[--no-write]``.
 Results go to stdout and to ``benchmarks/RESULTS.md`` (section "AOI, triage and tile store (issue 11)").
 """
 
@@ -46,7 +48,7 @@ from results_md import write_section  # noqa: E402  (benchmarks/results_md.py)
 WORK = HERE / "_work"
 RESULTS = HERE / "RESULTS.md"
 SECTION = "## AOI, triage and tile store (issue 11)"
-TILE, OVERLAP = 504, 56
+TILE = 504
 IW_SHAPE = (16_700, 25_000)
 COAST_ORIGIN = (680_000.0, 4_810_000.0)  # UTM 31N: 30 km x 30 km over Marseille and the sea south of it
 CODECS = ("f32-none", "f16-none", "f16-zstd1", "f16-lz4", "f16-bzstd1")
@@ -133,11 +135,13 @@ def write_aoi(path: Path, scene: Path, share: float) -> tuple[float, float]:
     return c1 - c0, r1 - r0
 
 
-def _axis_min(length: float, overlap: bool) -> int:
+def _axis_min(length: float, overlap: int) -> int:
+    """Fewest full-size tiles along one axis covering ``length`` px with neighbours overlapping by at least
+    ``overlap`` px."""
     length = math.ceil(length)
     if length <= TILE:
         return 1
-    return math.ceil((length - TILE) / (TILE - OVERLAP)) + 1 if overlap else math.ceil(length / TILE)
+    return math.ceil((length - TILE) / (TILE - overlap)) + 1
 
 
 def run_fusarbatch(catalog: Path, aoi: Path, out: Path, *extra: str) -> dict:
@@ -183,7 +187,7 @@ def run_fusarbatch(catalog: Path, aoi: Path, out: Path, *extra: str) -> dict:
 # ------------------------------------------------------------------------------------------ parts
 
 
-def part_iw(shares: list[float]) -> list[dict]:
+def part_iw(shares: list[float], overlaps: list[int]) -> list[dict]:
     from fusarbatch.tiling.grid import tile_grid
 
     path = WORK / "generated_iw_grd_16700x25000.tif"
@@ -191,23 +195,25 @@ def part_iw(shares: list[float]) -> list[dict]:
     tiling_bench.generate(path, IW_SHAPE[0], width=IW_SHAPE[1], cog=False, seed=11)
     print(f"{path.name}: {path.stat().st_size / 1e9:.2f} GB (ready in {time.perf_counter() - t0:.0f} s)")
     catalog = write_catalog(WORK / "generated_iw.parquet", [item_for(path, "generated-iw-grd")])
-    whole = tile_grid(*IW_SHAPE, TILE, OVERLAP).n_tiles
     rows = []
     for share in shares:
         aoi = WORK / f"generated_iw_aoi_{share:g}.geojson"
         w, h = write_aoi(aoi, path, share)
-        res = run_fusarbatch(catalog, aoi, WORK / f"out_iw_{share:g}")
-        res.pop("tiles_frame")
-        row = {
-            "share": share,
-            "aoi_px": (round(w), round(h)),
-            "whole_tiles": whole,
-            "min_no_overlap": _axis_min(w, False) * _axis_min(h, False),
-            "min_overlap": _axis_min(w, True) * _axis_min(h, True),
-            **res,
-        }
-        rows.append(row)
-        print(json.dumps(row))
+        for overlap in overlaps:
+            out = WORK / f"out_iw_{share:g}_{overlap}"
+            res = run_fusarbatch(catalog, aoi, out, "--overlap", str(overlap))
+            res.pop("tiles_frame")
+            row = {
+                "share": share,
+                "overlap": overlap,
+                "aoi_px": (round(w), round(h)),
+                "whole_tiles": tile_grid(*IW_SHAPE, TILE, overlap).n_tiles,
+                "min_no_overlap": _axis_min(w, 0) * _axis_min(h, 0),
+                "min_overlap": _axis_min(w, overlap) * _axis_min(h, overlap),
+                **res,
+            }
+            rows.append(row)
+            print(json.dumps(row))
     return rows
 
 
@@ -340,7 +346,8 @@ def report(iw: list[dict], coast: dict | None, store: dict | None, seconds: floa
         f"{os.cpu_count()} cores (shared), Linux {platform.machine()}, Python {platform.python_version()}; "
         f"benchmark wall time {seconds:.0f} s; 1-min load average {load[0]:.1f} at the start, {load[1]:.1f} "
         "at the end. Every scene is GENERATED (benchmarks/tiling.py's generator); `run` is the CLI with the "
-        "packaged tiny demo model on the CPU, `--max-new-tokens 16`, tiles 504 px, overlap 56 px.",
+        "packaged tiny demo model on the CPU, `--max-new-tokens 16`, tiles 504 px, overlap 56 px unless "
+        "the table says otherwise.",
         "",
     ]
     if iw:
@@ -348,13 +355,14 @@ def report(iw: list[dict], coast: dict | None, store: dict | None, seconds: floa
             f"AOI-clipped `run` on a GENERATED IW GRD-size scene ({IW_SHAPE[0]:,} x {IW_SHAPE[1]:,} px, "
             "dual-pol, 10 m, UTM 31N); centred rectangular AOIs:",
             "",
-            "| AOI share | AOI (px) | whole-scene tiles | min tiles (no overlap / overlap 56) "
-            "| tiles inferred | inferred / min (no overlap / overlap) | `run` wall time (s) |",
-            "|---|---|---|---|---|---|---|",
+            "| AOI share | AOI (px) | `--overlap` (px) | whole-scene tiles | min tiles (no overlap / this "
+            "overlap) | tiles inferred | inferred / min (no overlap / this overlap) | `run` wall time (s) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in iw:
             lines.append(
-                f"| {r['share']:.0%} | {r['aoi_px'][0]} x {r['aoi_px'][1]} | {r['whole_tiles']} | "
+                f"| {r['share']:.0%} | {r['aoi_px'][0]} x {r['aoi_px'][1]} | {r['overlap']} | "
+                f"{r['whole_tiles']} | "
                 f"{r['min_no_overlap']} / {r['min_overlap']} | {r['inferred']} | "
                 f"{r['inferred'] / r['min_no_overlap']:.2f}x / {r['inferred'] / r['min_overlap']:.2f}x | "
                 f"{r['seconds']:.0f} |"
@@ -413,13 +421,15 @@ def main() -> None:
     )
     parser.add_argument("--parts", default="iw,coast,store")
     parser.add_argument("--shares", default="0.01", help="AOI shares of the IW scene, e.g. 0.01,0.1,1")
+    parser.add_argument("--overlaps", default="56,0", help="tile overlaps (px) of the IW runs, e.g. 56,0")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     WORK.mkdir(parents=True, exist_ok=True)
     started, load0 = time.perf_counter(), os.getloadavg()[0]
-    iw = part_iw([float(s) for s in args.shares.split(",")]) if "iw" in parts else []
+    shares, overlaps = [float(s) for s in args.shares.split(",")], [int(o) for o in args.overlaps.split(",")]
+    iw = part_iw(shares, overlaps) if "iw" in parts else []
     coast = part_coast() if "coast" in parts else None
     store = part_store(args.repeat) if "store" in parts else None
     text = report(iw, coast, store, time.perf_counter() - started, (load0, os.getloadavg()[0]))

@@ -339,7 +339,12 @@ def _read_group(
 
 
 def _valid_fraction_block(block: np.ndarray) -> np.ndarray:
-    valid = np.isfinite(block).all(axis=1)
+    if block.dtype == np.float16:
+        # finite <=> exponent bits not all ones (IEEE 754 binary16): 2.5x faster than np.isfinite on float16
+        exponent = block.view(np.uint16) & np.uint16(0x7C00)
+        valid = (exponent != 0x7C00).all(axis=1)
+    else:
+        valid = np.isfinite(block).all(axis=1)
     pixels = valid.shape[1] * valid.shape[2]
     return (np.count_nonzero(valid.reshape(valid.shape[0], -1), axis=1) / pixels).astype(np.float32)
 
@@ -519,6 +524,9 @@ def _write_scene(
         dtype=dtype,
         fill_value=dtype.type(np.nan),
         compressors=BACKSCATTER_COMPRESSORS,
+        # zarr's default compares every chunk with the NaN fill value to skip writing empty ones: ~1 ms a
+        # chunk, 10% of the tiling CPU (benchmarks/aoi.py); an all-NaN tile is rare and compresses to ~1 kB
+        config={"write_empty_chunks": True},
         dimension_names=["tile", "pol", "y", "x"],
         attributes={
             "units": attrs["units"],

@@ -343,3 +343,21 @@ def test_a_failed_redo_keeps_the_complete_group_and_says_disk_full(tmp_path, wri
     assert g.attrs["complete"] is True and g.attrs["status"] == "ok"
     np.testing.assert_array_equal(g["backscatter"][:], before)
     assert _hidden_entries(store) == []
+
+
+def test_valid_fraction_float16_bit_test_matches_isfinite() -> None:
+    """The float16 exponent-bit test counts exactly the pixels np.isfinite counts (NaN, +inf, -inf, the
+    largest finite value 65504 and subnormals included), per tile; a pixel is valid when every pol is."""
+    from fusarbatch.tiling.store import _valid_fraction_block
+
+    rng = np.random.default_rng(3)
+    block = (rng.standard_normal((3, 2, 8, 8)) * 20).astype(np.float32)
+    block[0, 0, 0, :4] = [np.nan, np.inf, -np.inf, 65504.0]
+    block[1, 1, 2:5, :] = np.nan  # one pol invalid is enough
+    block[2, 0, 7, 7] = 1e-7  # a float16 subnormal: finite
+    expected = np.isfinite(block).all(axis=1).reshape(3, -1).mean(axis=1)
+    assert expected.tolist() == pytest.approx([61 / 64, 40 / 64, 1.0])
+    for dtype in (np.float32, np.float16):
+        got = _valid_fraction_block(block.astype(dtype))
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, expected.astype(np.float32))
