@@ -529,6 +529,17 @@ def train(
     task: Annotated[
         list[str] | None, typer.Option("--task", help="Train only on records of this task (repeatable).")
     ] = None,
+    vision_only: Annotated[
+        bool,
+        typer.Option(
+            "--vision-only",
+            help="Stage 0: the vision tower alone on the target/probe losses (no language model run).",
+        ),
+    ] = False,
+    freeze_vision: Annotated[
+        bool,
+        typer.Option("--freeze-vision", help="Stage 0: train the language model only (after --vision-only)."),
+    ] = False,
 ) -> None:
     """Train FUSAR-GPT stage 0, 1 or 2 on triplet manifests (DESIGN 4)."""
     from training.train import TrainConfig
@@ -563,6 +574,8 @@ def train(
             probe_loss_weight=probe_loss_weight,
             freeze_language_model=freeze_language_model,
             tasks=list(task) if task else None,
+            vision_only=vision_only,
+            freeze_vision=freeze_vision,
         )
     )
     console.print(

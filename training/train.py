@@ -110,6 +110,10 @@ class TrainConfig:
         first learns the answer prior and stops reading the image; a frozen one passes image information to
         the answer from the start, so the vision tower learns to write what it reads).
     :ivar tasks: train only on the records of these tasks (None: all), e.g. a curriculum's first phase.
+    :ivar vision_only: stage 0: train the vision tower and merger alone on the target and probe losses,
+        without running the language model (:mod:`training.vision`).
+    :ivar freeze_vision: stage 0: train the language model only; the vision tower and merger stay as they
+        are (after a ``vision_only`` run: the language model learns to read a tower that already sees).
     """
 
     stage: int
@@ -144,6 +148,8 @@ class TrainConfig:
     probe_loss_weight: float = 0.0
     freeze_language_model: bool = False
     tasks: list[str] | None = None
+    vision_only: bool = False
+    freeze_vision: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> TrainConfig:
@@ -155,6 +161,18 @@ class TrainConfig:
             )
         if self.freeze_language_model and self.stage != 0:
             raise UsageError("--freeze-language-model is for stage 0 (stages 1-2 freeze the base anyway)")
+        if (self.vision_only or self.freeze_vision) and self.stage != 0:
+            raise UsageError("--vision-only and --freeze-vision are for stage 0")
+        if self.freeze_vision and (self.freeze_language_model or self.vision_only):
+            raise UsageError(
+                "--freeze-vision trains the language model only: not with --freeze-language-model or "
+                "--vision-only, which train the vision tower only"
+            )
+        if self.vision_only and not (self.target_loss_weight or self.probe_loss_weight):
+            raise UsageError(
+                "--vision-only learns from the target and probe losses: give --target-loss-weight and/or "
+                "--probe-loss-weight"
+            )
         if self.stage == 0 and self.init is not None:
             raise UsageError("--stage 0 trains the --base-model itself; --init is for stages 1 and 2")
         for name, v in (("--lr", self.lr), ("--epochs", self.epochs)):
@@ -210,14 +228,21 @@ def _device(name: str | None) -> torch.device:
 
 
 def _set_trainable(
-    fusar: Any, stage: int, stage1_lora: bool, no_tlm: bool, freeze_language_model: bool = False
+    fusar: Any,
+    stage: int,
+    stage1_lora: bool,
+    no_tlm: bool,
+    freeze_language_model: bool = False,
+    freeze_vision: bool = False,
 ) -> int:
     """Freeze everything, then unfreeze the stage's parameters; returns the trainable count."""
     for p in fusar.parameters():
         p.requires_grad_(False)
-    if stage == 0:  # the whole base model, or its vision tower + merger (and the training-only heads)
+    if stage == 0:  # the whole base model, its vision tower + merger, or its language model (and the heads)
         for p in (fusar.visual if freeze_language_model else fusar.model).parameters():
             p.requires_grad_(True)
+        for p in fusar.visual.parameters() if freeze_vision else ():
+            p.requires_grad_(False)
         for name in AUX_MODULES:
             head = getattr(fusar, name, None)
             for p in head.parameters() if head is not None else ():
@@ -564,6 +589,10 @@ def train(config: TrainConfig) -> TrainResult:
     from training.plot import plot_loss
 
     cfg = config.resolved()
+    if cfg.vision_only:
+        from training.vision import pretrain_vision
+
+        return pretrain_vision(cfg)
     out = Path(cfg.out)
     records = read_manifests(cfg.data)
     if cfg.tasks:
@@ -594,7 +623,9 @@ def train(config: TrainConfig) -> TrainResult:
     started = time.perf_counter()
     classes = sorted({r.meta["class"] for r in records if isinstance(r.meta.get("class"), str)})
     fusar = _load_model(cfg, device, image_size=sizes[0], classes=classes)
-    n_trainable = _set_trainable(fusar, cfg.stage, cfg.stage1_lora, cfg.no_tlm, cfg.freeze_language_model)
+    n_trainable = _set_trainable(
+        fusar, cfg.stage, cfg.stage1_lora, cfg.no_tlm, cfg.freeze_language_model, cfg.freeze_vision
+    )
     fusar.train()
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     steps_per_epoch = math.ceil(len(records) / (cfg.batch_size * cfg.grad_accum))
@@ -613,6 +644,7 @@ def train(config: TrainConfig) -> TrainResult:
                 "spread_loss_weight": cfg.spread_loss_weight,
                 "probe_loss_weight": cfg.probe_loss_weight,
                 "freeze_language_model": cfg.freeze_language_model,
+                "freeze_vision": cfg.freeze_vision,
             }
             if cfg.stage == 0
             else {"tlm": cfg.stage == 1 and not cfg.no_tlm, "lora": cfg.stage == 2 or cfg.stage1_lora}

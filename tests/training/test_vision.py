@@ -1,0 +1,165 @@
+"""Stage 0's vision phase (training/vision.py) on generated manifests and the tiny model: the fast patches
+equal the processor's, only the vision tower moves, the heads learn where the targets are, --resume is
+exact, and the output is the base of a --freeze-vision run that moves only the language model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from fusarbatch.errors import UsageError
+from fusarbatch.model import FusarGPT
+from fusarbatch.model.fusar_gpt import load_processor
+from training.manifest import Triplet, read_manifest, write_manifest
+from training.train import TrainConfig, train
+from training.vision import check_patchify, patchify, vision_images
+
+
+def _config(base, data, out, **kw):
+    defaults = {
+        "stage": 0,
+        "batch_size": 4,
+        "grad_accum": 1,
+        "lr": 3e-3,
+        "max_steps": 6,
+        "save_steps": 3,
+        "save_total_limit": None,
+        "log_steps": 1,
+        "vision_only": True,
+        "target_loss_weight": 1.0,
+        "probe_loss_weight": 1.0,
+    }
+    data = data if isinstance(data, list) else [data]
+    return TrainConfig(data=data, base_model=base, out=out, **{**defaults, **kw})
+
+
+def test_patchify_equals_the_processor(generated_base_model):
+    processor = load_processor(generated_base_model)
+    rng = np.random.default_rng(0)
+    for size in (56, 112):
+        image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        ref = processor.image_processor(images=[image], return_tensors="pt")
+        mine, thw = patchify(torch.from_numpy(np.asarray(image).copy())[None], processor.image_processor)
+        assert thw.tolist() == ref["image_grid_thw"].tolist()
+        torch.testing.assert_close(mine, ref["pixel_values"].float(), rtol=0, atol=1e-5)
+        check_patchify(image, processor)  # does not raise
+    with pytest.raises(ValueError, match="not a multiple of 28"):
+        patchify(torch.zeros((1, 50, 56, 3), dtype=torch.uint8), processor.image_processor)
+
+
+def test_vision_images_merges_the_records_of_an_image(tmp_path):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (56, 56)).save(img)
+    other = tmp_path / "b.png"
+    Image.new("RGB", (56, 56)).save(other)
+    recs = [
+        Triplet("1", img, "q", "1", coordinate_size=56, task="counting", meta={"boxes": [[1, 2, 9, 10]]}),
+        Triplet("2", img, "q", "T72", coordinate_size=56, task="classification", meta={"class": "T72"}),
+        Triplet("3", other, "q", "a caption", coordinate_size=56, task="caption", meta={}),
+    ]
+    got = vision_images(recs)
+    assert len(got) == 1  # the caption-only image carries no signal
+    assert got[0].boxes == ((1.0, 2.0, 9.0, 10.0),) and got[0].cls == "T72" and got[0].grid == 56
+
+
+def test_vision_only_trains_the_tower_resumes_exactly_and_feeds_freeze_vision(
+    generated_base_model, generated_counting_manifest, tmp_path
+):
+    data = generated_counting_manifest(n=16, size=56, seed=4)
+    out = tmp_path / "vision"
+    result = train(_config(generated_base_model, data, out))
+    assert result.steps == 6 and result.records == 16  # records = distinct images
+    info = json.loads((out / "fusarbatch_train.json").read_text())
+    assert info["trains"]["vision_only"] is True and info["images_with_boxes"] == 16
+    base = load_file(str(generated_base_model / "model.safetensors"))
+    trained = load_file(str(out / "model.safetensors"))
+    vis = [k for k in base if k.startswith("visual.")]
+    lm = [k for k in base if not k.startswith("visual.")]
+    assert any(not torch.equal(base[k], trained[k]) for k in vis if k.startswith("visual.merger."))
+    assert any(not torch.equal(base[k], trained[k]) for k in vis if k.startswith("visual.blocks.0."))
+    assert all(torch.equal(base[k], trained[k]) for k in lm)  # the language model was not touched
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert all(r["target_loss"] > 0 and r["probe_loss"] > 0 for r in log)
+    assert (out / "loss.png").stat().st_size > 1000
+    ckpt = out / "checkpoint-3"
+    for name in (
+        "target_head.safetensors",
+        "image_probe.safetensors",
+        "vision_state.pt",
+        "model.safetensors",
+    ):
+        assert (ckpt / name).is_file(), name
+    assert not (out / "target_head.safetensors").exists()  # training-only heads stay in the checkpoints
+    # resume from checkpoint-3: the same weights as the uninterrupted run
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copytree(ckpt, again / "checkpoint-3")
+    train(_config(generated_base_model, data, again, resume=True))
+    resumed = load_file(str(again / "model.safetensors"))
+    for k in trained:
+        torch.testing.assert_close(resumed[k], trained[k], rtol=0, atol=0, msg=k)
+    # a full model directory that loads as is, then the base of --freeze-vision: only the language model moves
+    fusar = FusarGPT.from_pretrained(out)
+    assert fusar.image_size == 56
+    reader = tmp_path / "reader"
+    cfg = _config(out, data, reader, vision_only=False, freeze_vision=True, save_steps=0, max_steps=3)
+    cfg.target_loss_weight = cfg.probe_loss_weight = 0.0
+    train(cfg)
+    read = load_file(str(reader / "model.safetensors"))
+    assert all(torch.equal(read[k], trained[k]) for k in vis)
+    assert any(not torch.equal(read[k], trained[k]) for k in lm)
+
+
+def test_vision_only_learns_where_the_targets_are(
+    generated_base_model, generated_counting_manifest, tmp_path
+):
+    """On generated images with 0-3 bright squares, 60 steps of the vision phase make the dense head rank
+    target cells above empty ones (AUC > 0.8; chance 0.5) on the training images."""
+    from training.data import load_image
+    from training.objectives import TargetHead, target_maps
+
+    data = generated_counting_manifest(n=32, size=56, seed=5)
+    out = tmp_path / "vision"
+    train(_config(generated_base_model, data, out, max_steps=60, save_steps=30, lr=5e-3, batch_size=8))
+    fusar = FusarGPT.from_pretrained(out / "checkpoint-30")
+    head = TargetHead(fusar.base_model.config.text_config.hidden_size)
+    head.load_state_dict(load_file(str(out / "checkpoint-30" / "target_head.safetensors")))
+    records = [r for r in read_manifest(data)]
+    images = torch.from_numpy(np.stack([np.asarray(load_image(r.image, 56)) for r in records]))
+    pixels, thw = patchify(images, fusar.processor.image_processor)
+    with torch.no_grad(), fusar.use_anchors([None] * len(records)):
+        logits = head(fusar.visual(pixels, grid_thw=thw).pooler_output)[:, 1]
+    truth = torch.cat(
+        [target_maps(r.meta["boxes"], t, 56)[:, 1] for r, t in zip(records, thw.tolist(), strict=True)]
+    )
+    pos, neg = logits[truth == 1], logits[truth == 0]
+    auc = float((pos[:, None] > neg[None, :]).float().mean())
+    assert auc > 0.8, auc
+
+
+def test_vision_only_usage_errors(generated_base_model, generated_counting_manifest, tmp_path):
+    data = generated_counting_manifest(n=4)
+    with pytest.raises(UsageError, match="give --target-loss-weight"):
+        train(_config(generated_base_model, data, tmp_path / "a", target_loss_weight=0, probe_loss_weight=0))
+    with pytest.raises(UsageError, match="for stage 0"):
+        train(
+            _config(
+                generated_base_model, data, tmp_path / "b", stage=1, target_loss_weight=0, probe_loss_weight=0
+            )
+        )
+    with pytest.raises(UsageError, match="--freeze-vision trains the language model only"):
+        train(_config(generated_base_model, data, tmp_path / "c", freeze_vision=True))
+    captions = tmp_path / "captions.jsonl"
+    rec = read_manifest(data)[0]
+    write_manifest(captions, [Triplet("c", rec.image, "q", "a caption", coordinate_size=56, task="caption")])
+    with pytest.raises(UsageError, match="nothing to learn from"):
+        train(_config(generated_base_model, captions, tmp_path / "d"))
+    with pytest.raises(UsageError, match="no checkpoint"):
+        train(_config(generated_base_model, data, tmp_path / "e", resume=True))

@@ -1,0 +1,374 @@
+"""Stage 0, vision phase: the vision tower and merger alone, with direct supervision (not in the paper).
+
+``fusarbatch train --stage 0 --vision-only`` stands in for the image pretraining that the 7B base already has.
+The language model is not run at all: each batch goes through the vision tower and merger only, and the
+losses are the training-only heads of :mod:`training.objectives` on the merged visual tokens -- the dense
+"target here" map (:func:`~training.objectives.target_loss`) and the image-level probe (3 x 3 cells, count,
+class; :func:`~training.objectives.probe_loss`). Without the language model's forward and backward pass a
+step costs about a quarter as much, and the tower gets a direct signal instead of one filtered through an
+untrained language model: on SSDD it learns where the ships are in a few thousand images, where the whole
+model trained on the answers did not in 6,000 (training/RESULTS.md, issue 9).
+
+Pixels are cut into patches here, in torch, exactly as the model's own image processor does for an image
+already at the model's input size (:func:`patchify`); the first image of every run is checked against the
+processor and the run stops if they differ (:func:`check_patchify`).
+
+Output: a full model directory (the same layout as stage 0: weights, an identity TLM, the processor,
+``fusarbatch_train.json``, ``train_log.jsonl``, ``loss.png``), the ``--base-model`` of the next stage-0 run
+(the language model learning to read it). ``checkpoint-<step>/`` folders add the heads and
+``vision_state.pt`` (optimizer, schedule, step; read back with ``torch.load(weights_only=True)``);
+``--resume`` continues from the latest and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fusarbatch.errors import UsageError
+
+log = logging.getLogger(f"fusarbatch.{__name__}")
+
+__all__ = ["VisionImage", "check_patchify", "patchify", "pretrain_vision", "vision_images"]
+
+STATE_FILE = "vision_state.pt"
+"""Checkpoints: optimizer and schedule state and the step (``torch.save`` of tensors and numbers only)."""
+
+
+@dataclass(frozen=True)
+class VisionImage:
+    """One training image of the vision phase.
+
+    :ivar path: image file.
+    :ivar grid: model input side in pixels (the records' ``coordinate_size``).
+    :ivar boxes: target boxes ``[x1, y1, x2, y2]`` on the ``grid`` (``meta.boxes``), or None when unknown.
+    :ivar cls: the image's class (``meta.class`` of a classification record), or None.
+    """
+
+    path: Path
+    grid: int
+    boxes: tuple[tuple[float, float, float, float], ...] | None
+    cls: str | None
+
+
+def vision_images(records: Sequence[Any]) -> list[VisionImage]:
+    """The distinct images of ``records`` (:class:`training.manifest.Triplet`) that carry a supervision
+    signal (boxes or a class), in first-seen order; the boxes and class of all records of an image are
+    merged (the builders give every record of an image the same ``meta.boxes``)."""
+    from training.data import _target_boxes
+
+    by_path: dict[Path, dict[str, Any]] = {}
+    for rec in records:
+        entry = by_path.setdefault(rec.image, {"grid": rec.coordinate_size, "boxes": None, "cls": None})
+        boxes = _target_boxes(rec)
+        if boxes is not None and entry["boxes"] is None:
+            entry["boxes"] = tuple(tuple(float(v) for v in b) for b in boxes)
+        cls = rec.meta.get("class") if isinstance(rec.meta, dict) else None
+        if isinstance(cls, str) and entry["cls"] is None:
+            entry["cls"] = cls
+    return [
+        VisionImage(path, int(e["grid"]), e["boxes"], e["cls"])
+        for path, e in by_path.items()
+        if e["boxes"] is not None or e["cls"] is not None
+    ]
+
+
+def patchify(images: torch.Tensor, image_processor: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2-VL patches of images already at the model's input size, as the image processor cuts them.
+
+    :param images: ``(B, H, W, 3)`` uint8 RGB, ``H`` and ``W`` multiples of ``patch_size * merge_size``.
+    :param image_processor: the model's ``Qwen2VLImageProcessor`` (its ``image_mean``, ``image_std``,
+        ``rescale_factor``, ``patch_size``, ``temporal_patch_size`` and ``merge_size``).
+    :returns: ``pixel_values`` ``(B * h * w, 3 * T * P * P)`` float32 (``h, w`` in patches, ``T`` temporal
+        patch, ``P`` patch) in the processor's order (2 x 2 merge windows contiguous), and ``image_grid_thw``
+        ``(B, 3)`` int64.
+    :raises ValueError: a side is not a multiple of ``patch_size * merge_size``.
+    """
+    p = int(image_processor.patch_size)
+    tp = int(image_processor.temporal_patch_size)
+    m = int(image_processor.merge_size)
+    b, height, width, c = images.shape
+    if height % (p * m) or width % (p * m):
+        raise ValueError(f"image {height} x {width} px: not a multiple of {p * m} px")
+    mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, c, 1, 1)
+    std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, c, 1, 1)
+    x = images.permute(0, 3, 1, 2).float() * float(image_processor.rescale_factor)
+    x = (x - mean) / std
+    gh, gw = height // p, width // p
+    x = x[:, None].expand(b, tp, c, height, width)  # one frame repeated to the temporal patch
+    x = x.reshape(b, tp, c, gh // m, m, p, gw // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (b, h/m, w/m, m, m, c, t, p, p)
+    pixels = x.reshape(b * gh * gw, c * tp * p * p)
+    grid_thw = torch.tensor([[1, gh, gw]] * b, dtype=torch.int64)
+    return pixels, grid_thw
+
+
+def check_patchify(image: Any, processor: Any) -> None:
+    """Raise RuntimeError when :func:`patchify` does not give the processor's own pixels for ``image`` (a PIL
+    RGB image at the model's input size): a processor whose preprocessing differs (another resize rule,
+    normalisation or patch order) would otherwise train a tower on inputs it never sees at inference."""
+    ref = processor.image_processor(images=[image], return_tensors="pt")
+    mine, thw = patchify(torch.from_numpy(np.asarray(image).copy())[None], processor.image_processor)
+    same_grid = torch.equal(ref["image_grid_thw"].to(torch.int64), thw)
+    if not same_grid or ref["pixel_values"].shape != mine.shape:
+        raise RuntimeError(
+            f"--vision-only: the processor cuts a {image.size[0]} px image into "
+            f"{ref['image_grid_thw'].tolist()} patches, the fast path into {thw.tolist()}; train without "
+            "--vision-only"
+        )
+    diff = float((ref["pixel_values"].float() - mine).abs().max())
+    if diff > 1e-4:
+        raise RuntimeError(
+            f"--vision-only: the fast patches differ from the processor's by {diff:g}; train without "
+            "--vision-only"
+        )
+
+
+def _batch(images: Sequence[VisionImage], grid: int) -> torch.Tensor:
+    from training.data import load_image
+
+    return torch.from_numpy(np.stack([np.asarray(load_image(im.path, grid)) for im in images]))
+
+
+def _order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def pretrain_vision(config: Any) -> Any:
+    """Run the vision phase of stage 0 (module docstring) for a resolved :class:`training.train.TrainConfig`
+    with ``vision_only``; returns a :class:`training.train.TrainResult` (``records`` = distinct images).
+
+    Steps: ``max_steps``, else ``epochs`` x ceil(images / ``batch_size``); AdamW at ``lr`` with
+    ``weight_decay``, a linear warm-up over ``warmup`` of the steps, then a cosine decay to 0; gradients
+    clipped to norm 1. Loss = ``target_loss_weight`` x dense target loss + ``probe_loss_weight`` x probe loss.
+
+    :raises UsageError: no image with boxes or a class, mixed input sizes, an ``out`` that holds checkpoints
+        without ``resume`` (or none with it).
+    """
+    from safetensors.torch import load_file, save_file
+    from transformers import get_cosine_schedule_with_warmup, set_seed
+
+    from fusarbatch.model.fusar_gpt import save_tlm
+    from training.data import load_image
+    from training.manifest import read_manifests
+    from training.objectives import probe_loss, target_loss
+    from training.plot import plot_loss
+    from training.train import (
+        AUX_MODULES,
+        LOG_FILE,
+        LOSS_PNG,
+        TRAIN_INFO_FILE,
+        TrainResult,
+        _device,
+        _load_model,
+        _read_losses,
+    )
+
+    cfg = config
+    out = Path(cfg.out)
+    records = read_manifests(cfg.data)
+    if cfg.tasks:
+        records = [r for r in records if r.task in set(cfg.tasks)]
+    images = vision_images(records)
+    if not images:
+        raise UsageError(
+            f"--data {', '.join(map(str, cfg.data))}: no image with target boxes (meta.boxes) or a class "
+            "(meta.class); --vision-only has nothing to learn from (build the manifests with the builders)"
+        )
+    grids = sorted({im.grid for im in images})
+    if len(grids) > 1:
+        raise UsageError(f"--data: the records mix input sizes {grids}; build every manifest with one --grid")
+    grid = grids[0]
+    ckpts = _checkpoints(out) if out.is_dir() else []
+    if cfg.resume and not ckpts:
+        raise UsageError(f"--resume: no checkpoint-* folder in {out}")
+    if not cfg.resume and ckpts:
+        raise UsageError(f"--out {out} already holds {ckpts[-1].name}; pass --resume or choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(cfg.device)
+    set_seed(cfg.seed)
+    started = time.perf_counter()
+    classes = sorted({im.cls for im in images if im.cls is not None})
+    fusar = _load_model(cfg, device, image_size=grid, classes=classes)
+    for p in fusar.parameters():
+        p.requires_grad_(False)
+    heads = {name: getattr(fusar, name) for name in AUX_MODULES if getattr(fusar, name, None) is not None}
+    trained = [fusar.visual, *heads.values()]
+    params = [p for module in trained for p in module.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    n_trainable = sum(p.numel() for p in fusar.visual.parameters())
+    check_patchify(load_image(images[0].path, grid), fusar.processor)
+    merge = int(fusar.visual.spatial_merge_size)
+    steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
+    total = int(cfg.max_steps or math.ceil(float(cfg.epochs or 1.0) * steps_per_epoch))
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup * total), total)
+    step = 0
+    log_path = out / LOG_FILE
+    if cfg.resume:
+        ckpt = ckpts[-1]
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        saved = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            ckpt, local_files_only=True, dtype=fusar.dtype, device_map="cpu"
+        )
+        fusar.base_model.load_state_dict(saved.state_dict(), strict=True)
+        del saved
+        for name, head in heads.items():
+            head.load_state_dict(load_file(str(ckpt / AUX_MODULES[name])))
+        state = torch.load(ckpt / STATE_FILE, map_location=device, weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        log.info("resumed the vision phase from %s (step %d)", ckpt, step)
+    kept = []
+    if log_path.is_file():  # keep the log up to the step training restarts from
+        for line in log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:
+                continue
+    log_path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    info = {
+        "stage": 0,
+        "base_model": str(Path(cfg.base_model).resolve()),
+        "init": None,
+        "data": [str(Path(p).resolve()) for p in cfg.data],
+        "records": len(records),
+        "images": len(images),
+        "images_with_boxes": sum(im.boxes is not None for im in images),
+        "classes": classes,
+        "trainable_params": n_trainable,
+        "trains": {
+            "vision_only": True,
+            "target_loss_weight": cfg.target_loss_weight,
+            "probe_loss_weight": cfg.probe_loss_weight,
+        },
+        "image_size": grid,
+        "precision": "fp32",
+        "device": str(device),
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("data", "out", "base_model", "init")},
+    }
+    log.info(
+        "stage 0, vision only: %d images (%d with boxes, %d classes), %d trainable parameters, %d steps",
+        len(images),
+        info["images_with_boxes"],
+        len(classes),
+        n_trainable,
+        total,
+    )
+
+    def save(folder: Path, with_state: bool) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        fusar.base_model.save_pretrained(folder)
+        save_tlm(fusar.tlm, folder)
+        fusar.processor.save_pretrained(folder)
+        (folder / TRAIN_INFO_FILE).write_text(
+            json.dumps({**info, "global_step": step}, indent=2, default=str) + "\n", encoding="utf-8"
+        )
+        if with_state:
+            for name, head in heads.items():
+                save_file(
+                    {k: v.contiguous() for k, v in head.state_dict().items()}, str(folder / AUX_MODULES[name])
+                )
+            torch.save(
+                {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
+                folder / STATE_FILE,
+            )
+
+    fusar.visual.train()
+    t_log = time.perf_counter()
+    sums = {"loss": 0.0, "target_loss": 0.0, "probe_loss": 0.0}
+    n_sum = 0
+    while step < total:
+        epoch, offset = divmod(step * cfg.batch_size, steps_per_epoch * cfg.batch_size)
+        order = _order(len(images), cfg.seed, epoch)
+        pick = [images[i] for i in order[offset : offset + cfg.batch_size]]
+        pixels, thw = patchify(_batch(pick, grid), fusar.processor.image_processor)
+        with fusar.use_anchors([None] * len(pick)):  # the identity TLM is not trained here: no modulation
+            tokens = fusar.visual(pixels.to(device), grid_thw=thw.to(device)).pooler_output
+        boxes = [None if im.boxes is None else [list(b) for b in im.boxes] for im in pick]
+        loss = tokens.new_zeros(())
+        terms = {}
+        if cfg.target_loss_weight and "target_head" in heads:
+            terms["target_loss"] = target_loss(
+                heads["target_head"], tokens, thw, boxes, [grid] * len(pick), merge
+            )
+            loss = loss + cfg.target_loss_weight * terms["target_loss"]
+        if cfg.probe_loss_weight and "image_probe" in heads:
+            terms["probe_loss"] = probe_loss(
+                heads["image_probe"], tokens, thw, boxes, [grid] * len(pick), [im.cls for im in pick], merge
+            )
+            loss = loss + cfg.probe_loss_weight * terms["probe_loss"]
+        if not torch.isfinite(loss.detach()):
+            from fusarbatch.errors import FusarbatchError
+
+            raise FusarbatchError(
+                f"training diverged at step {step + 1}: the loss is {float(loss):g}; lower --lr and start "
+                "again (--resume continues from the last checkpoint)"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        opt.step()
+        sched.step()
+        step += 1
+        sums["loss"] += float(loss.detach())
+        for k, v in terms.items():
+            sums[k] += float(v.detach())
+        n_sum += 1
+        if step % cfg.log_steps == 0 or step == total or step == 1:
+            now = time.perf_counter()
+            row = {
+                "step": step,
+                "epoch": round(step / steps_per_epoch, 4),
+                **{k: round(v / n_sum, 5) for k, v in sums.items() if k == "loss" or k in terms},
+                "learning_rate": sched.get_last_lr()[0],
+                "grad_norm": round(grad_norm, 4),
+                "samples_per_s": round(n_sum * cfg.batch_size / (now - t_log), 3),
+                "elapsed_s": round(now - started, 2),
+            }
+            with log_path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+            log.info(
+                "step %d/%d  loss %.4f  lr %.2e  %.1f images/s",
+                step,
+                total,
+                row["loss"],
+                row["learning_rate"],
+                row["samples_per_s"],
+            )
+            sums = dict.fromkeys(sums, 0.0)
+            n_sum, t_log = 0, now
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
+            save(out / f"checkpoint-{step}", with_state=True)
+            for old in _checkpoints(out)[: -cfg.save_total_limit] if cfg.save_total_limit else []:
+                shutil.rmtree(old, ignore_errors=True)
+    wall = time.perf_counter() - started
+    info["wall_s"] = round(wall, 1)
+    fusar.visual.eval()
+    save(out, with_state=False)
+    losses = _read_losses(log_path)
+    plot_loss(losses, out / LOSS_PNG, title=f"stage 0, vision only: {len(images)} images, {step} steps")
+    final = losses[-1][1] if losses else None
+    log.info("stage 0 (vision only) done in %.0f s: %s (final loss %s)", wall, out, final)
+    return TrainResult(
+        out=out, steps=step, records=len(images), final_loss=final, wall_s=wall, trainable_params=n_trainable
+    )
