@@ -115,6 +115,11 @@ BACKSCATTER_COMPRESSORS: Any = (zarr.codecs.ZstdCodec(level=1),)
 THREADS: int | None = None
 #: GDAL block cache while a scene is read, in bytes (GDAL reads values >= 100000 as bytes).
 GDAL_CACHE_BYTES = 256 * 2**20
+#: GDAL threads decoding the compressed blocks of one window read (GDAL >= 3.6 GTiff multi-threaded
+#: decoding). Reads of a file are serialised on its one handle (tiling/source.py), so its decoding is the
+#: critical path: ``ALL_CPUS`` made tiling 5-10% faster on 2 cores (benchmarks/RESULTS.md, issue 11).
+#: ``GDAL_NUM_THREADS`` in the environment wins.
+GDAL_DECODE_THREADS = "ALL_CPUS"
 #: Default ``max_tiles``: the most tiles one scene may have (a Sentinel-1 IW GRD scene has about 2,000 at
 #: the default tile size; 100,000 tiles are 25 billion pixels).
 DEFAULT_MAX_TILES = 100_000
@@ -215,9 +220,10 @@ def tile_scene(
     try:
         root = _open_root(store)
         _remove_stale(store, name)
-        n_tiles, n_inferable = _write_scene(
-            root, partial, scene, tile_size, overlap, min_valid, aoi, max_tiles, timeout_s
-        )
+        with _gdal_env():  # from the open: GDAL's GTiff driver takes its decoding threads when it opens
+            n_tiles, n_inferable = _write_scene(
+                root, partial, scene, tile_size, overlap, min_valid, aoi, max_tiles, timeout_s
+            )
         _publish(store, partial, name)
     except NoWorkerError:
         shutil.rmtree(store / partial, ignore_errors=True)
@@ -423,15 +429,19 @@ def group_complete(path: Path) -> bool:
 
 
 def _gdal_env() -> rasterio.Env:
-    """GDAL settings for the read: a bounded block cache (:data:`GDAL_CACHE_BYTES`) unless the user set
-    ``GDAL_CACHEMAX`` in the environment. The cache must hold the blocks that overlapping windows share
-    (about one block row across the scene: 80 MB for a 20,000 px wide dual-pol float32 scene); GDAL's
+    """GDAL settings for the read: multi-threaded block decoding (:data:`GDAL_DECODE_THREADS`) and a bounded
+    block cache (:data:`GDAL_CACHE_BYTES`), each unless the user set it in the environment. The cache must
+    hold the blocks that overlapping windows share (about one block row across the scene: 80 MB for a
+    20,000 px wide dual-pol float32 scene); GDAL's
     default (5% of RAM, 1.2 GB here) only adds to the peak memory. GDAL's cache is process-wide: the
     setting applies while a scene is computed and is restored afterwards. Distributed workers keep their
     own settings."""
-    if "GDAL_CACHEMAX" in os.environ:
-        return rasterio.Env()
-    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES)
+    options: dict[str, Any] = {}
+    if "GDAL_CACHEMAX" not in os.environ:
+        options["GDAL_CACHEMAX"] = GDAL_CACHE_BYTES
+    if "GDAL_NUM_THREADS" not in os.environ:
+        options["GDAL_NUM_THREADS"] = GDAL_DECODE_THREADS
+    return rasterio.Env(**options)
 
 
 def _open_root(store: Path) -> zarr.Group:
@@ -553,8 +563,7 @@ def _write_scene(
     vf = np.zeros(0, dtype=np.float32)
     if n:
         stored = da.store(tiles, backscatter, lock=False, compute=False)
-        with _gdal_env():
-            _, vf = _compute(stored, fractions, timeout_s)
+        _, vf = _compute(stored, fractions, timeout_s)
     vf = np.asarray(vf, dtype=np.float32)
     group.create_array(
         "valid_fraction",

@@ -178,9 +178,11 @@ def test_truncated_geotiff_fails_while_reading_and_leaves_no_partial(
     with rasterio.open(path) as src:
         assert src.shape == (256, 256)  # the header still opens: the failure happens during the read
     bad = _failed_with_good_neighbours(
-        tmp_path, make_scene, write_generated_tif, BandRef(str(path), 1), "TIFFReadEncodedTile"
+        tmp_path, make_scene, write_generated_tif, BandRef(str(path), 1), "Read failed"
     )
     assert bad.error.startswith("RasterioIOError: ")
+    # GDAL's own cause follows: one decoding thread names the TIFF call, several the missing bytes
+    assert "TIFFReadEncodedTile" in bad.error or "Cannot read" in bad.error, bad.error
 
 
 def test_unreadable_file_fails_the_scene_only(tmp_path, make_scene, write_generated_tif):
