@@ -336,23 +336,51 @@ def part_store(repeat: int) -> dict:
 # ------------------------------------------------------------------------------------------ report
 
 
-def report(iw: list[dict], coast: dict | None, store: dict | None, seconds: float, load: tuple) -> str:
+PARTS_FILE = WORK / "aoi_parts.json"
+"""The latest result of each part (``--parts`` runs only some; the report shows every part's latest)."""
+
+
+def load_parts() -> dict:
+    try:
+        return json.loads(PARTS_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_parts(saved: dict) -> None:
+    tmp = PARTS_FILE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(saved, indent=1, default=str))
+    tmp.replace(PARTS_FILE)
+
+
+def _when(saved: dict, part: str) -> str:
+    p = saved[part]
+    return f"Measured {p['measured']} (1-min load average {p['load'][0]} -> {p['load'][1]}). "
+
+
+def report(saved: dict, seconds: float, load: tuple) -> str:
     import platform
+
+    iw = saved.get("iw", {}).get("result") or []
+    coast = saved.get("coast", {}).get("result")
+    store = saved.get("store", {}).get("result")
 
     lines = [
         SECTION,
         "",
-        f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by `python benchmarks/aoi.py`; machine: "
-        f"{os.cpu_count()} cores (shared), Linux {platform.machine()}, Python {platform.python_version()}; "
-        f"benchmark wall time {seconds:.0f} s; 1-min load average {load[0]:.1f} at the start, {load[1]:.1f} "
-        "at the end. Every scene is GENERATED (benchmarks/tiling.py's generator); `run` is the CLI with the "
-        "packaged tiny demo model on the CPU, `--max-new-tokens 16`, tiles 504 px, overlap 56 px unless "
-        "the table says otherwise.",
+        f"Written {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by `python benchmarks/aoi.py` (each part "
+        "below says when it was measured; `--parts` reruns some and keeps the others' latest results); "
+        f"machine: {os.cpu_count()} cores (shared), Linux {platform.machine()}, Python "
+        f"{platform.python_version()}; this invocation {seconds:.0f} s, 1-min load average {load[0]:.1f} at "
+        f"the start, {load[1]:.1f} at the end. Every scene is GENERATED (benchmarks/tiling.py's "
+        "generator); `run` is the CLI with the packaged tiny demo model on the CPU, `--max-new-tokens 16`, "
+        "tiles 504 px, overlap 56 px unless the table says otherwise.",
         "",
     ]
     if iw:
         lines += [
-            f"AOI-clipped `run` on a GENERATED IW GRD-size scene ({IW_SHAPE[0]:,} x {IW_SHAPE[1]:,} px, "
+            _when(saved, "iw")
+            + f"AOI-clipped `run` on a GENERATED IW GRD-size scene ({IW_SHAPE[0]:,} x {IW_SHAPE[1]:,} px, "
             "dual-pol, 10 m, UTM 31N); centred rectangular AOIs:",
             "",
             "| AOI share | AOI (px) | `--overlap` (px) | whole-scene tiles | min tiles (no overlap / this "
@@ -370,7 +398,8 @@ def report(iw: list[dict], coast: dict | None, store: dict | None, seconds: floa
         lines.append("")
     if coast:
         lines += [
-            "`run --surface sea` on a GENERATED 3,000 x 3,000 px scene placed over the real coastline of "
+            _when(saved, "coast")
+            + "`run --surface sea` on a GENERATED 3,000 x 3,000 px scene placed over the real coastline of "
             "Marseille (UTM 31N, 30 x 30 km; the values are synthetic, the place and the land mask are "
             f"real): {coast['tiles']} tiles, {coast['skipped']} skipped as land, {coast['inferred']} "
             f"inferred; skipped tiles with ocean within one mask cell of their footprint (checked with "
@@ -381,7 +410,8 @@ def report(iw: list[dict], coast: dict | None, store: dict | None, seconds: floa
     if store:
         f = store["floor"]
         lines += [
-            f"Tile store on the {tiling_bench.BASE:,} x {tiling_bench.BASE:,} px GENERATED COG "
+            _when(saved, "store")
+            + f"Tile store on the {tiling_bench.BASE:,} x {tiling_bench.BASE:,} px GENERATED COG "
             f"(benchmarks/tiling.py): floor {f['mb_s']:.0f} MB/s (fastest of {store['floor_runs']}); "
             "`tile_scene`, fastest of the runs listed, each in a fresh process:",
             "",
@@ -429,10 +459,22 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     started, load0 = time.perf_counter(), os.getloadavg()[0]
     shares, overlaps = [float(s) for s in args.shares.split(",")], [int(o) for o in args.overlaps.split(",")]
-    iw = part_iw(shares, overlaps) if "iw" in parts else []
-    coast = part_coast() if "coast" in parts else None
-    store = part_store(args.repeat) if "store" in parts else None
-    text = report(iw, coast, store, time.perf_counter() - started, (load0, os.getloadavg()[0]))
+    saved = load_parts()
+    for part, run in (
+        ("iw", lambda: part_iw(shares, overlaps)),
+        ("coast", part_coast),
+        ("store", lambda: part_store(args.repeat)),
+    ):
+        if part in parts:
+            load = os.getloadavg()[0]
+            result = run()
+            saved[part] = {
+                "measured": f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
+                "load": [round(load, 1), round(os.getloadavg()[0], 1)],
+                "result": result,
+            }
+    save_parts(saved)
+    text = report(saved, time.perf_counter() - started, (load0, os.getloadavg()[0]))
     print(text)
     if not args.no_write:
         write_results(text)

@@ -5,8 +5,9 @@
 #   DATA=/work/shared/data WORK=out/demo4 training/make_demo.sh
 #
 # DATA holds ssdd/, mstar_soc10/ and mstar_composite_detection/ (see their SOURCE.txt); they may not be
-# committed and are read from DATA. Set EXPORT=0 to leave the packaged model alone. Every training step resumes
-# from its latest checkpoint when started again (a step whose final model exists is skipped).
+# committed and are read from DATA. Set EXPORT=0 to leave the packaged model alone, SKIP_EVAL=1 to train
+# only. Every training step resumes from its latest checkpoint when started again (a step whose final model
+# exists is skipped).
 #
 # Stage 0 (NOT part of FUSAR-GPT's method: it stands in for the pretraining a real Qwen2.5-VL base already has)
 # runs in two phases: (a) the vision tower and merger alone learn where the targets are and what the image holds
@@ -77,6 +78,8 @@ C12=(--base-model "$WORK/stage0" --batch-size 8 --grad-accum 1 --save-steps 100 
 train stage1 --stage 1 "${C12[@]}" --lr "${LR1:-2e-4}" --max-steps "${STEPS1:-150}" "${CAPTIONS[@]}"
 train stage2 --stage 2 --init "$WORK/stage1" "${C12[@]}" --lr "${LR2:-2e-4}" --max-steps "${STEPS2:-400}" "${TASKS[@]}"
 
+if [ "${SKIP_EVAL:-0}" = 1 ]; then echo "trained; evaluation and export skipped (SKIP_EVAL=1)"; exit 0; fi
+
 # 4. evaluation on the held-out splits, each beside its baselines (majority answers of the training manifest,
 # constant median box, shuffled images, CFAR; eval prints them)
 ev() {  # ev NAME MODEL DATA TRAIN [ARGS]
@@ -84,19 +87,26 @@ ev() {  # ev NAME MODEL DATA TRAIN [ARGS]
   [ -f "$WORK/eval/$name/metrics.json" ] || step "eval_$name" "$BIN/fusarbatch" eval --model "$model" --data "$data" \
     --train-data "$train_data" --out "$WORK/eval/$name" --batch-size 16 --max-new-tokens "${MAX_NEW_TOKENS:-512}" "$@"
 }
+# composite val: the first COMPOSITE_LIMIT records per task (long detection answers are slow on a CPU)
 SETS=(ssdd:ssdd_test/stage2_test:ssdd/stage2_train composite:composite/stage2_val:composite/stage2_train
       soc:soc_test/stage2_val:soc/stage2_train)
+limit() { [ "$1" = composite ] && echo "--limit ${COMPOSITE_LIMIT:-100}" || true; }
 for m in ${EVAL_MODELS:-stage0 stage1 stage2}; do
   for s in "${SETS[@]}"; do
     IFS=: read -r name data train_data <<< "$s"
-    ev "${m}_$name" "$WORK/$m" "$WORK/data/$data.jsonl" "$WORK/data/$train_data.jsonl"
+    # shellcheck disable=SC2046
+    ev "${m}_$name" "$WORK/$m" "$WORK/data/$data.jsonl" "$WORK/data/$train_data.jsonl" $(limit "$name")
   done
 done
 for s in "${SETS[@]}"; do
   IFS=: read -r name data train_data <<< "$s"
-  ev "stage2_no_tlm_$name" "$WORK/stage2" "$WORK/data/$data.jsonl" "$WORK/data/$train_data.jsonl" --no-tlm
+  # shellcheck disable=SC2046
+  ev "stage2_no_tlm_$name" "$WORK/stage2" "$WORK/data/$data.jsonl" "$WORK/data/$train_data.jsonl" --no-tlm \
+    $(limit "$name")
+  # shellcheck disable=SC2046
   [ -f "$WORK/eval/cfar_$name/metrics.json" ] || step "eval_cfar_$name" "$BIN/fusarbatch" eval --engine cfar \
-    --data "$WORK/data/$data.jsonl" --train-data "$WORK/data/$train_data.jsonl" --out "$WORK/eval/cfar_$name"
+    --data "$WORK/data/$data.jsonl" --train-data "$WORK/data/$train_data.jsonl" --out "$WORK/eval/cfar_$name" \
+    $(limit "$name")
 done
 
 # 5. the packaged model: LoRA merged into the stage-0 base, one self-contained folder
