@@ -174,6 +174,26 @@ def summary(
     typer.echo(summary_table(dirs), nl=False)
 
 
+@app.command()
+def heads(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint-<step> of train --stage 0 --vision-only.")],
+    data: Annotated[list[Path], typer.Option("--data", help="Manifest of the images to score (repeatable).")],
+    train_data: Annotated[
+        list[Path] | None,
+        typer.Option("--train-data", help="Training manifest: source of the majority baselines."),
+    ] = None,
+) -> None:
+    """What a vision-only tower knows, through its training-only heads: dense AUC, count and class accuracy,
+    beside the majority answers (JSON on stdout)."""
+    from training.manifest import read_manifests
+    from training.vision import evaluate_heads
+
+    result = evaluate_heads(
+        checkpoint, read_manifests(data), read_manifests(train_data) if train_data else None
+    )
+    typer.echo(json.dumps(result, indent=1))
+
+
 def main() -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))

@@ -39,7 +39,7 @@ from fusarbatch.errors import UsageError
 
 log = logging.getLogger(f"fusarbatch.{__name__}")
 
-__all__ = ["VisionImage", "check_patchify", "patchify", "pretrain_vision", "vision_images"]
+__all__ = ["VisionImage", "check_patchify", "evaluate_heads", "patchify", "pretrain_vision", "vision_images"]
 
 STATE_FILE = "vision_state.pt"
 """Checkpoints: optimizer and schedule state and the step (``torch.save`` of tensors and numbers only)."""
@@ -372,3 +372,97 @@ def pretrain_vision(config: Any) -> Any:
     return TrainResult(
         out=out, steps=step, records=len(images), final_loss=final, wall_s=wall, trainable_params=n_trainable
     )
+
+
+def evaluate_heads(
+    checkpoint: str | Path, records: Sequence[Any], train_records: Sequence[Any] | None = None
+) -> dict[str, Any]:
+    """What the vision tower of a ``--vision-only`` checkpoint knows, read through its training-only heads
+    (no language model), beside the baselines measured on the same images.
+
+    - ``dense_auc``: ROC AUC of the dense head's "a box overlaps this token's cell" logit over every visual
+      token of the images with boxes (Mann-Whitney U / (n_pos n_neg), ties counted half); chance 0.5.
+    - ``count_accuracy``: the probe's count, ``round(exp(x) - 1)`` (it regresses ``log1p(count)``), at least
+      1 when every reference image holds a target (SSDD, the composites), against the true number of boxes; ``count_corr`` its
+      Pearson correlation with the true count; ``count_majority``: the most frequent count of
+      ``train_records`` (else of ``records``) answered every time.
+    - ``class_accuracy``: the probe's class on images with a class; ``class_majority`` likewise.
+
+    :param checkpoint: a ``checkpoint-<step>`` folder of ``train --stage 0 --vision-only`` (with the heads).
+    :param records: :class:`training.manifest.Triplet` records (their distinct images are scored).
+    :raises UsageError: the folder holds no heads, or no record has boxes or a class.
+    """
+    from collections import Counter
+
+    from safetensors.torch import load_file
+    from scipy.stats import rankdata
+    from torch.nn import functional as F
+
+    from fusarbatch.model import FusarGPT
+    from training.objectives import ImageProbe, TargetHead, target_maps
+    from training.train import PROBE_FILE, TARGET_HEAD_FILE, TRAIN_INFO_FILE
+
+    ckpt = Path(checkpoint)
+    if not (ckpt / TARGET_HEAD_FILE).is_file() or not (ckpt / PROBE_FILE).is_file():
+        raise UsageError(
+            f"{ckpt}: no {TARGET_HEAD_FILE} / {PROBE_FILE}; give a checkpoint-<step> folder of "
+            "train --stage 0 --vision-only run with both loss weights"
+        )
+    images = vision_images(records)
+    if not images:
+        raise UsageError("no record has boxes (meta.boxes) or a class (meta.class)")
+    classes = json.loads((ckpt / TRAIN_INFO_FILE).read_text(encoding="utf-8")).get("classes") or []
+    fusar = FusarGPT.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
+    fusar.eval()
+    hidden = int(fusar.base_model.config.text_config.hidden_size)
+    head, probe = TargetHead(hidden), ImageProbe(hidden, classes)
+    head.load_state_dict(load_file(str(ckpt / TARGET_HEAD_FILE)))
+    probe.load_state_dict(load_file(str(ckpt / PROBE_FILE)))
+    grid = fusar.image_size
+    scores, truth, counts, true_counts, cls_pred, cls_true = [], [], [], [], [], []
+    for i in range(0, len(images), 32):
+        part = images[i : i + 32]
+        pixels, thw = patchify(_batch(part, grid), fusar.processor.image_processor)
+        with torch.no_grad(), fusar.use_anchors([None] * len(part)):
+            tokens = fusar.visual(pixels, grid_thw=thw).pooler_output
+            dense = head(tokens).reshape(len(part), -1, 2)
+            unit = F.rms_norm(tokens.float(), (hidden,)).reshape(len(part), -1, hidden)
+            out = probe(unit.mean(dim=1))
+        for j, im in enumerate(part):
+            if im.boxes is not None:
+                scale = grid / im.grid
+                boxes = [[v * scale for v in b] for b in im.boxes]
+                scores.append(dense[j, :, 1])
+                truth.append(target_maps(boxes, thw[j].tolist(), grid)[:, 1])
+                counts.append(round(math.expm1(float(out[j, 9]))))
+                true_counts.append(len(im.boxes))
+            if im.cls is not None and im.cls in classes:
+                cls_pred.append(classes[int(out[j, 10:].argmax())])
+                cls_true.append(im.cls)
+    reference = vision_images(train_records) if train_records else images
+    result: dict[str, Any] = {"images": len(images), "majority_from": "train" if train_records else "eval"}
+    if scores:
+        s, y = torch.cat(scores).numpy(), torch.cat(truth).numpy()
+        n_pos, n_neg = float(y.sum()), float(len(y) - y.sum())
+        ranks = rankdata(s)
+        auc = (ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg) if n_pos and n_neg else None
+        majority = Counter(len(im.boxes) for im in reference if im.boxes is not None).most_common(1)[0][0]
+        floor = 1 if all(len(im.boxes) for im in reference if im.boxes is not None) else 0
+        c, t = np.maximum(np.array(counts), floor), np.array(true_counts)
+        result |= {
+            "images_with_boxes": len(t),
+            "dense_auc": None if auc is None else round(float(auc), 4),
+            "count_accuracy": round(float((c == t).mean()), 4),
+            "count_corr": round(float(np.corrcoef(c, t)[0, 1]), 4) if c.std() and t.std() else None,
+            "count_majority": round(float((t == majority).mean()), 4),
+        }
+    if cls_true:
+        majority_cls = Counter(im.cls for im in reference if im.cls is not None).most_common(1)[0][0]
+        result |= {
+            "images_with_class": len(cls_true),
+            "class_accuracy": round(
+                float(np.mean([p == q for p, q in zip(cls_pred, cls_true, strict=True)])), 4
+            ),
+            "class_majority": round(float(np.mean([q == majority_cls for q in cls_true])), 4),
+        }
+    return result

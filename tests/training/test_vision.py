@@ -142,6 +142,18 @@ def test_vision_only_learns_where_the_targets_are(
     pos, neg = logits[truth == 1], logits[truth == 0]
     auc = float((pos[:, None] > neg[None, :]).float().mean())
     assert auc > 0.8, auc
+    # python -m training heads: the same AUC (rank form), counts and their majority baseline
+    from training.vision import evaluate_heads
+
+    got = evaluate_heads(out / "checkpoint-30", records)
+    assert got["images"] == got["images_with_boxes"] == 32 and got["majority_from"] == "eval"
+    assert got["dense_auc"] == pytest.approx(auc, abs=1e-3)
+    counts = [len(r.meta["boxes"]) for r in records]
+    majority = max(set(counts), key=counts.count)
+    assert got["count_majority"] == pytest.approx(counts.count(majority) / 32)
+    assert 0 <= got["count_accuracy"] <= 1
+    with pytest.raises(UsageError, match="no target_head"):
+        evaluate_heads(out, records)  # the final model folder keeps no heads
 
 
 def test_vision_only_usage_errors(generated_base_model, generated_counting_manifest, tmp_path):
