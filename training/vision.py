@@ -382,9 +382,9 @@ def evaluate_heads(
 
     - ``dense_auc``: ROC AUC of the dense head's "a box overlaps this token's cell" logit over every visual
       token of the images with boxes (Mann-Whitney U / (n_pos n_neg), ties counted half); chance 0.5.
-    - ``count_accuracy``: the probe's count, ``round(exp(x) - 1)`` (it regresses ``log1p(count)``), at least
-      1 when every reference image holds a target (SSDD, the composites), against the true number of boxes; ``count_corr`` its
-      Pearson correlation with the true count; ``count_majority``: the most frequent count of
+    - ``count_accuracy``: the probe's count, ``round(exp(x) - 1)`` (it regresses ``log1p(count)``), at
+      least 1 when every reference image holds a target (SSDD, the composites), against the true number of
+      boxes; ``count_corr`` its Pearson correlation with the true count; ``count_majority``: the most frequent count of
       ``train_records`` (else of ``records``) answered every time.
     - ``class_accuracy``: the probe's class on images with a class; ``class_majority`` likewise.
 
