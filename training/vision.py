@@ -384,8 +384,8 @@ def evaluate_heads(
       token of the images with boxes (Mann-Whitney U / (n_pos n_neg), ties counted half); chance 0.5.
     - ``count_accuracy``: the probe's count, ``round(exp(x) - 1)`` (it regresses ``log1p(count)``), at
       least 1 when every reference image holds a target (SSDD, the composites), against the true number of
-      boxes; ``count_corr`` its Pearson correlation with the true count; ``count_majority``: the most frequent count of
-      ``train_records`` (else of ``records``) answered every time.
+      boxes; ``count_corr`` its Pearson correlation with the true count; ``count_majority``: the most
+      frequent count of ``train_records`` (else of ``records``) answered every time.
     - ``class_accuracy``: the probe's class on images with a class; ``class_majority`` likewise.
 
     :param checkpoint: a ``checkpoint-<step>`` folder of ``train --stage 0 --vision-only`` (with the heads).
