@@ -438,6 +438,18 @@ def write_results(text: str) -> None:
     write_section(SECTION, text, RESULTS)
 
 
+def _overlaps(text: str) -> list[int]:
+    """``--overlaps``: comma-separated integers in ``[0, TILE)`` (checked before the scene is generated)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers separated by commas, e.g. 56,0") from None
+    bad = [v for v in values if not 0 <= v < TILE]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]} px: an overlap is >= 0 and < the tile size {TILE}")
+    return values
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         import resource
@@ -451,14 +463,16 @@ def main() -> None:
     )
     parser.add_argument("--parts", default="iw,coast,store")
     parser.add_argument("--shares", default="0.01", help="AOI shares of the IW scene, e.g. 0.01,0.1,1")
-    parser.add_argument("--overlaps", default="56,0", help="tile overlaps (px) of the IW runs, e.g. 56,0")
+    parser.add_argument(
+        "--overlaps", default="56,0", type=_overlaps, help="tile overlaps (px) of the IW runs, e.g. 56,0"
+    )
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     WORK.mkdir(parents=True, exist_ok=True)
     started, load0 = time.perf_counter(), os.getloadavg()[0]
-    shares, overlaps = [float(s) for s in args.shares.split(",")], [int(o) for o in args.overlaps.split(",")]
+    shares, overlaps = [float(s) for s in args.shares.split(",")], args.overlaps
     saved = load_parts()
     for part, run in (
         ("iw", lambda: part_iw(shares, overlaps)),

@@ -222,8 +222,18 @@ class TrainResult:
 
 # --------------------------------------------------------------------------------------------- helpers
 def _device(name: str | None) -> torch.device:
+    """``--device``: the named device (UsageError when it is not a device or not on this machine), else
+    cuda when available, else cpu."""
     if name:
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UsageError(f"--device {name}: not a device; use cuda or cpu") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device on this machine; use --device cpu")
+        if device.type not in ("cuda", "cpu"):
+            raise UsageError(f"--device {name}: training runs on cuda or cpu")
+        return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

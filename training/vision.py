@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusarbatch.errors import UsageError
+from fusarbatch.errors import FusarbatchError, UsageError
 
 log = logging.getLogger(f"fusarbatch.{__name__}")
 
@@ -65,12 +65,10 @@ def vision_images(records: Sequence[Any]) -> list[VisionImage]:
     """The distinct images of ``records`` (:class:`training.manifest.Triplet`) that carry a supervision
     signal (boxes or a class), in first-seen order; the boxes and class of all records of an image are
     merged (the builders give every record of an image the same ``meta.boxes``)."""
-    from training.data import _target_boxes
-
     by_path: dict[Path, dict[str, Any]] = {}
     for rec in records:
         entry = by_path.setdefault(rec.image, {"grid": rec.coordinate_size, "boxes": None, "cls": None})
-        boxes = _target_boxes(rec)
+        boxes = _checked_boxes(rec)
         if boxes is not None and entry["boxes"] is None:
             entry["boxes"] = tuple(tuple(float(v) for v in b) for b in boxes)
         cls = rec.meta.get("class") if isinstance(rec.meta, dict) else None
@@ -81,6 +79,38 @@ def vision_images(records: Sequence[Any]) -> list[VisionImage]:
         for path, e in by_path.items()
         if e["boxes"] is not None or e["cls"] is not None
     ]
+
+
+def _checked_boxes(rec: Any) -> list[list[float]] | None:
+    """``meta.boxes`` of a record (None when it has none), each checked: four finite numbers with
+    ``x1 <= x2``, ``y1 <= y2``, overlapping the ``coordinate_size`` grid.
+
+    :raises ManifestError: a malformed box (it would otherwise be dropped or clamped into an edge cell and
+        train the heads on a target that is not there)."""
+    from training.manifest import ManifestError
+
+    boxes = rec.meta.get("boxes") if isinstance(rec.meta, dict) else None
+    if not isinstance(boxes, list):
+        return None
+    grid = float(rec.coordinate_size)
+    out = []
+    for b in boxes:
+        ok = (
+            isinstance(b, list | tuple)
+            and len(b) == 4
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in b)
+        )
+        if ok:
+            x1, y1, x2, y2 = (float(v) for v in b)
+            ok = x1 <= x2 and y1 <= y2 and x2 >= 0 and y2 >= 0 and x1 <= grid and y1 <= grid
+        if not ok:
+            raise ManifestError(
+                f"record {rec.id!r} ({rec.image}): meta.boxes entry {json.dumps(b)[:80]} is not a box "
+                f"[x1, y1, x2, y2] of finite numbers, x1 <= x2, y1 <= y2, on its {rec.coordinate_size} px "
+                "grid; fix or drop it (the builders write such boxes)"
+            )
+        out.append([x1, y1, x2, y2])
+    return out
 
 
 def patchify(images: torch.Tensor, image_processor: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,23 +144,75 @@ def patchify(images: torch.Tensor, image_processor: Any) -> tuple[torch.Tensor, 
 
 
 def check_patchify(image: Any, processor: Any) -> None:
-    """Raise RuntimeError when :func:`patchify` does not give the processor's own pixels for ``image`` (a PIL
-    RGB image at the model's input size): a processor whose preprocessing differs (another resize rule,
-    normalisation or patch order) would otherwise train a tower on inputs it never sees at inference."""
+    """Raise :class:`~fusarbatch.errors.ModelError` when :func:`patchify` does not give the processor's own
+    pixels for ``image`` (a PIL RGB image at the model's input size): a processor whose preprocessing differs
+    (another resize rule, normalisation or patch order) would otherwise train a tower on inputs it never sees
+    at inference."""
+    from fusarbatch.errors import ModelError
+
     ref = processor.image_processor(images=[image], return_tensors="pt")
     mine, thw = patchify(torch.from_numpy(np.asarray(image).copy())[None], processor.image_processor)
     same_grid = torch.equal(ref["image_grid_thw"].to(torch.int64), thw)
     if not same_grid or ref["pixel_values"].shape != mine.shape:
-        raise RuntimeError(
+        raise ModelError(
             f"--vision-only: the processor cuts a {image.size[0]} px image into "
             f"{ref['image_grid_thw'].tolist()} patches, the fast path into {thw.tolist()}; train without "
             "--vision-only"
         )
     diff = float((ref["pixel_values"].float() - mine).abs().max())
     if diff > 1e-4:
-        raise RuntimeError(
+        raise ModelError(
             f"--vision-only: the fast patches differ from the processor's by {diff:g}; train without "
             "--vision-only"
+        )
+
+
+def _check_grid(grid: int, image_processor: Any) -> None:
+    """UsageError unless ``grid`` x ``grid`` images pass the image processor unresized: a multiple of
+    ``patch_size * merge_size`` between its minimum and maximum pixel counts (checked before any image is
+    read: a wrong ``coordinate_size`` would otherwise resize every image to it, at any size)."""
+    unit = int(image_processor.patch_size) * int(image_processor.merge_size)
+    size = getattr(image_processor, "size", None) or {}
+    low = int(size.get("shortest_edge") or getattr(image_processor, "min_pixels", None) or 0)
+    high = int(size.get("longest_edge") or getattr(image_processor, "max_pixels", None) or grid * grid)
+    if grid % unit or not low <= grid * grid <= high:
+        raise UsageError(
+            f"--data: coordinate_size {grid} px: --vision-only needs a multiple of {unit} px with "
+            f"{low} <= pixels <= {high} (the model's image processor); rebuild the manifests with such a "
+            "--grid"
+        )
+
+
+RESUME_KEYS = (
+    "lr",
+    "batch_size",
+    "seed",
+    "weight_decay",
+    "warmup",
+    "target_loss_weight",
+    "probe_loss_weight",
+)
+"""Settings a ``--resume`` must repeat: the checkpoint's optimizer, schedule and data order follow them."""
+
+
+def _check_resume_config(ckpt: Path, cfg: Any, info_file: str) -> None:
+    try:
+        saved = json.loads((ckpt / info_file).read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(
+            f"--resume: checkpoint {ckpt} is incomplete ({info_file}: {type(exc).__name__}); delete that "
+            "folder to resume from the one before it"
+        ) from None
+    now = asdict(cfg)
+    differ = [
+        f"--{k.replace('_', '-')} {now[k]} (checkpoint: {saved[k]})"
+        for k in RESUME_KEYS
+        if saved.get(k) != now[k]
+    ]
+    if differ:
+        raise UsageError(
+            f"--resume from {ckpt}: {'; '.join(differ)}; repeat the checkpoint's settings, or start a new "
+            "--out"
         )
 
 
@@ -194,12 +276,13 @@ def pretrain_vision(config: Any) -> Any:
     if len(grids) > 1:
         raise UsageError(f"--data: the records mix input sizes {grids}; build every manifest with one --grid")
     grid = grids[0]
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: not a folder; choose a new --out")
     ckpts = _checkpoints(out) if out.is_dir() else []
     if cfg.resume and not ckpts:
         raise UsageError(f"--resume: no checkpoint-* folder in {out}")
     if not cfg.resume and ckpts:
         raise UsageError(f"--out {out} already holds {ckpts[-1].name}; pass --resume or choose a new --out")
-    out.mkdir(parents=True, exist_ok=True)
     device = _device(cfg.device)
     set_seed(cfg.seed)
     started = time.perf_counter()
@@ -213,7 +296,14 @@ def pretrain_vision(config: Any) -> Any:
     for p in params:
         p.requires_grad_(True)
     n_trainable = sum(p.numel() for p in fusar.visual.parameters())
+    _check_grid(grid, fusar.processor.image_processor)
     check_patchify(load_image(images[0].path, grid), fusar.processor)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"--out {out}: cannot create the folder ({exc.strerror}); choose another --out"
+        ) from None
     merge = int(fusar.visual.spatial_merge_size)
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
     total = int(cfg.max_steps or math.ceil(float(cfg.epochs or 1.0) * steps_per_epoch))
@@ -223,19 +313,27 @@ def pretrain_vision(config: Any) -> Any:
     log_path = out / LOG_FILE
     if cfg.resume:
         ckpt = ckpts[-1]
+        _check_resume_config(ckpt, cfg, TRAIN_INFO_FILE)
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        saved = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            ckpt, local_files_only=True, dtype=fusar.dtype, device_map="cpu"
-        )
-        fusar.base_model.load_state_dict(saved.state_dict(), strict=True)
-        del saved
-        for name, head in heads.items():
-            head.load_state_dict(load_file(str(ckpt / AUX_MODULES[name])))
-        state = torch.load(ckpt / STATE_FILE, map_location=device, weights_only=True)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step = int(state["step"])
+        try:
+            saved = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                ckpt, local_files_only=True, dtype=fusar.dtype, device_map="cpu"
+            )
+            fusar.base_model.load_state_dict(saved.state_dict(), strict=True)
+            del saved
+            for name, head in heads.items():
+                head.load_state_dict(load_file(str(ckpt / AUX_MODULES[name])))
+            state = torch.load(ckpt / STATE_FILE, map_location=device, weights_only=True)
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            step = int(state["step"])
+        except Exception as exc:  # incomplete (killed while saving by an older version) or corrupt
+            detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+            raise UsageError(
+                f"--resume: checkpoint {ckpt} is unreadable ({type(exc).__name__}: {detail}); delete that "
+                "folder to resume from the one before it"
+            ) from None
         log.info("resumed the vision phase from %s (step %d)", ckpt, step)
     kept = []
     if log_path.is_file():  # keep the log up to the step training restarts from
@@ -276,6 +374,15 @@ def pretrain_vision(config: Any) -> Any:
     )
 
     def save(folder: Path, with_state: bool) -> None:
+        bad = [n for n, p in fusar.visual.named_parameters() if not torch.isfinite(p).all()]
+        if bad:  # never write a model that cannot be used (or resumed from)
+            raise FusarbatchError(
+                f"training diverged at step {step}: non-finite weights in visual.{bad[0]}; lower --lr "
+                f"(or the loss weights) and start again in a new --out"
+            )
+        if with_state:  # a checkpoint appears under its name only once complete (a kill leaves .partial)
+            final, folder = folder, folder.with_name(f".{folder.name}.partial")
+            shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
         fusar.base_model.save_pretrained(folder)
         save_tlm(fusar.tlm, folder)
@@ -292,6 +399,8 @@ def pretrain_vision(config: Any) -> Any:
                 {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
                 folder / STATE_FILE,
             )
+            shutil.rmtree(final, ignore_errors=True)
+            folder.rename(final)
 
     fusar.visual.train()
     t_log = time.perf_counter()
@@ -318,15 +427,18 @@ def pretrain_vision(config: Any) -> Any:
             )
             loss = loss + cfg.probe_loss_weight * terms["probe_loss"]
         if not torch.isfinite(loss.detach()):
-            from fusarbatch.errors import FusarbatchError
-
             raise FusarbatchError(
-                f"training diverged at step {step + 1}: the loss is {float(loss):g}; lower --lr and start "
-                "again (--resume continues from the last checkpoint)"
+                f"training diverged at step {step + 1}: the loss is {float(loss.detach()):g}; lower --lr (or "
+                "the loss weights) and start again in a new --out (--resume keeps the checkpoint's --lr)"
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        if not math.isfinite(grad_norm):  # clipping would turn it into NaN weights
+            raise FusarbatchError(
+                f"training diverged at step {step + 1}: the gradient norm is {grad_norm:g} (loss "
+                f"{float(loss.detach()):g}); lower --lr (or the loss weights) and start again in a new --out"
+            )
         opt.step()
         sched.step()
         step += 1

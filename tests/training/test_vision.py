@@ -175,3 +175,74 @@ def test_vision_only_usage_errors(generated_base_model, generated_counting_manif
         train(_config(generated_base_model, captions, tmp_path / "d"))
     with pytest.raises(UsageError, match="no checkpoint"):
         train(_config(generated_base_model, data, tmp_path / "e", resume=True))
+
+
+@pytest.mark.parametrize(
+    "box",
+    [
+        [float("nan"), 5, 20, 20],  # NaN reached int() in target_maps: a traceback at step 1
+        [5, 5, float("inf"), 20],
+        [1e308, 1e308, 1e308, 1e308],  # its centre overflows to inf
+        [1, 2, 3],  # malformed entries were dropped: the image trained as one without targets
+        ["1", "2", "3", "4"],
+        [True, True, False, False],
+        [100, 100, 200, 200],  # off the 56 px grid: clamped into the corner cell as a target
+        [-50, -50, -10, -10],
+        [20, 20, 5, 5],  # inverted
+    ],
+)
+def test_vision_images_refuses_malformed_boxes(tmp_path, box):
+    from training.manifest import ManifestError
+
+    img = tmp_path / "a.png"
+    Image.new("RGB", (56, 56)).save(img)
+    rec = Triplet(
+        "bad/1", img, "q", "1", coordinate_size=56, task="counting", meta={"boxes": [[1, 1, 9, 9], box]}
+    )
+    with pytest.raises(ManifestError, match=r"record 'bad/1' .*meta.boxes entry"):
+        vision_images([rec])
+    ok = Triplet("ok/1", img, "q", "1", coordinate_size=56, task="counting", meta={"boxes": [[0, 0, 56, 56]]})
+    assert vision_images([ok])[0].boxes == ((0.0, 0.0, 56.0, 56.0),)
+
+
+def test_vision_only_hostile_runs_fail_in_one_line_and_leave_nothing_usable(
+    generated_base_model, generated_counting_manifest, tmp_path
+):
+    """Found by a hostile test run: each of these was a traceback, a NaN model written as the output, or a
+    --resume that silently used other settings."""
+    from fusarbatch.errors import FusarbatchError
+
+    data = generated_counting_manifest(n=4, size=56, seed=1)
+    # a coordinate_size the processor would resize: a usage error before anything is written
+    odd = tmp_path / "odd.jsonl"
+    write_manifest(
+        odd,
+        [
+            Triplet(r.id, r.image, r.question, r.answer, coordinate_size=50, task=r.task, meta=r.meta)
+            for r in read_manifest(data)
+        ],
+    )
+    with pytest.raises(UsageError, match="coordinate_size 50 px"):
+        train(_config(generated_base_model, odd, tmp_path / "odd"))
+    assert not (tmp_path / "odd").exists()
+    # --out is a file; --device not usable here
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="not a folder"):
+        train(_config(generated_base_model, data, tmp_path / "file"))
+    with pytest.raises(UsageError, match="--device foo"):
+        train(_config(generated_base_model, data, tmp_path / "dev", device="foo"))
+    # a finite loss with an overflowing gradient: clipping made the weights NaN, then they were saved as done
+    nan_out = tmp_path / "nan"
+    with pytest.raises(FusarbatchError, match="diverged at step 1: the gradient norm"):
+        train(_config(generated_base_model, data, nan_out, target_loss_weight=1e37, max_steps=1))
+    assert not (nan_out / "model.safetensors").exists() and not list(nan_out.glob("checkpoint-*"))
+    # --resume: another --lr was silently replaced by the checkpoint's; an incomplete checkpoint (killed while
+    # saving) or an empty state file gave a traceback or "interrupted"
+    out = tmp_path / "run"
+    train(_config(generated_base_model, data, out, max_steps=2, save_steps=1))
+    with pytest.raises(UsageError, match=r"--lr 1e-05 \(checkpoint: 0.003\)"):
+        train(_config(generated_base_model, data, out, max_steps=2, save_steps=1, lr=1e-5, resume=True))
+    (out / "checkpoint-1" / "vision_state.pt").write_bytes(b"")
+    with pytest.raises(UsageError, match=r"checkpoint-1 is unreadable .*delete that folder"):
+        train(_config(generated_base_model, data, out, max_steps=2, save_steps=1, resume=True))
+    assert not list(out.glob(".checkpoint-*"))  # checkpoints are written under a temporary name
