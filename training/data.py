@@ -37,6 +37,12 @@ def load_image(path: Any, size: int | None) -> Image.Image:
 
     try:
         with Image.open(path) as im:
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                # Pillow's RGB conversion clips 16/32-bit values to 255: the model would see a white image
+                raise ManifestError(
+                    f"image {path}: {im.mode} pixels (16/32-bit); render it to 8-bit grey or RGB first "
+                    "(as python -m training build does)"
+                )
             image = im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:  # not an image, truncated, too large
         raise ManifestError(f"image {path}: unreadable ({str(exc).splitlines()[0][:200]})") from None

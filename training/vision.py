@@ -83,7 +83,7 @@ def vision_images(records: Sequence[Any]) -> list[VisionImage]:
 
 def _checked_boxes(rec: Any) -> list[list[float]] | None:
     """``meta.boxes`` of a record (None when it has none), each checked: four finite numbers with
-    ``x1 <= x2``, ``y1 <= y2``, overlapping the ``coordinate_size`` grid.
+    ``x1 < x2``, ``y1 < y2`` (the builders keep at least one pixel), overlapping the ``coordinate_size`` grid.
 
     :raises ManifestError: a malformed box (it would otherwise be dropped or clamped into an edge cell and
         train the heads on a target that is not there)."""
@@ -102,11 +102,11 @@ def _checked_boxes(rec: Any) -> list[list[float]] | None:
         )
         if ok:
             x1, y1, x2, y2 = (float(v) for v in b)
-            ok = x1 <= x2 and y1 <= y2 and x2 >= 0 and y2 >= 0 and x1 <= grid and y1 <= grid
+            ok = x1 < x2 and y1 < y2 and x2 > 0 and y2 > 0 and x1 < grid and y1 < grid
         if not ok:
             raise ManifestError(
                 f"record {rec.id!r} ({rec.image}): meta.boxes entry {json.dumps(b)[:80]} is not a box "
-                f"[x1, y1, x2, y2] of finite numbers, x1 <= x2, y1 <= y2, on its {rec.coordinate_size} px "
+                f"[x1, y1, x2, y2] of finite numbers, x1 < x2, y1 < y2, on its {rec.coordinate_size} px "
                 "grid; fix or drop it (the builders write such boxes)"
             )
         out.append([x1, y1, x2, y2])
@@ -308,7 +308,8 @@ def pretrain_vision(config: Any) -> Any:
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
     total = int(cfg.max_steps or math.ceil(float(cfg.epochs or 1.0) * steps_per_epoch))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup * total), total)
+    # warm-up steps rounded down: a 1-step run must not spend its only step at lr 0
+    sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup * total), total)
     step = 0
     log_path = out / LOG_FILE
     if cfg.resume:

@@ -189,6 +189,8 @@ def test_vision_only_usage_errors(generated_base_model, generated_counting_manif
         [100, 100, 200, 200],  # off the 56 px grid: clamped into the corner cell as a target
         [-50, -50, -10, -10],
         [20, 20, 5, 5],  # inverted
+        [10, 10, 10, 10],  # zero width and height: a target with no pixel
+        [56, 0, 60, 10],  # touches the grid only at its edge
     ],
 )
 def test_vision_images_refuses_malformed_boxes(tmp_path, box):
@@ -246,3 +248,27 @@ def test_vision_only_hostile_runs_fail_in_one_line_and_leave_nothing_usable(
     with pytest.raises(UsageError, match=r"checkpoint-1 is unreadable .*delete that folder"):
         train(_config(generated_base_model, data, out, max_steps=2, save_steps=1, resume=True))
     assert not list(out.glob(".checkpoint-*"))  # checkpoints are written under a temporary name
+
+
+def test_a_16_bit_image_is_refused_not_clipped_to_white(tmp_path):
+    """Pillow clips 16-bit values to 255 when converting to RGB (a white image): load_image refuses it."""
+    from training.data import load_image
+    from training.manifest import ManifestError
+
+    path = tmp_path / "generated_16bit.png"
+    Image.fromarray(np.full((56, 56), 3000, dtype=np.uint16)).save(path)
+    assert Image.open(path).mode.startswith("I")
+    with pytest.raises(ManifestError, match=r"16/32-bit.*render it to 8-bit"):
+        load_image(path, 56)
+
+
+def test_a_one_step_run_learns_at_its_learning_rate(
+    generated_base_model, generated_counting_manifest, tmp_path
+):
+    data = generated_counting_manifest(n=4, size=56, seed=6)
+    train(_config(generated_base_model, data, tmp_path / "one", max_steps=1, save_steps=0))
+    log = [json.loads(x) for x in (tmp_path / "one" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 1
+    base = load_file(str(generated_base_model / "model.safetensors"))
+    trained = load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert any(not torch.equal(base[k], trained[k]) for k in base if k.startswith("visual."))
