@@ -173,6 +173,11 @@ class TrainConfig:
                 "--vision-only learns from the target and probe losses: give --target-loss-weight and/or "
                 "--probe-loss-weight"
             )
+        from training.manifest import TASKS
+
+        unknown = sorted(set(self.tasks or ()) - set(TASKS))
+        if unknown:
+            raise UsageError(f"--task {', '.join(unknown)}: unknown; choose from {', '.join(TASKS)}")
         if self.stage == 0 and self.init is not None:
             raise UsageError("--stage 0 trains the --base-model itself; --init is for stages 1 and 2")
         for name, v in (("--lr", self.lr), ("--epochs", self.epochs)):

@@ -68,11 +68,19 @@ def vision_images(records: Sequence[Any]) -> list[VisionImage]:
     by_path: dict[Path, dict[str, Any]] = {}
     for rec in records:
         entry = by_path.setdefault(rec.image, {"grid": rec.coordinate_size, "boxes": None, "cls": None})
+        if entry["grid"] != rec.coordinate_size:
+            from training.manifest import ManifestError
+
+            raise ManifestError(
+                f"record {rec.id!r}: image {rec.image} also appears with coordinate_size "
+                f"{entry['grid']}, here {rec.coordinate_size}; one image has one grid (rebuild the manifests "
+                "with one --grid)"
+            )
         boxes = _checked_boxes(rec)
         if boxes is not None and entry["boxes"] is None:
             entry["boxes"] = tuple(tuple(float(v) for v in b) for b in boxes)
         cls = rec.meta.get("class") if isinstance(rec.meta, dict) else None
-        if isinstance(cls, str) and entry["cls"] is None:
+        if isinstance(cls, str) and cls.strip() and entry["cls"] is None:
             entry["cls"] = cls
     return [
         VisionImage(path, int(e["grid"]), e["boxes"], e["cls"])
@@ -335,6 +343,11 @@ def pretrain_vision(config: Any) -> Any:
                 f"--resume: checkpoint {ckpt} is unreadable ({type(exc).__name__}: {detail}); delete that "
                 "folder to resume from the one before it"
             ) from None
+        if step > total:
+            raise UsageError(
+                f"--resume from {ckpt} (step {step}): --max-steps/--epochs give {total} steps in all; give "
+                "at least the checkpoint's step"
+            )
         log.info("resumed the vision phase from %s (step %d)", ckpt, step)
     kept = []
     if log_path.is_file():  # keep the log up to the step training restarts from

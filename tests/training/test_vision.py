@@ -272,3 +272,34 @@ def test_a_one_step_run_learns_at_its_learning_rate(
     base = load_file(str(generated_base_model / "model.safetensors"))
     trained = load_file(str(tmp_path / "one" / "model.safetensors"))
     assert any(not torch.equal(base[k], trained[k]) for k in base if k.startswith("visual."))
+
+
+def test_small_input_faults_are_one_line_usage_errors(
+    generated_base_model, generated_counting_manifest, tmp_path
+):
+    """Found by the hostile round: an unknown --task, one image on two grids, an empty class name, and a
+    --resume whose --max-steps ends before the checkpoint."""
+    from training.manifest import ManifestError
+
+    data = generated_counting_manifest(n=8, size=56, seed=7)
+    with pytest.raises(UsageError, match="--task bogus: unknown; choose from"):
+        train(_config(generated_base_model, data, tmp_path / "a", tasks=["bogus"]))
+    rec = read_manifest(data)[0]
+    twice = [
+        Triplet(
+            "x/1", rec.image, "q", "1", coordinate_size=56, task="counting", meta={"boxes": [[1, 1, 9, 9]]}
+        ),
+        Triplet(
+            "x/2", rec.image, "q", "1", coordinate_size=112, task="counting", meta={"boxes": [[1, 1, 9, 9]]}
+        ),
+    ]
+    with pytest.raises(ManifestError, match="also appears with coordinate_size 56, here 112"):
+        vision_images(twice)
+    empty = [
+        Triplet("c/1", rec.image, "q", "a", coordinate_size=56, task="classification", meta={"class": " "})
+    ]
+    assert vision_images(empty) == []  # an empty class name is no class
+    out = tmp_path / "r"
+    train(_config(generated_base_model, data, out, max_steps=5, save_steps=2))
+    with pytest.raises(UsageError, match=r"step 4\).*3 steps in all"):
+        train(_config(generated_base_model, data, out, max_steps=3, save_steps=2, resume=True))
