@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -35,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusarbatch.errors import FusarbatchError, UsageError
+from fusarbatch.errors import FusarbatchError, UsageError, disk_full
 
 log = logging.getLogger(f"fusarbatch.{__name__}")
 
@@ -394,27 +396,43 @@ def pretrain_vision(config: Any) -> Any:
                 f"training diverged at step {step}: non-finite weights in visual.{bad[0]}; lower --lr "
                 f"(or the loss weights) and start again in a new --out"
             )
-        if with_state:  # a checkpoint appears under its name only once complete (a kill leaves .partial)
-            final, folder = folder, folder.with_name(f".{folder.name}.partial")
-            shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        fusar.base_model.save_pretrained(folder)
-        save_tlm(fusar.tlm, folder)
-        fusar.processor.save_pretrained(folder)
-        (folder / TRAIN_INFO_FILE).write_text(
-            json.dumps({**info, "global_step": step}, indent=2, default=str) + "\n", encoding="utf-8"
-        )
-        if with_state:
-            for name, head in heads.items():
-                save_file(
-                    {k: v.contiguous() for k, v in head.state_dict().items()}, str(folder / AUX_MODULES[name])
-                )
-            torch.save(
-                {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
-                folder / STATE_FILE,
+        # written under a temporary name first: a checkpoint appears only once complete (a kill leaves a
+        # .partial folder), the final model's files move into --out only once all are written
+        final = folder
+        folder = final.with_name(f".{final.name}.partial") if with_state else final / ".model.partial"
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fusar.base_model.save_pretrained(folder)
+            save_tlm(fusar.tlm, folder)
+            fusar.processor.save_pretrained(folder)
+            (folder / TRAIN_INFO_FILE).write_text(
+                json.dumps({**info, "global_step": step}, indent=2, default=str) + "\n", encoding="utf-8"
             )
+            if with_state:
+                for name, head in heads.items():
+                    tensors = {k: v.contiguous() for k, v in head.state_dict().items()}
+                    save_file(tensors, str(folder / AUX_MODULES[name]))
+                torch.save(
+                    {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
+                    folder / STATE_FILE,
+                )
+        except Exception as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            # safetensors reports a failed write as SafetensorError("... (os error N)"), not as an OSError
+            code = re.search(r"\(os error (\d+)\)", str(exc))
+            cause = OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else exc
+            full = disk_full(cause, str(final))
+            if full is not None:
+                raise FusarbatchError(full) from None
+            raise
+        if with_state:
             shutil.rmtree(final, ignore_errors=True)
             folder.rename(final)
+        else:
+            for f in folder.iterdir():
+                os.replace(f, final / f.name)
+            folder.rmdir()
 
     fusar.visual.train()
     t_log = time.perf_counter()

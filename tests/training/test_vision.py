@@ -303,3 +303,32 @@ def test_small_input_faults_are_one_line_usage_errors(
     train(_config(generated_base_model, data, out, max_steps=5, save_steps=2))
     with pytest.raises(UsageError, match=r"step 4\).*3 steps in all"):
         train(_config(generated_base_model, data, out, max_steps=3, save_steps=2, resume=True))
+
+
+def test_a_full_disk_at_the_final_save_leaves_no_half_model(
+    generated_base_model, generated_counting_manifest, tmp_path
+):
+    """RLIMIT_FSIZE (``ulimit -f``) makes the weights file fail to write: one line, exit 1, and --out holds no
+    model file and no partial folder (before: config.json without weights)."""
+    import subprocess
+    import sys
+
+    data = generated_counting_manifest(n=4, size=56, seed=8)
+    out = tmp_path / "full"
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))\n"
+        "from fusarbatch.cli import main\n"
+        "sys.argv = ['fusarbatch'] + sys.argv[1:]\n"
+        "main()\n"
+    )
+    args = ["train", "--stage", "0", "--vision-only", "--target-loss-weight", "1", "--probe-loss-weight", "1"]
+    args += ["--data", str(data), "--base-model", str(generated_base_model), "--out", str(out)]
+    args += ["--max-steps", "2", "--save-steps", "0", "--batch-size", "2", "--grad-accum", "1"]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "disk full: file-size limit reached" in last and str(out) in last, proc.stderr[-2000:]
+    assert not any(out.glob("*.safetensors")) and not (out / "config.json").exists()
+    assert not (out / ".model.partial").exists()
