@@ -283,7 +283,8 @@ def run_cli(
 
 @pytest.fixture(scope="session")
 def generated_demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default demo model directory (tiny, random weights: generated), built once in a temporary cache.
+    """The default model directory: the packaged demo model (trained on real SAR chips, issue 9), or, in a
+    checkout without it, the tiny random-weight model (generated) built once in a temporary cache.
 
     ``FUSARBATCH_CACHE`` points there for the whole session, so runs without ``--model`` find it.
     """
@@ -302,12 +303,11 @@ FIXED_ANSWER = (
 )
 
 
-@pytest.fixture(scope="session")
-def generated_fixed_answer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _build_fixed_answer_model(root: Path, answer: str) -> Path:
     """A tiny full FUSAR-GPT directory whose model grid is 336 (``tlm_config.json`` ``image_size``), blind
     to the image (its vision merger's last layer is zero, so every image gives the same visual tokens) and
     trained (generated: 50 Adam steps of the language model on one random-pixel 336 x 336 image, a few
-    seconds on one core) to answer the ship detection prompt with :data:`FIXED_ANSWER`, for any image. Its
+    seconds on one core) to answer the ship detection prompt with ``answer``, for any image. Its
     token probabilities are high but not 1, and differ between tokens, so the per-box scores of the two
     boxes differ. Built once; the fixture checks that greedy decoding of another image gives the answer."""
     import numpy as np
@@ -317,7 +317,6 @@ def generated_fixed_answer_model(tmp_path_factory: pytest.TempPathFactory) -> Pa
     from fusarbatch.model import TLM, FusarGPT, TLMConfig, build_tiny_model, detection_prompt
     from training.data import Collator
 
-    root = tmp_path_factory.mktemp("fixed_answer_model")
     base = build_tiny_model(root / "base", seed=0, init_std=0.02, embed_std=0.3)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -325,7 +324,7 @@ def generated_fixed_answer_model(tmp_path_factory: pytest.TempPathFactory) -> Pa
         fusar.tlm = TLM(fusar.tlm.hidden_size, TLMConfig(image_size=FIXED_GRID))
         rng = np.random.default_rng(0)
         image = Image.fromarray(rng.integers(0, 256, (FIXED_GRID, FIXED_GRID, 3), dtype=np.uint8))
-        item = {"image": image, "question": detection_prompt("ship"), "answer": FIXED_ANSWER, "anchors": None}
+        item = {"image": image, "question": detection_prompt("ship"), "answer": answer, "anchors": None}
         batch = Collator(fusar.processor)([item])
         anchors = batch.pop("anchors")
         last = fusar.visual.merger.mlp[-1]
@@ -347,11 +346,28 @@ def generated_fixed_answer_model(tmp_path_factory: pytest.TempPathFactory) -> Pa
     fusar.eval()
     other = Image.fromarray(rng.integers(0, 256, (504, 504, 3), dtype=np.uint8))
     [got] = fusar.generate([other], [detection_prompt("ship")], [None], max_new_tokens=80)
-    if got != FIXED_ANSWER:
-        pytest.fail(f"generated_fixed_answer_model did not learn its answer: {got!r}")
+    if got != answer:
+        pytest.fail(f"the generated fixed-answer model did not learn its answer: {got!r}")
     out = fusar.save_full(root / "model")
     assert json.loads((out / "tlm_config.json").read_text())["image_size"] == FIXED_GRID
     return out
+
+
+@pytest.fixture(scope="session")
+def generated_fixed_answer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`_build_fixed_answer_model` answering :data:`FIXED_ANSWER` (two boxes labelled ``ship``)."""
+    return _build_fixed_answer_model(tmp_path_factory.mktemp("fixed_answer_model"), FIXED_ANSWER)
+
+
+#: What :func:`generated_vessel_answer_model` answers to "detect: ship": the same two boxes in its own word.
+VESSEL_ANSWER = FIXED_ANSWER.replace('"ship"', '"vessel"')
+
+
+@pytest.fixture(scope="session")
+def generated_vessel_answer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`_build_fixed_answer_model` answering :data:`VESSEL_ANSWER`: asked for ships, it labels its two
+    boxes ``vessel`` (as a real model may use another word than the one asked)."""
+    return _build_fixed_answer_model(tmp_path_factory.mktemp("vessel_answer_model"), VESSEL_ANSWER)
 
 
 # ------------------------------------------------------------------------------ hostile inputs and servers

@@ -103,21 +103,27 @@ def test_counts_and_progress_events(demo_run):
 CAMARGUE_RUN = dict(aoi=AOIS / "camargue.geojson", start="2015-01", max_new_tokens=64, device="cpu")
 
 
+#: The camargue scene, whole (the fixed answers' boxes lie in the tile's padding, outside the AOI), with room
+#: for the two-box answer of the generated fixed-answer models.
+CAMARGUE_BOXES = dict(CAMARGUE_RUN, max_new_tokens=80, whole_scenes=True)
+
+
 @pytest.fixture(scope="module")
-def camargue_run(tmp_path_factory, generated_demo_model):
-    """The demo model on the camargue scene with room for whole answers (64 new tokens)."""
+def camargue_run(tmp_path_factory, generated_vessel_answer_model):
+    """A model that answers two boxes labelled 'vessel' to "detect: ship", on the camargue scene (the
+    packaged demo model draws no box on this land scene)."""
     out = tmp_path_factory.mktemp("camargue")
-    return out, run(RunConfig(**CAMARGUE_RUN, out=out))
+    return out, run(RunConfig(**CAMARGUE_BOXES, model=generated_vessel_answer_model, out=out))
 
 
 def test_detections_carry_the_label_asked_and_the_models_own_label(camargue_run):
     """Every box answers "detect: ship", so its label is ship (NMS, ids and counts per asked label); what
-    the model wrote is kept in model_label (the demo model calls ships 'vehicle', MSTAR's word)."""
+    the model wrote is kept in model_label ('vessel' here; the issue-4 demo model said 'vehicle')."""
     out, summary = camargue_run
     detections = read_dataset(out, "detections")
-    assert len(detections) == sum(sum(s.detections.values()) for s in summary.scenes) > 0
+    assert len(detections) == sum(sum(s.detections.values()) for s in summary.scenes) == 2
     assert set(detections.label) == {"ship"}
-    assert detections.model_label.notna().all() and detections.model_label.str.len().gt(0).all()
+    assert set(detections.model_label) == {"vessel"}
     tiles = read_dataset(out, "tiles")
     assert int(tiles.count_ship.sum()) == len(detections)
     counts = read_dataset(out, "counts")
@@ -139,20 +145,20 @@ def test_forced_rerun_replaces_files_without_duplicates(demo_run, generated_demo
 
 
 def test_checkpoint_on_a_base_model_gives_the_full_models_answers(
-    camargue_run, generated_demo_model, tmp_path
+    camargue_run, generated_vessel_answer_model, tmp_path
 ):
     """``--model CHECKPOINT --base-model BASE`` (the official release layout: TLM [+ LoRA] beside a plain
-    Qwen2.5-VL) goes through the same code path as a full model directory: the demo model split into a
+    Qwen2.5-VL) goes through the same code path as a full model directory: a generated model split into a
     base without TLM and a TLM-only checkpoint answers exactly as the whole one."""
     tlm_files = ("tlm.safetensors", "tlm_config.json")
     base = tmp_path / "base"
-    shutil.copytree(generated_demo_model, base, ignore=shutil.ignore_patterns(*tlm_files))
+    shutil.copytree(generated_vessel_answer_model, base, ignore=shutil.ignore_patterns(*tlm_files))
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     for name in tlm_files:
-        shutil.copy2(generated_demo_model / name, ckpt / name)
+        shutil.copy2(generated_vessel_answer_model / name, ckpt / name)
     out = tmp_path / "out"
-    summary = run(RunConfig(**CAMARGUE_RUN, out=out, model=ckpt, base_model=base))
+    summary = run(RunConfig(**CAMARGUE_BOXES, out=out, model=ckpt, base_model=base))
     assert [(s.scene_id, s.status) for s in summary.scenes] == [(CAMARGUE, "ok")]
     assert summary.model_id == "ckpt"
     hashes = []
@@ -168,7 +174,7 @@ def test_checkpoint_on_a_base_model_gives_the_full_models_answers(
         for column in split.columns:
             assert split[column].equals(whole[column]), (kind, column)
     with pytest.raises(UsageError, match="pass --base-model DIR"):
-        run(RunConfig(**CAMARGUE_RUN, out=tmp_path / "o2", model=ckpt))  # no base recorded anywhere
+        run(RunConfig(**CAMARGUE_BOXES, out=tmp_path / "o2", model=ckpt))  # no base recorded anywhere
 
 
 # ------------------------------------------------------------------------------------ ledger and reruns
