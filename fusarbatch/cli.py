@@ -470,7 +470,9 @@ def train(
         ),
     ],
     data: DataOpt,
-    base_model: Annotated[Path, typer.Option("--base-model", help="Qwen2.5-VL model directory (frozen).")],
+    base_model: Annotated[
+        Path, typer.Option("--base-model", help="Qwen2.5-VL model directory (frozen in stages 1-2).")
+    ],
     out: Annotated[
         Path, typer.Option("--out", help="Output folder: checkpoints, final model, log, loss.png.")
     ],
@@ -482,10 +484,10 @@ def train(
         typer.Option("--stage1-lora/--no-stage1-lora", help="Stage 1 also trains LoRA (official code)."),
     ] = True,
     epochs: Annotated[
-        float | None, typer.Option("--epochs", help="Default: 30 (stage 1), 5 (stage 2).")
+        float | None, typer.Option("--epochs", help="Default: 10 (stage 0), 30 (stage 1), 5 (stage 2).")
     ] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Overrides --epochs.")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Default: 1e-4 (stage 1), 1e-5 (stage 2).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Default: 1e-3 (0), 1e-4 (1), 1e-5 (2).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 1,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1)] = 4,
     warmup: Annotated[float, typer.Option("--warmup", help="Warm-up share of the steps.")] = 0.05,
@@ -519,7 +521,9 @@ def train(
     probe_loss_weight: Annotated[
         float,
         typer.Option(
-            "--probe-loss-weight", min=0.0, help="Stage 0: deep supervision of the answer position."
+            "--probe-loss-weight",
+            min=0.0,
+            help="Stage 0: image probe (cells, count, class) on the pooled visual tokens.",
         ),
     ] = 0.0,
     freeze_language_model: Annotated[
