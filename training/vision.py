@@ -534,7 +534,9 @@ def evaluate_heads(
 
     :param checkpoint: a ``checkpoint-<step>`` folder of ``train --stage 0 --vision-only`` (with the heads).
     :param records: :class:`training.manifest.Triplet` records (their distinct images are scored).
-    :raises UsageError: the folder holds no heads, or no record has boxes or a class.
+    :raises UsageError: the folder holds no heads, or unreadable ones (or an unreadable
+        ``fusarbatch_train.json``); no record has boxes or a class; ``train_records`` lack the boxes or
+        classes that ``records`` have (no majority to measure).
     """
     from collections import Counter
 
@@ -555,13 +557,47 @@ def evaluate_heads(
     images = vision_images(records)
     if not images:
         raise UsageError("no record has boxes (meta.boxes) or a class (meta.class)")
-    classes = json.loads((ckpt / TRAIN_INFO_FILE).read_text(encoding="utf-8")).get("classes") or []
+    reference = vision_images(train_records) if train_records else images
+    for what, present in (
+        ("boxes (meta.boxes)", any(im.boxes is not None for im in images)),
+        ("a class (meta.class)", any(im.cls is not None for im in images)),
+    ):
+        if (
+            present
+            and train_records
+            and not any((im.boxes if what.startswith("boxes") else im.cls) is not None for im in reference)
+        ):
+            raise UsageError(
+                f"--train-data: no record has {what}, which --data has: the majority baseline comes from "
+                "it; give the training manifest of the same task"
+            )
+    try:
+        info = json.loads((ckpt / TRAIN_INFO_FILE).read_text(encoding="utf-8"))
+        classes = info.get("classes") or []
+        if not (isinstance(classes, list) and all(isinstance(c, str) and c for c in classes)):
+            raise ValueError("classes is not a list of names")
+        if len(set(classes)) != len(classes):
+            raise ValueError("classes repeats a name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UsageError(
+            f"{ckpt / TRAIN_INFO_FILE}: unreadable ({type(exc).__name__}: {str(exc)[:100]}); the checkpoint "
+            "is incomplete or edited: use another checkpoint-<step>"
+        ) from None
     fusar = FusarGPT.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
     fusar.eval()
     hidden = int(fusar.base_model.config.text_config.hidden_size)
     head, probe = TargetHead(hidden), ImageProbe(hidden, classes)
-    head.load_state_dict(load_file(str(ckpt / TARGET_HEAD_FILE)))
-    probe.load_state_dict(load_file(str(ckpt / PROBE_FILE)))
+    for module, fname in ((head, TARGET_HEAD_FILE), (probe, PROBE_FILE)):
+        try:
+            module.load_state_dict(load_file(str(ckpt / fname)))
+            if not all(torch.isfinite(p).all() for p in module.parameters()):
+                raise ValueError("non-finite weights")
+        except Exception as exc:  # truncated, garbage, or not the shape of these heads
+            detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+            raise UsageError(
+                f"{ckpt / fname}: unreadable ({type(exc).__name__}: {detail}); the checkpoint is incomplete "
+                "or corrupt: use another checkpoint-<step>"
+            ) from None
     grid = fusar.image_size
     scores, truth, counts, true_counts, cls_pred, cls_true = [], [], [], [], [], []
     for i in range(0, len(images), 32):
@@ -578,12 +614,13 @@ def evaluate_heads(
                 boxes = [[v * scale for v in b] for b in im.boxes]
                 scores.append(dense[j, :, 1])
                 truth.append(target_maps(boxes, thw[j].tolist(), grid)[:, 1])
-                counts.append(round(math.expm1(float(out[j, 9]))))
+                # log1p(count) regressed: clipped so that a wild output is a wrong count, not an overflow
+                log_count = float(out[j, 9])
+                counts.append(round(math.expm1(30.0 if math.isnan(log_count) else min(log_count, 30.0))))
                 true_counts.append(len(im.boxes))
             if im.cls is not None and im.cls in classes:
                 cls_pred.append(classes[int(out[j, 10:].argmax())])
                 cls_true.append(im.cls)
-    reference = vision_images(train_records) if train_records else images
     result: dict[str, Any] = {"images": len(images), "majority_from": "train" if train_records else "eval"}
     if scores:
         s, y = torch.cat(scores).numpy(), torch.cat(truth).numpy()

@@ -332,3 +332,45 @@ def test_a_full_disk_at_the_final_save_leaves_no_half_model(
     assert "disk full: file-size limit reached" in last and str(out) in last, proc.stderr[-2000:]
     assert not any(out.glob("*.safetensors")) and not (out / "config.json").exists()
     assert not (out / ".model.partial").exists()
+
+
+def test_heads_hostile_checkpoints_and_train_data(
+    generated_base_model, generated_counting_manifest, tmp_path
+):
+    """python -m training heads on broken inputs: one UsageError naming the file (hostile round 3: each was
+    a traceback: IndexError, SafetensorError, JSONDecodeError, OverflowError)."""
+    from safetensors.torch import save_file
+
+    from training.vision import evaluate_heads
+
+    data = generated_counting_manifest(n=4)
+    out = tmp_path / "v"
+    train(_config(generated_base_model, data, out, max_steps=2, save_steps=1))
+    ckpt = out / "checkpoint-1"
+    records = read_manifest(data)
+    # a --train-data without boxes: the count majority had nothing to count
+    no_boxes = tmp_path / "no_boxes.jsonl"
+    write_manifest(no_boxes, [Triplet(**{**r.__dict__, "meta": {"class": "ship"}}) for r in records])
+    with pytest.raises(UsageError, match="--train-data: no record has boxes"):
+        evaluate_heads(ckpt, records, read_manifest(no_boxes))
+    # a probe whose weights make log1p(count) overflow expm1: a wrong count, not an OverflowError
+    wild = tmp_path / "wild"
+    shutil.copytree(ckpt, wild)
+    probe = load_file(str(wild / "image_probe.safetensors"))
+    save_file({k: torch.full_like(v, -1e30) for k, v in probe.items()}, str(wild / "image_probe.safetensors"))
+    got = evaluate_heads(wild, records)
+    assert got["images_with_boxes"] == 4 and 0 <= got["count_accuracy"] <= 1
+    # truncated / NaN heads and a garbage fusarbatch_train.json
+    for name, damage in (
+        ("target_head.safetensors", lambda p: p.write_bytes(p.read_bytes()[:100])),
+        (
+            "image_probe.safetensors",
+            lambda p: save_file({"proj.weight": torch.full((3, 3), float("nan"))}, str(p)),
+        ),
+        ("fusarbatch_train.json", lambda p: p.write_text("{not json")),
+    ):
+        broken = tmp_path / f"broken_{name}"
+        shutil.copytree(ckpt, broken)
+        damage(broken / name)
+        with pytest.raises(UsageError, match=f"{name}: unreadable"):
+            evaluate_heads(broken, records)
