@@ -61,6 +61,28 @@ TARGET_HEAD_FILE = "target_head.safetensors"
 PROBE_FILE = "image_probe.safetensors"
 """Stage-0 checkpoints: the weights of the image probe (training only)."""
 AUX_MODULES = {"target_head": TARGET_HEAD_FILE, "image_probe": PROBE_FILE}
+HF_RESUME_KEYS = (
+    "stage",
+    "lr",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "weight_decay",
+    "warmup",
+    "stage1_lora",
+    "no_tlm",
+    "lora_r",
+    "lora_alpha",
+    "loss_mean",
+    "target_loss_weight",
+    "spread_loss_weight",
+    "probe_loss_weight",
+    "freeze_language_model",
+    "freeze_vision",
+    "tasks",
+)
+"""Settings a ``--resume`` of stages 0-2 must repeat: the optimizer's parameter groups, the schedule, the
+trained parts and the data follow them (a changed one was a traceback or silently ignored)."""
 LOSS_MEANS = ("token", "answer")
 
 
@@ -626,6 +648,10 @@ def train(config: TrainConfig) -> TrainResult:
         raise UsageError(f"--resume: no checkpoint-* folder in {out}")
     if not cfg.resume and latest is not None:
         raise UsageError(f"--out {out} already holds {latest.name}; pass --resume or choose a new --out")
+    if cfg.resume and latest is not None:  # the optimizer, schedule and trained parts follow these
+        from training.vision import _check_resume_config
+
+        _check_resume_config(latest, cfg, TRAIN_INFO_FILE, HF_RESUME_KEYS)
     if cfg.stage == 1 and not cfg.stage1_lora and not cfg.no_tlm and all(r.aef is None for r in records):
         raise UsageError(
             "stage 1 with --no-stage1-lora trains only the TLM, but no record has anchors (aef): "
@@ -687,7 +713,10 @@ def train(config: TrainConfig) -> TrainResult:
         learning_rate=cfg.lr,
         num_train_epochs=float(cfg.epochs or 1.0),
         max_steps=cfg.max_steps if cfg.max_steps else -1,
-        warmup_steps=cfg.warmup,
+        # warm-up steps rounded down (HF rounds a share up): a 1-step run must not spend its step at lr 0
+        warmup_steps=int(
+            cfg.warmup * (cfg.max_steps or math.ceil(float(cfg.epochs or 1.0) * steps_per_epoch))
+        ),
         lr_scheduler_type="linear",
         weight_decay=cfg.weight_decay,
         optim="adamw_torch",

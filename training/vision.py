@@ -205,7 +205,7 @@ RESUME_KEYS = (
 """Settings a ``--resume`` must repeat: the checkpoint's optimizer, schedule and data order follow them."""
 
 
-def _check_resume_config(ckpt: Path, cfg: Any, info_file: str) -> None:
+def _check_resume_config(ckpt: Path, cfg: Any, info_file: str, keys: Sequence[str] = RESUME_KEYS) -> None:
     try:
         saved = json.loads((ckpt / info_file).read_text(encoding="utf-8"))["config"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -213,11 +213,11 @@ def _check_resume_config(ckpt: Path, cfg: Any, info_file: str) -> None:
             f"--resume: checkpoint {ckpt} is incomplete ({info_file}: {type(exc).__name__}); delete that "
             "folder to resume from the one before it"
         ) from None
-    now = asdict(cfg)
+    now = json.loads(json.dumps(asdict(cfg), default=str))  # as the checkpoint holds it (tuples -> lists)
     differ = [
         f"--{k.replace('_', '-')} {now[k]} (checkpoint: {saved[k]})"
-        for k in RESUME_KEYS
-        if saved.get(k) != now[k]
+        for k in keys
+        if k in saved and saved[k] != now[k]
     ]
     if differ:
         raise UsageError(

@@ -259,3 +259,25 @@ def test_bad_rates_and_a_diverging_run_end_with_one_line(
     with pytest.raises(FusarbatchError, match="training diverged at step 1"):
         train(_config(generated_base_model, data, tmp_path / "c", stage=0, spread_loss_weight=1e308))
     assert not (tmp_path / "c" / "model.safetensors").exists()
+
+
+def test_one_step_moves_the_weights_and_resume_repeats_the_settings(
+    generated_base_model, generated_counting_manifest, tmp_path
+):
+    """Hostile round 3: a 1-step run spent its only step at lr 0 (HF rounds the warm-up share up) and left
+    the base unchanged; a --resume with another --freeze-vision was a ValueError from the optimizer, and one
+    with another --lr was silently run at the checkpoint's."""
+    data = generated_counting_manifest(n=4)
+    out = tmp_path / "one"
+    kw = {"stage": 0, "freeze_vision": True, "max_steps": 1, "save_steps": 1, "batch_size": 2}
+    train(_config(generated_base_model, data, out, **kw))
+    base = load_file(str(generated_base_model / "model.safetensors"))
+    trained = load_file(str(out / "model.safetensors"))
+    moved = [k for k in base if not torch.equal(base[k], trained[k])]
+    assert moved and not any("visual" in k for k in moved)
+    for change, flag in (({"freeze_vision": False}, "--freeze-vision False"), ({"lr": 1e-2}, "--lr 0.01")):
+        with pytest.raises(UsageError, match=flag):
+            train(
+                _config(generated_base_model, data, out, **{**kw, "max_steps": 2, "resume": True, **change})
+            )
+    train(_config(generated_base_model, data, out, **{**kw, "max_steps": 2, "resume": True}))
