@@ -576,6 +576,13 @@ def _progress_callback(out: Path, batch: int, accum: int, resume_step: int) -> A
             self.last_step = state.global_step
             self.start = self.last_t = time.perf_counter()
 
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            # the last step is logged too: else the "final loss" of a run not a multiple of --log-steps long
+            # was the loss of an earlier step (step 1 of a run shorter than --log-steps)
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
             logs = dict(logs or {})
             now = time.perf_counter()

@@ -281,3 +281,12 @@ def test_one_step_moves_the_weights_and_resume_repeats_the_settings(
                 _config(generated_base_model, data, out, **{**kw, "max_steps": 2, "resume": True, **change})
             )
     train(_config(generated_base_model, data, out, **{**kw, "max_steps": 2, "resume": True}))
+
+
+def test_final_loss_is_the_last_steps(generated_base_model, generated_counting_manifest, tmp_path):
+    """Hostile round 3: a run shorter than --log-steps reported the loss of step 1 as its final loss."""
+    data = generated_counting_manifest(n=4)
+    res = train(_config(generated_base_model, data, tmp_path / "o", max_steps=3, log_steps=10, batch_size=2))
+    rows = [json.loads(x) for x in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    assert sorted(losses) == [1, 3] and res.final_loss == pytest.approx(losses[3])
