@@ -92,7 +92,14 @@ def truth_of(rec: Triplet) -> Any:
             raise UsageError(f"record {rec.id}: counting answer {rec.answer!r} is not an integer")
         return v
     if rec.task == "grounding":
-        return parse_grounding(rec.answer).value
+        res = parse_grounding(rec.answer)
+        if not res.ok or res.notes:  # the model's answers are read leniently, the truth is not
+            why = res.error or "; ".join(res.notes)
+            raise UsageError(
+                f"record {rec.id}: grounding answer {rec.answer[:60]!r} is not a JSON list of distinct cells "
+                f"1..9 ({why}); fix or drop it (the builders write such lists)"
+            )
+        return res.value
     if rec.task == "classification":
         return rec.answer.strip()
     if rec.task == "detection":
