@@ -790,7 +790,8 @@ def _write_scene(ctx: _Context, p: _Pending, answers: dict[int, Any]) -> None:
         inside = centres_inside(ctx.aoi, crs, [d.geometry_map for d in detections])
         detections = [d for d, keep in zip(detections, inside, strict=True) if keep]
     outcome.detections = Counter(d.label for d in detections)
-    outcome.parse_failures = sum(len(a.errors) for a in answers.values())
+    # answers with a problem, not problems: a cut answer that does not parse either is one failure
+    outcome.parse_failures = sum(len({e.split(": ", 1)[0] for e in a.errors}) for a in answers.values())
     project = MapProjector(crs)
     corners = ((0, 0), (size, 0), (size, size), (0, size))
     footprints = [project.polygon(shapely.Polygon([t.transform @ xy for xy in corners])) for t in tiles]

@@ -559,3 +559,13 @@ def test_cfar_engine_runs_the_demo_catalog_without_a_model(tmp_path):
     assert detections.score.between(0, 1).all() and detections.score.notna().all()
     assert (detections.model_id == "cfar").all() and (tiles.model_id == "cfar").all()
     assert tiles.scene_class.isna().all()  # CFAR answers detection and counting, not tile classes
+
+
+def test_a_cut_answer_that_does_not_parse_is_one_parse_failure(tmp_path, generated_demo_model):
+    """--max-new-tokens 1 cuts both answers of the tile (detection, class) and neither parses: 2 failures,
+    not 4 (each answer had two error strings, "answer cut" and the parse error)."""
+    summary = run(RunConfig(**{**CAMARGUE_RUN, "max_new_tokens": 1}, out=tmp_path / "o"))
+    [scene] = summary.scenes
+    assert scene.tiles_inferred == 1 and scene.parse_failures == 2
+    tiles = read_dataset(tmp_path / "o", "tiles")
+    assert tiles.error.iloc[0].count("answer cut") == 2  # the tiles table keeps every reason
