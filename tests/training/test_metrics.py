@@ -146,7 +146,7 @@ def test_score_predictions_from_raw_model_text():
         _rec("grounding", grounding_prompt("ship"), "[5, 1]", "g1"),
         _rec("classification", classification_prompt([0, 0, 504, 504], choices), "T72", "k1"),
         _rec("classification", classification_prompt([0, 0, 504, 504], choices), "BMP2", "k2"),
-        _rec("detection", detection_prompt("ship"), '[{"bbox_2d": [0, 0, 600, 20], "label": "ship"}]', "d1"),
+        _rec("detection", detection_prompt("ship"), '[{"bbox_2d": [0, 0, 504, 20], "label": "ship"}]', "d1"),
         _rec("detection", detection_prompt("ship"), "None", "d2"),
         _rec("caption", caption_prompt(), "A harbour.", "cap"),
     ]
@@ -171,7 +171,7 @@ def test_score_predictions_from_raw_model_text():
     assert m["grounding"]["acc100"] == 1.0
     assert m["classification"]["accuracy"] == 0.5 and m["classification"]["parse"]["failures"] == 1
     det = m["detection"]["iou_0.5"]["overall"]
-    assert (det["tp"], det["fp"], det["fn"]) == (1, 0, 0)  # truth (0,0,600,20) is clipped to the image too
+    assert (det["tp"], det["fp"], det["fn"]) == (1, 0, 0)  # the model's box past the edge is clipped to it
     assert m["caption"]["scored"] is False
     assert parse_detection("None").ok
     table = metrics_markdown({"model": "/m", "data": ["/d.jsonl"], "records": 8, "wall_s": 1.0, "tasks": m})
