@@ -15,6 +15,7 @@ candidate and 100% of 100 GENERATED empty-sea tiles (4.4-look speckle, 10 m, no 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from fusarbatch.engines.cfar_run import CfarEngine
@@ -38,14 +39,7 @@ def prescreen_skips(
     (``{}`` unless ``cfg.prescreen == "cfar"``); the batches run on ``client``'s workers."""
     if cfg.prescreen != "cfar" or not len(candidates):
         return {}
-    engine = CfarEngine(
-        label=cfg.labels[0],
-        guard_m=cfg.cfar_guard_m,
-        background_m=cfg.cfar_background_m,
-        k=cfg.prescreen_k,
-        min_area_m2=cfg.cfar_min_area_m2,
-        grid=cfg.tile_size,
-    )
+    engine = replace(CfarEngine.open(cfg), k=cfg.prescreen_k)  # the run's CFAR, at the permissive threshold
     ids = [int(i) for i in candidates]
     futures = [
         client.submit(no_candidates, engine, store, group, ids[s : s + PRESCREEN_BATCH], pure=False)
