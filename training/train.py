@@ -563,16 +563,7 @@ def _progress_callback(out: Path, batch: int, accum: int, resume_step: int) -> A
             self.path = out / LOG_FILE
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            # keep the lines up to the step training restarts from (a resume drops later, replayed ones)
-            keep = []
-            if self.path.is_file():
-                for line in self.path.read_text(encoding="utf-8").splitlines():
-                    try:
-                        if json.loads(line).get("step", 0) <= state.global_step:
-                            keep.append(line)
-                    except ValueError:
-                        continue
-            self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+            _trim_log(self.path, state.global_step)
             self.last_step = state.global_step
             self.start = self.last_t = time.perf_counter()
 
@@ -612,9 +603,29 @@ def _progress_callback(out: Path, batch: int, accum: int, resume_step: int) -> A
     return JsonlProgress()
 
 
+def _checkpoints(out: Path) -> list[Path]:
+    """The ``checkpoint-<step>`` folders of ``out``, by step."""
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
 def _latest_checkpoint(out: Path) -> Path | None:
-    ckpts = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+    ckpts = _checkpoints(out)
+    return ckpts[-1] if ckpts else None
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Keep the lines of ``train_log.jsonl`` up to ``step``, the one training restarts from (a resume drops
+    the later, replayed ones); unreadable lines are dropped."""
+    keep = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except ValueError:
+                continue
+    path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------- train

@@ -236,11 +236,6 @@ def _order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def _checkpoints(out: Path) -> list[Path]:
-    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
 def pretrain_vision(config: Any) -> Any:
     """Run the vision phase of stage 0 (module docstring) for a resolved :class:`training.train.TrainConfig`
     with ``vision_only``; returns a :class:`training.train.TrainResult` (``records`` = distinct images).
@@ -266,9 +261,11 @@ def pretrain_vision(config: Any) -> Any:
         LOSS_PNG,
         TRAIN_INFO_FILE,
         TrainResult,
+        _checkpoints,
         _device,
         _load_model,
         _read_losses,
+        _trim_log,
     )
 
     cfg = config
@@ -351,15 +348,7 @@ def pretrain_vision(config: Any) -> Any:
                 "at least the checkpoint's step"
             )
         log.info("resumed the vision phase from %s (step %d)", ckpt, step)
-    kept = []
-    if log_path.is_file():  # keep the log up to the step training restarts from
-        for line in log_path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except ValueError:
-                continue
-    log_path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    _trim_log(log_path, step)
     info = {
         "stage": 0,
         "base_model": str(Path(cfg.base_model).resolve()),
