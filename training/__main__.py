@@ -39,6 +39,10 @@ BASE_PRESETS: dict[str, dict[str, Any]] = {
         "init_std": 0.02,
         "embed_std": 0.15,
         "vocab_size": 1000,
+        # M-RoPE that lets a 12 x 12-token image's rows and columns be told apart: Qwen's theta 1e4 with
+        # head size 32 turns the width section by at most 0.04 rad across a row (training/RESULTS.md)
+        "rope_theta": 10.0,
+        "mrope_section": [2, 7, 7],
     },
 }
 """Tiny Qwen2.5-VL configurations for :func:`fusarbatch.model.build_tiny_model`."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -199,6 +200,8 @@ def build_tiny_model(
     init_std: float = _INIT_STD,
     vocab_size: int = _VOCAB_SIZE,
     embed_std: float | None = None,
+    rope_theta: float = 1e4,
+    mrope_section: Sequence[int] | None = None,
 ) -> Path:
     """Write a tiny Qwen2.5-VL model directory to ``out_dir`` and return it.
 
@@ -224,7 +227,14 @@ def build_tiny_model(
     final norm and tied embeddings cap the logits of a LoRA-trained model at about ``0.02 * hidden`` (too flat
     to ever be confident), so the demo base uses larger embeddings.
 
-    :raises ValueError: a head size that is not a multiple of 8 (M-RoPE sections).
+    ``rope_theta`` and ``mrope_section`` set the language model's M-RoPE (default: theta 1e4, Qwen's split).
+    Qwen2.5-VL gives the temporal section the highest frequencies and the width section the lowest; with a
+    head size of 32 and theta 1e4 the width channel turns by at most 0.04 rad across a 12-token row, so a tiny
+    language model cannot tell the columns of an image apart (the demo preset uses a small theta; see
+    training/RESULTS.md).
+
+    :raises ValueError: a head size that is not a multiple of 8 (M-RoPE sections), or ``mrope_section``
+        that does not add up to half the head size.
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -237,8 +247,14 @@ def build_tiny_model(
             f"hidden {hidden_size} / {num_heads} heads must give a head size that is a multiple of 8; "
             f"vision hidden {vision_hidden_size} must be a multiple of {vision_heads} heads"
         )
-    quarter = head_dim // 8  # head_dim / 2 split as 1/4, 3/8, 3/8 (Qwen: 16, 24, 24 for head_dim 128)
-    mrope_section = [quarter, 3 * quarter // 2, head_dim // 2 - quarter - 3 * quarter // 2]
+    if mrope_section is None:
+        quarter = head_dim // 8  # head_dim / 2 split as 1/4, 3/8, 3/8 (Qwen: 16, 24, 24 for head_dim 128)
+        mrope_section = [quarter, 3 * quarter // 2, head_dim // 2 - quarter - 3 * quarter // 2]
+    mrope_section = [int(v) for v in mrope_section]
+    if len(mrope_section) != 3 or min(mrope_section) < 1 or sum(mrope_section) != head_dim // 2:
+        raise ValueError(f"mrope_section {mrope_section}: three positive sizes adding up to {head_dim // 2}")
+    if not rope_theta > 1:
+        raise ValueError(f"rope_theta {rope_theta}: must be > 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trained = _train_tokenizer(vocab_size)
@@ -265,7 +281,11 @@ def build_tiny_model(
             "num_attention_heads": num_heads,
             "num_key_value_heads": num_kv_heads,
             "max_position_embeddings": 2048,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope_section},
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": float(rope_theta),
+                "mrope_section": mrope_section,
+            },
             "bos_token_id": None,
             "eos_token_id": tid("<|im_end|>"),
             "pad_token_id": tid("<|endoftext|>"),

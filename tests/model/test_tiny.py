@@ -61,3 +61,22 @@ def test_tokenizer_and_processor(generated_tiny_model_dir, generated_image) -> N
     assert enc["image_grid_thw"].tolist() == [[1, 36, 36]]
     assert enc["pixel_values"].shape == (1296, 1176)
     assert int((enc["input_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).sum()) == 324
+
+
+def test_rope_options_reach_the_config_and_bad_ones_are_refused(tmp_path) -> None:
+    import pytest
+    import torch
+
+    out = build_tiny_model(tmp_path / "rope", rope_theta=10.0, mrope_section=[1, 2, 5])
+    rope = json.loads((out / "config.json").read_text())["text_config"]["rope_parameters"]
+    assert (rope["rope_theta"], rope["mrope_section"]) == (10.0, [1, 2, 5])
+    # the width section (last) turns by theta ** (-3 / 8) rad per position at its fastest: 0.42 here,
+    # 0.03 with Qwen's theta 1e4 (why the demo preset sets it)
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, local_files_only=True)
+    inv = model.model.language_model.rotary_emb.inv_freq
+    assert torch.isclose(inv[3], torch.tensor(10.0 ** (-3 / 8)))
+    for bad in ({"mrope_section": [2, 3, 4]}, {"mrope_section": [0, 4, 4]}, {"rope_theta": 1.0}):
+        with pytest.raises(ValueError, match="mrope_section|rope_theta"):
+            build_tiny_model(tmp_path / "bad", **bad)
