@@ -526,6 +526,14 @@ def train(
             help="Stage 0: image probe (cells, count, class) on the pooled visual tokens.",
         ),
     ] = 0.0,
+    position_loss_weight: Annotated[
+        float,
+        typer.Option(
+            "--position-loss-weight",
+            min=0.0,
+            help="Stage 0: the language model's early layers must read each visual token's row and column.",
+        ),
+    ] = 0.0,
     freeze_language_model: Annotated[
         bool,
         typer.Option("--freeze-language-model", help="Stage 0: train the vision tower and merger only."),
@@ -576,6 +584,7 @@ def train(
             target_loss_weight=target_loss_weight,
             spread_loss_weight=spread_loss_weight,
             probe_loss_weight=probe_loss_weight,
+            position_loss_weight=position_loss_weight,
             freeze_language_model=freeze_language_model,
             tasks=list(task) if task else None,
             vision_only=vision_only,

@@ -13,6 +13,12 @@
   is not part of the exported model.
 - :class:`ImageProbe` + :func:`probe_loss`: image-level facts (cells, count, class) from the pooled visual
   tokens (deep supervision; training only).
+- :class:`PositionProbe` + :func:`position_loss`: a linear probe on the language model's hidden states at the
+  visual tokens (after layer :data:`POSITION_LAYER`) that must read each token's row and column on its image.
+  A visual token enters the language model without its place (Qwen2.5-VL's vision tower has no absolute
+  position embedding; M-RoPE only rotates queries and keys), so a box answer needs the early layers to write
+  the place into each token, as classes (row and column bins); the probe teaches them that directly
+  (training/RESULTS.md, issue 9).
 - :func:`spread_loss`: keeps the visual tokens centred (measured: it dominated the loss; off in the shipped
   recipe).
 
@@ -31,8 +37,10 @@ from torch.nn import functional as F
 
 __all__ = [
     "ImageProbe",
+    "PositionProbe",
     "TargetHead",
     "answer_mean_loss",
+    "position_loss",
     "probe_loss",
     "spread_loss",
     "target_loss",
@@ -160,6 +168,78 @@ def target_loss(
     # positives are rare (a few cells of 144): weight them up so the head cannot settle on "nothing anywhere"
     pos_weight = torch.tensor([8.0, 4.0], device=pred.device)
     return F.binary_cross_entropy_with_logits(pred, target, pos_weight=pos_weight)
+
+
+POSITION_LAYER = 2
+"""The language model's hidden states read by :class:`PositionProbe`: after this many decoder layers."""
+
+
+POSITION_BINS = 32
+"""Classes per axis of :class:`PositionProbe`: a token's row (column) centre, as a fraction of the image
+height (width), falls in one of this many equal bins (distinct bins for images up to 32 tokens a side)."""
+
+
+class PositionProbe(nn.Module):
+    """Linear head: a visual token's language-model hidden state ``(N, C)`` -> ``(N, 2, POSITION_BINS)``
+    logits of its row and column bins (:func:`position_bins`).
+
+    Classes, not a regressed fraction: a box answer writes each coordinate digit by digit, and a digit (say
+    the tens of ``x1``) is a lookup from a categorical place but a sawtooth of a scalar one
+    (training/RESULTS.md).
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 2 * POSITION_BINS)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.proj(F.rms_norm(hidden.float(), (hidden.shape[-1],)))
+        return out.view(*out.shape[:-1], 2, POSITION_BINS)
+
+
+def position_bins(grid_thw: torch.Tensor, merge: int = 2) -> torch.Tensor:
+    """Row and column bins of every merged visual token of a batch, image after image, raster order.
+
+    :param grid_thw: ``(B, 3)`` patches per image (``image_grid_thw``).
+    :returns: ``(sum of t * h/merge * w/merge, 2)`` int64 in ``[0, POSITION_BINS)``:
+        ``floor((row + 0.5) / rows * POSITION_BINS)`` and the same for the column.
+    """
+    parts = []
+    for t, h, w in grid_thw.tolist():
+        rows, cols = int(h) // merge, int(w) // merge
+        r = ((torch.arange(rows, dtype=torch.float64) + 0.5) / rows * POSITION_BINS).floor().long()
+        c = ((torch.arange(cols, dtype=torch.float64) + 0.5) / cols * POSITION_BINS).floor().long()
+        grid = torch.stack(torch.meshgrid(r, c, indexing="ij"), dim=-1).reshape(rows * cols, 2)
+        parts.append(grid.repeat(int(t), 1))
+    return torch.cat(parts) if parts else torch.zeros((0, 2), dtype=torch.long)
+
+
+def position_loss(
+    probe: PositionProbe,
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    grid_thw: torch.Tensor,
+    merge: int = 2,
+) -> torch.Tensor:
+    """Cross-entropy of :class:`PositionProbe` over the row and column bins of every visual token of a batch.
+
+    :param hidden: ``(B, L, C)`` hidden states of the language model (after :data:`POSITION_LAYER` layers).
+    :param input_ids: ``(B, L)``; the visual tokens are the ``image_token_id`` positions, in the batch's image
+        order (one image per record, as the triplet collator builds them).
+    :param grid_thw: ``(B_images, 3)`` patches per image.
+    :returns: scalar (``ln 32`` = 3.47 for an uninformed probe); 0 (with a graph) when the batch holds no
+        image.
+    :raises ValueError: the image tokens and ``grid_thw`` disagree on the number of visual tokens.
+    """
+    mask = input_ids == image_token_id
+    target = position_bins(grid_thw.cpu(), merge).to(hidden.device)
+    if int(mask.sum()) != target.shape[0]:
+        raise ValueError(f"{int(mask.sum())} image tokens but image_grid_thw gives {target.shape[0]}")
+    if target.shape[0] == 0:
+        return hidden.sum() * 0.0
+    logits = probe(hidden[mask])
+    return F.cross_entropy(logits.reshape(-1, POSITION_BINS), target.reshape(-1))
 
 
 class ImageProbe(nn.Module):

@@ -60,7 +60,13 @@ TARGET_HEAD_FILE = "target_head.safetensors"
 """Stage-0 checkpoints: the weights of the dense target head (training only)."""
 PROBE_FILE = "image_probe.safetensors"
 """Stage-0 checkpoints: the weights of the image probe (training only)."""
-AUX_MODULES = {"target_head": TARGET_HEAD_FILE, "image_probe": PROBE_FILE}
+POSITION_PROBE_FILE = "position_probe.safetensors"
+"""Stage-0 checkpoints: the weights of the language model's position probe (training only)."""
+AUX_MODULES = {
+    "target_head": TARGET_HEAD_FILE,
+    "image_probe": PROBE_FILE,
+    "position_probe": POSITION_PROBE_FILE,
+}
 HF_RESUME_KEYS = (
     "stage",
     "lr",
@@ -77,6 +83,7 @@ HF_RESUME_KEYS = (
     "target_loss_weight",
     "spread_loss_weight",
     "probe_loss_weight",
+    "position_loss_weight",
     "freeze_language_model",
     "freeze_vision",
     "tasks",
@@ -127,6 +134,8 @@ class TrainConfig:
         tokens centred so that the language model sees what differs between images); 0 = off.
     :ivar probe_loss_weight: stage 0: weight of :func:`training.objectives.probe_loss` (deep supervision of
         the pooled visual tokens: cells, count, class); 0 = off.
+    :ivar position_loss_weight: stage 0: weight of :func:`training.objectives.position_loss` (the language
+        model's early layers must write each visual token's row and column into it); 0 = off.
     :ivar freeze_language_model: stage 0: train the vision tower and merger only, the language model stays as
         it is (a curriculum's first phase: from scratch, a language model trained with the vision tower
         first learns the answer prior and stops reading the image; a frozen one passes image information to
@@ -168,6 +177,7 @@ class TrainConfig:
     target_loss_weight: float = 0.0
     spread_loss_weight: float = 0.0
     probe_loss_weight: float = 0.0
+    position_loss_weight: float = 0.0
     freeze_language_model: bool = False
     tasks: list[str] | None = None
     vision_only: bool = False
@@ -217,6 +227,13 @@ class TrainConfig:
                 raise UsageError(f"{name} must be a finite number >= 0")
             if w and self.stage != 0:
                 raise UsageError(f"{name} trains the vision tower: stage 0 only")
+        if not (math.isfinite(self.position_loss_weight) and self.position_loss_weight >= 0):
+            raise UsageError("--position-loss-weight must be a finite number >= 0")
+        if self.position_loss_weight and (self.stage != 0 or self.vision_only or self.freeze_language_model):
+            raise UsageError(
+                "--position-loss-weight trains the language model: stage 0 without --vision-only or "
+                "--freeze-language-model"
+            )
         if self.stage == 2 and self.init is None:
             raise UsageError("--stage 2 needs --init STAGE1_DIR (the stage-1 output: TLM and LoRA)")
         if not self.data:
@@ -348,6 +365,10 @@ def _load_model(
             from training.objectives import ImageProbe
 
             fusar.add_module("image_probe", ImageProbe(hidden, classes or []).to(device))
+        if cfg.position_loss_weight:
+            from training.objectives import PositionProbe
+
+            fusar.add_module("position_probe", PositionProbe(hidden).to(device))
         return fusar
     if not fusar.has_lora and (cfg.stage == 2 or cfg.stage1_lora):
         fusar.add_lora(lcfg)
@@ -372,6 +393,7 @@ def _trainer_class() -> type:
             target_loss_weight: float = 0.0,
             spread_loss_weight: float = 0.0,
             probe_loss_weight: float = 0.0,
+            position_loss_weight: float = 0.0,
             **kwargs: Any,
         ):
             self.fusar = fusar
@@ -382,6 +404,7 @@ def _trainer_class() -> type:
             self.target_loss_weight = float(target_loss_weight)
             self.spread_loss_weight = float(spread_loss_weight)
             self.probe_loss_weight = float(probe_loss_weight)
+            self.position_loss_weight = float(position_loss_weight)
             self._visual_tokens: Any = None
             super().__init__(*args, **kwargs)
             # token mean: Qwen's loss divides by num_items_in_batch (the answer tokens of the accumulated
@@ -392,7 +415,7 @@ def _trainer_class() -> type:
 
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             if "loss" in logs:
-                for name in ("target_loss", "spread_loss", "probe_loss"):
+                for name in ("target_loss", "spread_loss", "probe_loss", "position_loss"):
                     if hasattr(self, f"_last_{name}"):
                         logs = {**logs, name: round(getattr(self, f"_last_{name}"), 4)}
             super().log(logs, *args, **kwargs)
@@ -420,6 +443,8 @@ def _trainer_class() -> type:
             target_classes = inputs.pop("target_classes", None)
             if self.no_tlm or self.stage == 0:
                 anchors = [None] * len(anchors)
+            if self.position_loss_weight:
+                inputs = {**inputs, "output_hidden_states": True}
             if self.loss_mean == "answer":
                 from training.objectives import answer_mean_loss
 
@@ -457,6 +482,20 @@ def _trainer_class() -> type:
                 )
                 self._last_target_loss = float(aux.detach())
                 loss = loss + self.target_loss_weight * aux
+            if self.position_loss_weight:
+                from training.objectives import POSITION_LAYER, position_loss
+
+                where = position_loss(
+                    self.fusar.position_probe,
+                    outputs.hidden_states[POSITION_LAYER],
+                    inputs["input_ids"],
+                    int(self.fusar.base_model.config.image_token_id),
+                    inputs["image_grid_thw"],
+                    int(self.fusar.visual.spatial_merge_size),
+                )
+                self._last_position_loss = float(where.detach())
+                loss = loss + self.position_loss_weight * where
+                outputs.hidden_states = None
             if self.spread_loss_weight and self._visual_tokens is not None:
                 from training.objectives import spread_loss
 
@@ -702,6 +741,7 @@ def train(config: TrainConfig) -> TrainResult:
                 "target_loss_weight": cfg.target_loss_weight,
                 "spread_loss_weight": cfg.spread_loss_weight,
                 "probe_loss_weight": cfg.probe_loss_weight,
+                "position_loss_weight": cfg.position_loss_weight,
                 "freeze_language_model": cfg.freeze_language_model,
                 "freeze_vision": cfg.freeze_vision,
             }
@@ -768,6 +808,7 @@ def train(config: TrainConfig) -> TrainResult:
         target_loss_weight=cfg.target_loss_weight,
         spread_loss_weight=cfg.spread_loss_weight,
         probe_loss_weight=cfg.probe_loss_weight,
+        position_loss_weight=cfg.position_loss_weight,
     )
     from transformers.trainer_callback import PrinterCallback
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from training.objectives import TargetHead, answer_mean_loss, target_loss, target_maps
@@ -95,3 +96,43 @@ def test_image_probe_reads_the_pooled_tokens():
     tokens2[8:] = 5.0
     assert torch.isclose(loss, probe_loss(probe, tokens2, grid_thw, boxes, [56, 56, 56], classes))
     assert float(probe_loss(probe, tokens, grid_thw, [None] * 3, [56] * 3, [None] * 3)) == 0.0
+
+
+def test_position_bins_are_row_and_column_centres_in_raster_order():
+    from training.objectives import POSITION_BINS, position_bins
+
+    assert POSITION_BINS == 32
+    # image 0: 4 x 6 patches -> 2 rows x 3 columns of merged tokens; image 1: 2 x 2 patches -> 1 token
+    # rows: centres 0.25, 0.75 -> bins 8, 24; columns: 1/6, 1/2, 5/6 -> bins 5, 16, 26
+    got = position_bins(torch.tensor([[1, 4, 6], [1, 2, 2]])).tolist()
+    assert got == [[8, 5], [8, 16], [8, 26], [24, 5], [24, 16], [24, 26], [16, 16]]
+    # a 12 x 12-token image (336 px): 12 distinct bins per axis
+    assert len({c for _, c in position_bins(torch.tensor([[1, 24, 24]])).tolist()}) == 12
+
+
+def test_position_loss_reads_only_the_image_tokens_and_learns():
+    from training.objectives import PositionProbe, position_loss
+
+    torch.manual_seed(0)
+    image_id = 7
+    grid_thw = torch.tensor([[1, 4, 4], [1, 4, 4]])  # 2 images of 2 x 2 tokens
+    input_ids = torch.tensor([[1, 7, 7, 7, 7, 2], [7, 7, 7, 7, 3, 0]])
+    # hidden states that carry the place: one-hot of the token's index within its image
+    hidden = torch.zeros(2, 6, 8)
+    hidden[0, 1:5, :4] = torch.eye(4)
+    hidden[1, 0:4, :4] = torch.eye(4)
+    probe = PositionProbe(8)
+    other = hidden.clone()
+    other[0, 0] = other[0, 5] = other[1, 4:] = 50.0  # text and padding tokens: not read
+    first = position_loss(probe, hidden, input_ids, image_id, grid_thw)
+    assert torch.isclose(first, position_loss(probe, other, input_ids, image_id, grid_thw))
+    assert 2.5 < float(first.detach()) < 5.0  # about ln 32 before training
+    opt = torch.optim.Adam(probe.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        loss = position_loss(probe, hidden, input_ids, image_id, grid_thw)
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.05  # bins 8 / 24 recovered from the one-hot
+    with pytest.raises(ValueError, match="8 image tokens but image_grid_thw gives 4"):
+        position_loss(probe, hidden, input_ids, image_id, grid_thw[:1])

@@ -200,7 +200,7 @@ def test_stage0_trains_every_weight_and_resumes(generated_base_model, generated_
         "save_steps": 2,
         "save_total_limit": None,
     }
-    kw |= {"lr": 1e-3, "target_loss_weight": 1.0, "probe_loss_weight": 1.0}
+    kw |= {"lr": 1e-3, "target_loss_weight": 1.0, "probe_loss_weight": 1.0, "position_loss_weight": 1.0}
     full = train(_config(generated_base_model, data, tmp_path / "full", **kw))
     assert full.steps == 4
     out = tmp_path / "full"
@@ -220,6 +220,9 @@ def test_stage0_trains_every_weight_and_resumes(generated_base_model, generated_
     assert not (out / TARGET_HEAD_FILE).exists()  # training-only head: not in the model
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert all(0 < r["target_loss"] < 10 and r["probe_loss"] > 0 for r in log if "loss" in r)
+    # a cross-entropy over 32 bins per axis: about ln 32 = 3.47 while untrained
+    assert all(1 < r["position_loss"] < 6 for r in log if "loss" in r)
+    assert (out / "checkpoint-2" / "position_probe.safetensors").is_file()
     # resume from checkpoint-2: the same weights as the uninterrupted run
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
@@ -236,6 +239,20 @@ def test_stage0_usage_errors(generated_base_model, generated_counting_manifest, 
         train(_config(generated_base_model, data, tmp_path / "a", stage=0, init=tmp_path))
     with pytest.raises(UsageError, match="stage 0 only"):
         train(_config(generated_base_model, data, tmp_path / "b", stage=1, target_loss_weight=1.0))
+    with pytest.raises(UsageError, match="--position-loss-weight trains the language model"):
+        train(_config(generated_base_model, data, tmp_path / "b2", stage=1, position_loss_weight=1.0))
+    with pytest.raises(UsageError, match="--position-loss-weight trains the language model"):
+        train(
+            _config(
+                generated_base_model,
+                data,
+                tmp_path / "b3",
+                stage=0,
+                vision_only=True,
+                target_loss_weight=1.0,
+                position_loss_weight=1.0,
+            )
+        )
     with pytest.raises(UsageError, match="no records of the tasks detection"):
         train(_config(generated_base_model, data, tmp_path / "c", stage=0, tasks=["detection"]))
     with pytest.raises(UsageError, match="--loss-mean"):
