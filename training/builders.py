@@ -527,7 +527,9 @@ def chip_records(
             "detection",
             "detect",
             detection_prompt(chip.coarse),
-            format_detection_answer(coarse_boxes),
+            # reading order (top to bottom, then left to right, by centre): the first box is always the
+            # top-most target, so a model is never trained toward the average of two ships' places
+            format_detection_answer(sorted(coarse_boxes, key=lambda b: (b.center[1], b.center[0]))),
             {"classes": fine},
         )
     if "classification" in tasks and len(classes) > 1:

@@ -72,6 +72,8 @@ def test_real_ship_chips_every_task(tmp_path):
     assert (width, height, len(boxes)) == (256, 256, 2)
     detected = parse_detection(by_id[f"{vv}/detect"].answer).value
     expected = [[round(v * 504 / 256) for v in b.as_list()] for b in boxes]
+    # answers list the boxes in reading order of their centres (top to bottom), not the XML's order
+    expected = sorted(expected, key=lambda e: ((e[1] + e[3]) / 2, (e[0] + e[2]) / 2))
     assert [b.as_list() for b in detected] == expected
     assert by_id[f"{vv}/count"].answer == "2"
     cells = parse_grounding(by_id[f"{vv}/ground"].answer).value
@@ -234,8 +236,9 @@ def test_sub_pixel_boxes_keep_one_grid_pixel(tmp_path):
     build_dataset(root, tmp_path / "out", val_fraction=0.0)
     recs = {r.task: r for r in read_manifest(tmp_path / "out" / "stage2_train.jsonl")}
     boxes = [b.as_list() for b in parse_detection(recs["detection"].answer).value]
-    # 813..814 x 0.504 = 409.75..410.26 -> the grid pixel 410; 575..576 -> 289.8..290.3 -> 290
-    assert boxes == [[410, 290, 411, 291], [50, 50, 151, 101]]
+    # 813..814 x 0.504 = 409.75..410.26 -> the grid pixel 410; 575..576 -> 289.8..290.3 -> 290; the answer
+    # lists the boxes in reading order (the XML has the lower one first)
+    assert boxes == [[50, 50, 151, 101], [410, 290, 411, 291]]
     assert all(x2 > x1 and y2 > y1 for x1, y1, x2, y2 in boxes)
     assert recs["counting"].answer == "2"
 
