@@ -12,8 +12,9 @@
 # Stage 0 (NOT part of FUSAR-GPT's method: it stands in for the pretraining a real Qwen2.5-VL base already has)
 # runs in two phases: (a) the vision tower and merger alone learn where the targets are and what the image holds
 # (--vision-only: dense target map + image probe, no language model run; STEPS0V); (b) the language model learns
-# to read that tower and answer every task, the tower frozen (--freeze-vision; STEPS0). Then the paper's stages 1
-# (captions: TLM + LoRA) and 2 (tasks: LoRA) run unchanged on top of it.
+# to read that tower and answer every task, the tower frozen (--freeze-vision; STEPS0), while a probe on its
+# second layer makes it write each visual token's row and column into the token (--position-loss-weight).
+# Then the paper's stages 1 (captions: TLM + LoRA) and 2 (tasks: LoRA) run unchanged on top of it.
 set -euo pipefail
 DATA=${DATA:-/work/shared/data}
 WORK=${WORK:-out/demo4}
@@ -71,7 +72,8 @@ train stage0v --stage 0 --vision-only --base-model "$WORK/base" --batch-size 16 
   --max-steps "${STEPS0V:-3000}" --save-steps 250 --log-steps 25 --target-loss-weight 1 --probe-loss-weight 1 \
   "${TASKS[@]}"
 train stage0 --stage 0 --freeze-vision --base-model "$WORK/stage0v" --batch-size 8 --grad-accum 1 --lr 2e-3 \
-  --loss-mean answer --max-steps "${STEPS0:-1500}" --save-steps 100 --log-steps 10 "${TASKS[@]}"
+  --loss-mean answer --position-loss-weight 1 --max-steps "${STEPS0:-4000}" --save-steps 250 --log-steps 10 \
+  "${TASKS[@]}"
 
 # 3. the paper's stages on top: 1 (captions: TLM + LoRA), 2 (tasks: LoRA, TLM frozen)
 C12=(--base-model "$WORK/stage0" --batch-size 8 --grad-accum 1 --save-steps 100 --log-steps 10)
