@@ -78,5 +78,5 @@ def test_rope_options_reach_the_config_and_bad_ones_are_refused(tmp_path) -> Non
     inv = model.model.language_model.rotary_emb.inv_freq
     assert torch.isclose(inv[3], torch.tensor(10.0 ** (-3 / 8)))
     for bad in ({"mrope_section": [2, 3, 4]}, {"mrope_section": [0, 4, 4]}, {"rope_theta": 1.0}):
-        with pytest.raises(ValueError, match="mrope_section|rope_theta"):
+        with pytest.raises(ValueError, match=r"mrope_section|rope_theta"):
             build_tiny_model(tmp_path / "bad", **bad)
