@@ -115,28 +115,52 @@ def generated(
 def base(
     out: Annotated[Path, typer.Option("--out", help="Folder for the base model.")],
     preset: Annotated[str, typer.Option("--preset", help="demo or test.")] = "demo",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1)] = 0,
 ) -> None:
-    """Write a tiny, randomly initialised Qwen2.5-VL base model (offline; fusarbatch/model/tiny.py)."""
-    from fusarbatch.errors import UsageError
+    """Write a tiny, randomly initialised Qwen2.5-VL base model (offline; fusarbatch/model/tiny.py). Built
+    under a temporary name next to ``--out``, then renamed: a failed build leaves no half-written model."""
+    import os
+
+    from fusarbatch.errors import UsageError, disk_full
     from fusarbatch.model.tiny import build_tiny_model
 
     if preset not in BASE_PRESETS:
         raise UsageError(f"--preset {preset!r}: choose {', '.join(BASE_PRESETS)}")
-    d = build_tiny_model(out, seed=seed, **BASE_PRESETS[preset])
-    (d / "fusarbatch_base.json").write_text(
-        json.dumps(
-            {
-                "builder": "fusarbatch.model.tiny.build_tiny_model",
-                "preset": preset,
-                "seed": seed,
-                "kwargs": BASE_PRESETS[preset],
-            },
-            indent=2,
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder; choose another --out")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        d = build_tiny_model(tmp, seed=seed, **BASE_PRESETS[preset])
+        (d / "fusarbatch_base.json").write_text(
+            json.dumps(
+                {
+                    "builder": "fusarbatch.model.tiny.build_tiny_model",
+                    "preset": preset,
+                    "seed": seed,
+                    "kwargs": BASE_PRESETS[preset],
+                },
+                indent=2,
+            )
+            + "\n",
+            encoding="utf-8",
         )
-        + "\n",
-        encoding="utf-8",
-    )
+    except Exception as exc:
+        import re
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        # safetensors reports a failed write as SafetensorError("... (os error N)"), not as an OSError
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        cause = OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else exc
+        full = disk_full(cause, f"the base model in {out}")
+        if full is not None:
+            raise FusarbatchError(full) from None
+        if isinstance(cause, OSError):
+            raise UsageError(f"--out {out}: cannot write ({cause.strerror or cause})") from None
+        raise
+    if out.is_dir():
+        shutil.rmtree(out)
+    d = tmp.rename(out)
     cfg = json.loads((d / "config.json").read_text())
     typer.echo(f"tiny base model ({preset}, seed {seed}, vocab {cfg['text_config']['vocab_size']}) in {d}")
 

@@ -39,6 +39,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -155,24 +156,39 @@ def read_voc(path: str | Path, class_map: dict[str, str] | None = None) -> tuple
     :raises UsageError: unreadable XML or missing size/box fields.
     """
     p = Path(path)
+    if not p.is_file():  # a FIFO would block the XML parser forever
+        raise UsageError(f"VOC annotation {p}: not a regular file; remove it or replace it with the XML file")
     try:
         root = ET.parse(p).getroot()
-        width = int(float(root.findtext("size/width", "")))
-        height = int(float(root.findtext("size/height", "")))
+        width = int(_voc_number(root.findtext("size/width", "")))
+        height = int(_voc_number(root.findtext("size/height", "")))
         boxes = []
         for obj in root.iter("object"):
             name = (obj.findtext("name") or "").strip()
             bb = obj.find("bndbox")
             if bb is None or not name:
                 raise ValueError("object without name or bndbox")
-            x1, y1, x2, y2 = (float(bb.findtext(k, "")) for k in ("xmin", "ymin", "xmax", "ymax"))
+            x1, y1, x2, y2 = (_voc_number(bb.findtext(k, "")) for k in ("xmin", "ymin", "xmax", "ymax"))
             label = class_map.get(name, name) if class_map else name
             boxes.append(Box(label, min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)))
-    except (OSError, ET.ParseError, ValueError) as exc:
+    except (OSError, ET.ParseError, ValueError, OverflowError) as exc:
         raise UsageError(f"VOC annotation {p}: unreadable ({exc})") from None
     if width <= 0 or height <= 0:
         raise UsageError(f"VOC annotation {p}: bad size {width}x{height}")
     return width, height, boxes
+
+
+_VOC_NUMBER = re.compile(r"\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*")
+
+
+def _voc_number(text: str) -> float:
+    """A VOC size or box value: a plain finite decimal (``nan``, ``inf``, ``1_0``, ``1e400`` are refused)."""
+    if not _VOC_NUMBER.fullmatch(text or ""):
+        raise ValueError(f"{text!r} is not a number")
+    value = float(text)
+    if not math.isfinite(value) or abs(value) > 1e9:
+        raise ValueError(f"{text!r} is out of range")
+    return value
 
 
 def _stable_key(text: str) -> str:
@@ -383,8 +399,11 @@ def _snap(lo: float, hi: float, grid: int) -> tuple[float, float]:
 def load_chip(chip: Chip) -> tuple[np.ndarray, tuple[Box, ...]]:
     """The chip's grey DN values ``(y, x)`` (RGB-stored grey is converted to luminance) and its boxes, with
     the chip's dihedral augmentation applied."""
-    with Image.open(chip.path) as im:
-        values = np.asarray(im.convert("L"), dtype=np.float32)
+    try:
+        with Image.open(chip.path) as im:
+            values = np.asarray(im.convert("L"), dtype=np.float32)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise UsageError(f"chip image {chip.path}: unreadable ({exc}); fix or remove it") from None
     return dihedral(values, chip.boxes, chip.aug)
 
 
@@ -529,7 +548,9 @@ def chip_records(
             detection_prompt(chip.coarse),
             # reading order (top to bottom, then left to right, by centre): the first box is always the
             # top-most target, so a model is never trained toward the average of two ships' places
-            format_detection_answer(sorted(coarse_boxes, key=lambda b: (b.center[1], b.center[0]))),
+            format_detection_answer(
+                sorted(coarse_boxes, key=lambda b: (b.center[1], b.center[0], b.as_list(), b.label))
+            ),
             {"classes": fine},
         )
     if "classification" in tasks and len(classes) > 1:

@@ -40,6 +40,7 @@ __all__ = [
     "PositionProbe",
     "TargetHead",
     "answer_mean_loss",
+    "position_layer",
     "position_loss",
     "probe_loss",
     "spread_loss",
@@ -171,7 +172,25 @@ def target_loss(
 
 
 POSITION_LAYER = 2
-"""The language model's hidden states read by :class:`PositionProbe`: after this many decoder layers."""
+"""The language model's hidden states read by :class:`PositionProbe`: after this many decoder layers (fewer
+in a model that has no more; see :func:`position_layer`)."""
+
+
+def position_layer(text_config: object) -> int:
+    """Index into the language model's ``hidden_states`` read by :class:`PositionProbe`:
+    ``min(POSITION_LAYER, layers - 1)`` (the last entry is after the final norm, not a layer's output).
+
+    :raises UsageError: a language model of fewer than 2 layers (nothing between the input and the output).
+    """
+    from fusarbatch.errors import UsageError
+
+    layers = int(getattr(text_config, "num_hidden_layers", 0) or 0)
+    if layers < 2:
+        raise UsageError(
+            f"--position-loss-weight needs a language model of at least 2 layers (this one has {layers}); "
+            "leave it at 0"
+        )
+    return min(POSITION_LAYER, layers - 1)
 
 
 POSITION_BINS = 32

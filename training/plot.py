@@ -72,8 +72,12 @@ def plot_curves(
     ymin, ymax = min(p[1] for p in pts), max(p[1] for p in pts)
     if xmax == xmin:
         xmax = xmin + 1
-    pad = (ymax - ymin) * 0.05 or 0.5
+    # a flat curve of huge values: 0.5 is lost in the float rounding of 1e16 and above, so pad relatively
+    pad = (ymax - ymin) * 0.05 or max(0.5, abs(ymax) * 0.05)
     ymin, ymax = max(0.0, ymin - pad) if ymin >= 0 else ymin - pad, ymax + pad
+    if not ymax > ymin:  # still no room (float64 rounding): pad by a tenth of the value
+        span = abs(ymax) * 0.1 or 1.0
+        ymin, ymax = ymin - span, ymax + span
 
     def sx(x: float) -> float:
         return x0 + (x - xmin) / (xmax - xmin) * (x1 - x0)

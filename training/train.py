@@ -67,6 +67,8 @@ AUX_MODULES = {
     "image_probe": PROBE_FILE,
     "position_probe": POSITION_PROBE_FILE,
 }
+MAX_LOSS_WEIGHT = 1e4
+"""Upper bound of the stage-0 auxiliary loss weights (``--*-loss-weight``)."""
 HF_RESUME_KEYS = (
     "stage",
     "lr",
@@ -222,13 +224,17 @@ class TrainConfig:
             ("--spread-loss-weight", self.spread_loss_weight),
             ("--probe-loss-weight", self.probe_loss_weight),
         )
+        weights += (("--position-loss-weight", self.position_loss_weight),)
         for name, w in weights:
-            if not (math.isfinite(w) and w >= 0):
-                raise UsageError(f"{name} must be a finite number >= 0")
+            if not (math.isfinite(w) and 0 <= w <= MAX_LOSS_WEIGHT):
+                raise UsageError(
+                    f"{name} {w:g}: give a number in [0, {MAX_LOSS_WEIGHT:g}] (larger weights drown the "
+                    "answer loss and overflow the gradients)"
+                )
+            if name == "--position-loss-weight":
+                continue
             if w and self.stage != 0:
                 raise UsageError(f"{name} trains the vision tower: stage 0 only")
-        if not (math.isfinite(self.position_loss_weight) and self.position_loss_weight >= 0):
-            raise UsageError("--position-loss-weight must be a finite number >= 0")
         if self.position_loss_weight and (self.stage != 0 or self.vision_only or self.freeze_language_model):
             raise UsageError(
                 "--position-loss-weight trains the language model: stage 0 without --vision-only or "
@@ -366,8 +372,9 @@ def _load_model(
 
             fusar.add_module("image_probe", ImageProbe(hidden, classes or []).to(device))
         if cfg.position_loss_weight:
-            from training.objectives import PositionProbe
+            from training.objectives import PositionProbe, position_layer
 
+            position_layer(fusar.base_model.config.text_config)  # a usage error for a 1-layer model
             fusar.add_module("position_probe", PositionProbe(hidden).to(device))
         return fusar
     if not fusar.has_lora and (cfg.stage == 2 or cfg.stage1_lora):
@@ -445,6 +452,7 @@ def _trainer_class() -> type:
                 anchors = [None] * len(anchors)
             if self.position_loss_weight:
                 inputs = {**inputs, "output_hidden_states": True}
+            aux_terms: list[torch.Tensor] = []
             if self.loss_mean == "answer":
                 from training.objectives import answer_mean_loss
 
@@ -468,7 +476,7 @@ def _trainer_class() -> type:
                     int(self.fusar.visual.spatial_merge_size),
                 )
                 self._last_probe_loss = float(probe.detach())
-                loss = loss + self.probe_loss_weight * probe
+                aux_terms.append(self.probe_loss_weight * probe)
             if self.target_loss_weight and target_boxes is not None:
                 from training.objectives import target_loss
 
@@ -481,28 +489,36 @@ def _trainer_class() -> type:
                     int(self.fusar.visual.spatial_merge_size),
                 )
                 self._last_target_loss = float(aux.detach())
-                loss = loss + self.target_loss_weight * aux
+                aux_terms.append(self.target_loss_weight * aux)
             if self.position_loss_weight:
-                from training.objectives import POSITION_LAYER, position_loss
+                from training.objectives import position_layer, position_loss
 
                 where = position_loss(
                     self.fusar.position_probe,
-                    outputs.hidden_states[POSITION_LAYER],
+                    outputs.hidden_states[position_layer(self.fusar.base_model.config.text_config)],
                     inputs["input_ids"],
                     int(self.fusar.base_model.config.image_token_id),
                     inputs["image_grid_thw"],
                     int(self.fusar.visual.spatial_merge_size),
                 )
                 self._last_position_loss = float(where.detach())
-                loss = loss + self.position_loss_weight * where
+                aux_terms.append(self.position_loss_weight * where)
                 outputs.hidden_states = None
             if self.spread_loss_weight and self._visual_tokens is not None:
                 from training.objectives import spread_loss
 
                 spread = spread_loss(self._visual_tokens)
                 self._last_spread_loss = float(spread.detach())
-                loss = loss + self.spread_loss_weight * spread
+                aux_terms.append(self.spread_loss_weight * spread)
             self._visual_tokens = None
+            if aux_terms:
+                # token mean: the model's loss is already divided over the accumulated batch and the Trainer
+                # does not divide by grad_accum, so the per-batch auxiliary means are divided here (else they
+                # would weigh grad_accum times more than with --loss-mean answer)
+                scale = 1.0
+                if self.model_accepts_loss_kwargs and model.training:
+                    scale = 1.0 / max(int(self.args.gradient_accumulation_steps), 1)
+                loss = loss + scale * torch.stack(aux_terms).sum()
             if not torch.isfinite(loss.detach()).all():
                 # a diverged run would go on to save a model of NaN weights and end "done"
                 from fusarbatch.errors import FusarbatchError
@@ -583,7 +599,13 @@ def _trainer_class() -> type:
                 if head is not None:
                     if not (ckpt / fname).is_file():
                         raise UsageError(f"checkpoint {ckpt}: {fname} missing")
-                    head.load_state_dict(load_file(str(ckpt / fname)))
+                    try:
+                        head.load_state_dict(load_file(str(ckpt / fname)))
+                    except Exception as exc:  # safetensors' own error types, shape mismatches
+                        raise UsageError(
+                            f"checkpoint {ckpt}: {fname} unreadable ({type(exc).__name__}); delete that "
+                            "folder to resume from the one before it"
+                        ) from None
             log.info("resumed all weights from %s", ckpt)
 
     return FusarTrainer
@@ -709,6 +731,11 @@ def train(config: TrainConfig) -> TrainResult:
         from training.vision import _check_resume_config
 
         _check_resume_config(latest, cfg, TRAIN_INFO_FILE, HF_RESUME_KEYS)
+        if not (latest / "trainer_state.json").is_file():  # the Trainer writes it last: an interrupted save
+            raise UsageError(
+                f"--resume: checkpoint {latest} is incomplete (trainer_state.json missing: an interrupted "
+                "save); delete that folder to resume from the one before it"
+            )
     if cfg.stage == 1 and not cfg.stage1_lora and not cfg.no_tlm and all(r.aef is None for r in records):
         raise UsageError(
             "stage 1 with --no-stage1-lora trains only the TLM, but no record has anchors (aef): "
@@ -813,7 +840,20 @@ def train(config: TrainConfig) -> TrainResult:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # progress goes to the log (JsonlProgress), not raw dicts
-    result = trainer.train(resume_from_checkpoint=str(latest) if cfg.resume and latest else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(latest) if cfg.resume and latest else None)
+    except Exception as exc:
+        import re
+
+        from fusarbatch.errors import FusarbatchError, disk_full
+
+        # safetensors reports a failed write as SafetensorError("... (os error N)"), not as an OSError
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        cause = OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else exc
+        full = disk_full(cause, f"a checkpoint in {out}")
+        if full is not None:
+            raise FusarbatchError(full) from None
+        raise
     wall = time.perf_counter() - started
     info["wall_s"] = round(wall, 1)
     info["train_runtime_s"] = round(float(result.metrics.get("train_runtime", 0.0)), 1)

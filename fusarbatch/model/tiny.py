@@ -250,11 +250,18 @@ def build_tiny_model(
     if mrope_section is None:
         quarter = head_dim // 8  # head_dim / 2 split as 1/4, 3/8, 3/8 (Qwen: 16, 24, 24 for head_dim 128)
         mrope_section = [quarter, 3 * quarter // 2, head_dim // 2 - quarter - 3 * quarter // 2]
-    mrope_section = [int(v) for v in mrope_section]
-    if len(mrope_section) != 3 or min(mrope_section) < 1 or sum(mrope_section) != head_dim // 2:
-        raise ValueError(f"mrope_section {mrope_section}: three positive sizes adding up to {head_dim // 2}")
-    if not rope_theta > 1:
-        raise ValueError(f"rope_theta {rope_theta}: must be > 1")
+    if (
+        isinstance(mrope_section, (str, bytes))
+        or len(mrope_section) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in mrope_section)
+        or sum(mrope_section) != head_dim // 2
+    ):
+        raise ValueError(
+            f"mrope_section {mrope_section!r}: three positive integers adding up to {head_dim // 2}"
+        )
+    mrope_section = list(mrope_section)
+    if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not 1 < rope_theta <= 1e9:
+        raise ValueError(f"rope_theta {rope_theta!r}: a number in (1, 1e9]")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trained = _train_tokenizer(vocab_size)

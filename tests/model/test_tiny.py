@@ -77,6 +77,18 @@ def test_rope_options_reach_the_config_and_bad_ones_are_refused(tmp_path) -> Non
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, local_files_only=True)
     inv = model.model.language_model.rotary_emb.inv_freq
     assert torch.isclose(inv[3], torch.tensor(10.0 ** (-3 / 8)))
-    for bad in ({"mrope_section": [2, 3, 4]}, {"mrope_section": [0, 4, 4]}, {"rope_theta": 1.0}):
+    bads = (
+        {"mrope_section": [2, 3, 4]},
+        {"mrope_section": [0, 4, 4]},
+        {"mrope_section": [2.9, 3, 3]},  # was truncated to [2, 3, 3] (hostile round 5)
+        {"mrope_section": [True, True, 6]},
+        {"mrope_section": "233"},
+        {"mrope_section": [float("nan"), 4, 4]},
+        {"rope_theta": 1.0},
+        {"rope_theta": float("inf")},  # was accepted: every frequency but the first became 0
+        {"rope_theta": 1e308},
+        {"rope_theta": "10"},
+    )
+    for bad in bads:
         with pytest.raises(ValueError, match=r"mrope_section|rope_theta"):
             build_tiny_model(tmp_path / "bad", **bad)

@@ -254,3 +254,38 @@ def test_a_split_with_no_chip_and_unreadable_split_files_are_usage_errors(genera
     (generated_voc / "ImageSets" / "train.txt").write_text("000001\n")
     with pytest.raises(UsageError, match="up to 8176"):
         build_dataset(generated_voc, tmp_path / "out3", grid=28_000)
+
+
+def test_hostile_annotations_are_one_line_errors(tmp_path):
+    """Hostile round 5: a FIFO annotation hung the build; NaN / inf / ``1_0`` values gave tracebacks or were
+    read as numbers; an unreadable image gave a PIL traceback; equal centres kept the XML's order."""
+    import os
+
+    root = tmp_path / "generated_hostile"
+    root.mkdir()
+    Image.fromarray(np.zeros((100, 100), dtype=np.uint8)).convert("RGB").save(root / "a.jpg")
+    os.mkfifo(root / "a.xml")
+    with pytest.raises(UsageError, match=r"a\.xml: not a regular file"):
+        build_dataset(root, tmp_path / "out_fifo", val_fraction=0.0)
+    (root / "a.xml").unlink()
+    for bad in ("nan", "inf", "-inf", "1_0", "1e400", "0x10", ""):
+        (root / "a.xml").write_text(_voc_xml(100, 100, [("ship", bad, 10, 20, 30)]))
+        with pytest.raises(UsageError, match=r"a\.xml: unreadable"):
+            build_dataset(root, tmp_path / "out_bad", val_fraction=0.0)
+    (root / "a.xml").write_text(_voc_xml("inf", 100, [("ship", 1, 10, 20, 30)]))
+    with pytest.raises(UsageError, match=r"a\.xml: unreadable"):
+        build_dataset(root, tmp_path / "out_inf", val_fraction=0.0)
+    # two boxes with the same centre: ordered by their corners, whatever the XML's order
+    answers = []
+    for objs in (
+        [("ship", 40, 40, 60, 60), ("ship", 30, 45, 70, 55)],
+        [("ship", 30, 45, 70, 55), ("ship", 40, 40, 60, 60)],
+    ):
+        (root / "a.xml").write_text(_voc_xml(100, 100, objs))
+        out = tmp_path / f"out_tie{len(answers)}"
+        build_dataset(root, out, val_fraction=0.0, tasks=("detection",), grid=56)
+        answers.append(read_manifest(out / "stage2_train.jsonl")[0].answer)
+    assert answers[0] == answers[1]
+    (root / "a.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(UsageError, match=r"a\.jpg: unreadable"):
+        build_dataset(root, tmp_path / "out_img", val_fraction=0.0)

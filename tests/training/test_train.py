@@ -231,6 +231,18 @@ def test_stage0_trains_every_weight_and_resumes(generated_base_model, generated_
     again = load(str(resumed_dir / "model.safetensors"))
     for k in trained:
         torch.testing.assert_close(trained[k], again[k], rtol=0, atol=1e-6, msg=k)
+    # hostile round 5: a truncated head file, and a save killed before the Trainer's state (tracebacks)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copytree(out / "checkpoint-2", broken / "checkpoint-2")
+    probe_file = broken / "checkpoint-2" / "position_probe.safetensors"
+    probe_file.write_bytes(probe_file.read_bytes()[:40])
+    with pytest.raises(UsageError, match=r"position_probe.safetensors unreadable .*delete that folder"):
+        train(_config(generated_base_model, data, broken, resume=True, **kw))
+    shutil.copy2(out / "checkpoint-2" / "position_probe.safetensors", probe_file)
+    (broken / "checkpoint-2" / "trainer_state.json").unlink()
+    with pytest.raises(UsageError, match=r"checkpoint-2 is incomplete \(trainer_state.json missing"):
+        train(_config(generated_base_model, data, broken, resume=True, **kw))
 
 
 def test_stage0_usage_errors(generated_base_model, generated_counting_manifest, tmp_path):
@@ -241,6 +253,11 @@ def test_stage0_usage_errors(generated_base_model, generated_counting_manifest, 
         train(_config(generated_base_model, data, tmp_path / "b", stage=1, target_loss_weight=1.0))
     with pytest.raises(UsageError, match="--position-loss-weight trains the language model"):
         train(_config(generated_base_model, data, tmp_path / "b2", stage=1, position_loss_weight=1.0))
+    # weights that overflow the gradients (every step's norm was inf, nothing trained; hostile round 5)
+    for name in ("position_loss_weight", "target_loss_weight"):
+        with pytest.raises(UsageError, match=r"weight 1e\+37: give a number in \[0, 10000\]"):
+            train(_config(generated_base_model, data, tmp_path / "b4", stage=0, **{name: 1e37}))
+    assert not (tmp_path / "b4").exists()
     with pytest.raises(UsageError, match="--position-loss-weight trains the language model"):
         train(
             _config(
@@ -272,9 +289,12 @@ def test_bad_rates_and_a_diverging_run_end_with_one_line(
         train(
             _config(generated_base_model, data, tmp_path / "b", stage=0, epochs=float("nan"), max_steps=None)
         )
-    # a loss weight so large that the first loss is infinite: the run stops, no NaN model is saved as done
-    with pytest.raises(FusarbatchError, match="training diverged at step 1"):
+    # a weight so large that the first loss is infinite is refused; an lr that blows the weights up makes the
+    # loss infinite a step later: the run stops, no NaN model is saved as done
+    with pytest.raises(UsageError, match=r"--spread-loss-weight 1e\+308: give a number in \[0, 10000\]"):
         train(_config(generated_base_model, data, tmp_path / "c", stage=0, spread_loss_weight=1e308))
+    with pytest.raises(FusarbatchError, match=r"training diverged at step [2-4]"):
+        train(_config(generated_base_model, data, tmp_path / "c", stage=0, lr=1e30, max_steps=4))
     assert not (tmp_path / "c" / "model.safetensors").exists()
 
 

@@ -233,10 +233,13 @@ def test_vision_only_hostile_runs_fail_in_one_line_and_leave_nothing_usable(
         train(_config(generated_base_model, data, tmp_path / "file"))
     with pytest.raises(UsageError, match="--device foo"):
         train(_config(generated_base_model, data, tmp_path / "dev", device="foo"))
-    # a finite loss with an overflowing gradient: clipping made the weights NaN, then they were saved as done
+    # a finite loss with an overflowing gradient (clipping made the weights NaN, then saved as done):
+    # such weights are refused now, and the lr that does the same is caught as a divergence
     nan_out = tmp_path / "nan"
-    with pytest.raises(FusarbatchError, match="diverged at step 1: the gradient norm"):
+    with pytest.raises(UsageError, match=r"--target-loss-weight 1e\+37: give a number in \[0, 10000\]"):
         train(_config(generated_base_model, data, nan_out, target_loss_weight=1e37, max_steps=1))
+    with pytest.raises(FusarbatchError, match="diverged at step"):
+        train(_config(generated_base_model, data, nan_out, lr=1e30, max_steps=3))
     assert not (nan_out / "model.safetensors").exists() and not list(nan_out.glob("checkpoint-*"))
     # --resume: another --lr was silently replaced by the checkpoint's; an incomplete checkpoint (killed while
     # saving) or an empty state file gave a traceback or "interrupted"
