@@ -258,6 +258,12 @@ def test_stage0_usage_errors(generated_base_model, generated_counting_manifest, 
         with pytest.raises(UsageError, match=r"weight 1e\+37: give a number in \[0, 10000\]"):
             train(_config(generated_base_model, data, tmp_path / "b4", stage=0, **{name: 1e37}))
     assert not (tmp_path / "b4").exists()
+    # a 1-layer language model has no layer between its input and its output for the probe (IndexError before)
+    from fusarbatch.model import build_tiny_model
+
+    one = build_tiny_model(tmp_path / "generated_one_layer", num_layers=1)
+    with pytest.raises(UsageError, match="at least 2 layers \\(this one has 1\\)"):
+        train(_config(one, data, tmp_path / "b5", stage=0, position_loss_weight=1.0))
     with pytest.raises(UsageError, match="--position-loss-weight trains the language model"):
         train(
             _config(
