@@ -22,8 +22,10 @@
 - :func:`spread_loss`: keeps the visual tokens centred (measured: it dominated the loss; off in the shipped
   recipe).
 
-None of these made a 1 M-parameter model trained from scratch on 2 CPU cores read the image
-(training/RESULTS.md); they are kept, tested, as options for larger bases and budgets.
+Used in the shipped demo recipe (training/make_demo.sh): the answer mean, the dense target loss and the image
+probe (stage 0a, vision only) and the position probe (stage 0b). Trained inside the full model from scratch
+(session 3), the target loss and the probe alone did not make a 1 M-parameter model read the image; the
+spread loss is off. All are tested options for any base size (training/RESULTS.md).
 """
 
 from __future__ import annotations
