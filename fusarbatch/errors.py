@@ -10,6 +10,8 @@ Exit codes (README): 0 all done, 1 some scenes failed or a runtime error, 2 usag
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 
 class FusarbatchError(Exception):
@@ -56,21 +58,31 @@ class NoWorkerError(FusarbatchError):
 _DISK_FULL = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file-size limit"}
 
 
+def as_os_error(exc: BaseException) -> BaseException:
+    """``exc`` itself, or the :class:`OSError` that safetensors reports only in its message: a failed write is
+    ``SafetensorError("... (os error N)")``, not an ``OSError``."""
+    if isinstance(exc, OSError):
+        return exc
+    code = re.search(r"\(os error (\d+)\)", str(exc))
+    return OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else exc
+
+
 def disk_full(exc: BaseException, writing: str = "the outputs") -> str | None:
     """One line when ``exc`` (or an exception in its cause/context chain) is a write that failed for lack of
     space: ``disk full (No space left on device: '<path>') while writing <writing>; ...``, ``disk quota
     exceeded (...)`` or ``disk full: file-size limit reached (File too large)`` (``RLIMIT_FSIZE``,
-    ``ulimit -f``); else ``None``."""
+    ``ulimit -f``); else ``None``. Safetensors' write errors count (:func:`as_os_error`)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in _DISK_FULL:
-            where = f": {current.filename!r}" if current.filename else ""
-            what = _DISK_FULL[current.errno]
-            head = "disk full: file-size limit reached" if current.errno == errno.EFBIG else what
+        failed = as_os_error(current)
+        if isinstance(failed, OSError) and failed.errno in _DISK_FULL:
+            where = f": {failed.filename!r}" if failed.filename else ""
+            what = _DISK_FULL[failed.errno]
+            head = "disk full: file-size limit reached" if failed.errno == errno.EFBIG else what
             return (
-                f"{head} ({current.strerror}{where}) while writing {writing}; free space, then rerun "
+                f"{head} ({failed.strerror}{where}) while writing {writing}; free space, then rerun "
                 "(earlier outputs are kept)"
             )
         current = current.__cause__ or current.__context__

@@ -121,7 +121,7 @@ def base(
     under a temporary name next to ``--out``, then renamed: a failed build leaves no half-written model."""
     import os
 
-    from fusarbatch.errors import UsageError, disk_full
+    from fusarbatch.errors import UsageError, as_os_error, disk_full
     from fusarbatch.model.tiny import build_tiny_model
 
     if preset not in BASE_PRESETS:
@@ -146,12 +146,8 @@ def base(
             encoding="utf-8",
         )
     except Exception as exc:
-        import re
-
         shutil.rmtree(tmp, ignore_errors=True)
-        # safetensors reports a failed write as SafetensorError("... (os error N)"), not as an OSError
-        code = re.search(r"\(os error (\d+)\)", str(exc))
-        cause = OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else exc
+        cause = as_os_error(exc)
         full = disk_full(cause, f"the base model in {out}")
         if full is not None:
             raise FusarbatchError(full) from None

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -408,10 +407,7 @@ def pretrain_vision(config: Any) -> Any:
                 )
         except Exception as exc:
             shutil.rmtree(folder, ignore_errors=True)
-            # safetensors reports a failed write as SafetensorError("... (os error N)"), not as an OSError
-            code = re.search(r"\(os error (\d+)\)", str(exc))
-            cause = OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else exc
-            full = disk_full(cause, str(final))
+            full = disk_full(exc, str(final))
             if full is not None:
                 raise FusarbatchError(full) from None
             raise
