@@ -51,6 +51,7 @@ import numpy as np
 from PIL import Image
 
 from fusarbatch.errors import UsageError
+from fusarbatch.files import check_regular
 from fusarbatch.model.prompts import (
     GRID,
     Box,
@@ -156,9 +157,9 @@ def read_voc(path: str | Path, class_map: dict[str, str] | None = None) -> tuple
     :raises UsageError: unreadable XML or missing size/box fields.
     """
     p = Path(path)
-    if not p.is_file():  # a FIFO would block the XML parser forever
-        raise UsageError(f"VOC annotation {p}: not a regular file; remove it or replace it with the XML file")
     try:
+        # a FIFO would block the XML parser forever
+        check_regular(p, "VOC annotation", UsageError, "remove it or replace it with the XML file")
         root = ET.parse(p).getroot()
         width = int(_voc_number(root.findtext("size/width", "")))
         height = int(_voc_number(root.findtext("size/height", "")))

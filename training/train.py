@@ -219,20 +219,18 @@ class TrainConfig:
                 raise UsageError(f"{name} {v}: give a finite number > 0")
         if self.loss_mean is not None and self.loss_mean not in LOSS_MEANS:
             raise UsageError(f"--loss-mean {self.loss_mean!r}: choose token or answer")
-        weights = (
+        vision_weights = (
             ("--target-loss-weight", self.target_loss_weight),
             ("--spread-loss-weight", self.spread_loss_weight),
             ("--probe-loss-weight", self.probe_loss_weight),
         )
-        weights += (("--position-loss-weight", self.position_loss_weight),)
-        for name, w in weights:
+        for name, w in (*vision_weights, ("--position-loss-weight", self.position_loss_weight)):
             if not (math.isfinite(w) and 0 <= w <= MAX_LOSS_WEIGHT):
                 raise UsageError(
                     f"{name} {w:g}: give a number in [0, {MAX_LOSS_WEIGHT:g}] (larger weights drown the "
                     "answer loss and overflow the gradients)"
                 )
-            if name == "--position-loss-weight":
-                continue
+        for name, w in vision_weights:
             if w and self.stage != 0:
                 raise UsageError(f"{name} trains the vision tower: stage 0 only")
         if self.position_loss_weight and (self.stage != 0 or self.vision_only or self.freeze_language_model):
@@ -843,14 +841,9 @@ def train(config: TrainConfig) -> TrainResult:
     try:
         result = trainer.train(resume_from_checkpoint=str(latest) if cfg.resume and latest else None)
     except Exception as exc:
-        import re
-
         from fusarbatch.errors import FusarbatchError, disk_full
 
-        # safetensors reports a failed write as SafetensorError("... (os error N)"), not as an OSError
-        code = re.search(r"\(os error (\d+)\)", str(exc))
-        cause = OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else exc
-        full = disk_full(cause, f"a checkpoint in {out}")
+        full = disk_full(exc, f"a checkpoint in {out}")
         if full is not None:
             raise FusarbatchError(full) from None
         raise

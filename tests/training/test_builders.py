@@ -265,7 +265,7 @@ def test_hostile_annotations_are_one_line_errors(tmp_path):
     root.mkdir()
     Image.fromarray(np.zeros((100, 100), dtype=np.uint8)).convert("RGB").save(root / "a.jpg")
     os.mkfifo(root / "a.xml")
-    with pytest.raises(UsageError, match=r"a\.xml: not a regular file"):
+    with pytest.raises(UsageError, match=r"a\.xml: a FIFO \(named pipe\), not a regular file"):
         build_dataset(root, tmp_path / "out_fifo", val_fraction=0.0)
     (root / "a.xml").unlink()
     for bad in ("nan", "inf", "-inf", "1_0", "1e400", "0x10", ""):
