@@ -39,7 +39,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
+import shutil
+import tempfile
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -660,25 +663,35 @@ def build_dataset(
         classes = sorted({c.label for c in chips if c.label} | {b.label for c in chips for b in c.boxes})
     all_chips = list(_augmented(chips, augment))
     images_dir = dst / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    dst.mkdir(parents=True, exist_ok=True)
+    # Images are rendered into a staging folder and moved into images/ only once every chip has rendered: a
+    # chip that fails leaves an existing build (its images and manifests) as it was.
+    staging = Path(tempfile.mkdtemp(prefix=".images.partial-", dir=dst))
     by_file: dict[str, list[Triplet]] = {}
     summary = BuildSummary(out=dst)
-    for i, chip in enumerate(all_chips):
-        image, boxes = render_chip(chip, grid)
-        rgb = np.asarray(image)
-        stored = Image.fromarray(rgb[..., 0]) if (rgb == rgb[..., :1]).all() else image
-        image_path = images_dir / (chip.id.replace("/", "__").replace("~", "_") + ".png")
-        stored.save(image_path, optimize=False, compress_level=6)
-        summary.images += 1
-        for rec in chip_records(chip, image_path, boxes, classes=classes, tasks=tasks, grid=grid):
-            stage = "stage1" if rec.task == "caption" else "stage2"
-            by_file.setdefault(f"{stage}_{chip.split}.jsonl", []).append(rec)
-        if progress is not None:
-            progress(i + 1, len(all_chips))
+    try:
+        for i, chip in enumerate(all_chips):
+            image, boxes = render_chip(chip, grid)
+            rgb = np.asarray(image)
+            stored = Image.fromarray(rgb[..., 0]) if (rgb == rgb[..., :1]).all() else image
+            file_name = chip.id.replace("/", "__").replace("~", "_") + ".png"
+            stored.save(staging / file_name, optimize=False, compress_level=6)
+            summary.images += 1
+            recs = chip_records(chip, images_dir / file_name, boxes, classes=classes, tasks=tasks, grid=grid)
+            for rec in recs:
+                stage = "stage1" if rec.task == "caption" else "stage2"
+                by_file.setdefault(f"{stage}_{chip.split}.jsonl", []).append(rec)
+            if progress is not None:
+                progress(i + 1, len(all_chips))
+        images_dir.mkdir(exist_ok=True)
+        for staged in staging.iterdir():
+            os.replace(staged, images_dir / staged.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     for fname, records in sorted(by_file.items()):
         write_manifest(dst / fname, records)
         summary.manifests[fname] = dict(Counter(r.task for r in records))
-    _write_readme(dst, src, kind, chips, all_chips, classes, augment, summary)
+    _write_readme(dst, src, kind, chips, all_chips, classes, augment, summary, grid)
     log.info("built %d image(s) and %s in %s", summary.images, summary.manifests, dst)
     return summary
 
@@ -692,6 +705,7 @@ def _write_readme(
     classes: Sequence[str],
     augment: str,
     summary: BuildSummary,
+    grid: int,
 ) -> None:
     lines = [
         f"# Triplets built from {src}",
@@ -699,9 +713,9 @@ def _write_readme(
         f"Built by `python -m training build` (training/builders.py) from the {kind} data in `{src}`",
         f"({len(chips)} chips, {len(all_chips)} rendered images with augmentation `{augment}`).",
         "",
-        "- Images: rendered by `fusarbatch.render.render(units='dn')` (the inference renderer), 504 x 504 "
-        "PNG.",
-        "- Boxes: clipped to the chip, then scaled per axis to the 504 grid.",
+        "- Images: rendered by `fusarbatch.render.render(units='dn')` (the inference renderer), "
+        f"{grid} x {grid} PNG.",
+        f"- Boxes: clipped to the chip, then scaled per axis to the {grid} grid.",
         "- **Captions are generated from the labels by templates** (training/builders.py `caption_for`);",
         "  they say only what the labels say (sensor, number, class and 3 x 3 cell of the targets).",
         "- No AlphaEarth anchors: the chips carry no geolocation (`aef: null`, empty TLM mask).",

@@ -289,3 +289,21 @@ def test_hostile_annotations_are_one_line_errors(tmp_path):
     (root / "a.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(UsageError, match=r"a\.jpg: unreadable"):
         build_dataset(root, tmp_path / "out_img", val_fraction=0.0)
+
+
+def test_failed_rebuild_leaves_the_previous_build_as_it_was(generated_voc, tmp_path):
+    """Hostile round 5 (B14): a rebuild into an existing ``--out`` that fails on its second chip wrote the first
+    chip's new image beside the previous manifests. Images now render into a staging folder first."""
+    out = tmp_path / "out"
+    build_dataset(generated_voc, out, tasks=("detection",), grid=56)
+    before = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert sum(n.endswith(".png") for n in before) == 3
+    readme = (out / "README.md").read_text()
+    assert "56 x 56 PNG" in readme and "504" not in readme
+    # the same chips on a larger grid, with the second image broken: every file stays byte for byte
+    (generated_voc / "JPEGImages" / "000002.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(UsageError, match=r"000002\.jpg: unreadable"):
+        build_dataset(generated_voc, out, tasks=("detection",), grid=112)
+    after = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before
+    assert [p.name for p in out.iterdir() if p.name.startswith(".images.partial-")] == []
