@@ -95,6 +95,21 @@ trained parts and the data follow them (a changed one was a traceback or silentl
 LOSS_MEANS = ("token", "answer")
 
 
+def aux_loss_scale(loss_mean: str, *, training: bool, grad_accum: int) -> float:
+    """Factor on the stage-0 auxiliary losses so that they weigh the same whatever ``--grad-accum``.
+
+    With ``loss_mean="token"`` the model's loss is already divided over the whole accumulated batch
+    (``num_items_in_batch``) and the Trainer does not divide by ``grad_accum``, so the per-batch auxiliary
+    means must be divided here; with ``"answer"`` the Trainer divides the summed loss itself.
+    Evaluation passes (``training=False``) are not accumulated.
+
+    :returns: ``1 / grad_accum`` for a token-mean training pass, else 1.0.
+    """
+    if loss_mean == "token" and training:
+        return 1.0 / max(int(grad_accum), 1)
+    return 1.0
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs (the ``fusarbatch train`` flags).
@@ -513,9 +528,9 @@ def _trainer_class() -> type:
                 # token mean: the model's loss is already divided over the accumulated batch and the Trainer
                 # does not divide by grad_accum, so the per-batch auxiliary means are divided here (else they
                 # would weigh grad_accum times more than with --loss-mean answer)
-                scale = 1.0
-                if self.model_accepts_loss_kwargs and model.training:
-                    scale = 1.0 / max(int(self.args.gradient_accumulation_steps), 1)
+                scale = aux_loss_scale(
+                    self.loss_mean, training=model.training, grad_accum=self.args.gradient_accumulation_steps
+                )
                 loss = loss + scale * torch.stack(aux_terms).sum()
             if not torch.isfinite(loss.detach()).all():
                 # a diverged run would go on to save a model of NaN weights and end "done"

@@ -292,8 +292,9 @@ def test_hostile_annotations_are_one_line_errors(tmp_path):
 
 
 def test_failed_rebuild_leaves_the_previous_build_as_it_was(generated_voc, tmp_path):
-    """Hostile round 5 (B14): a rebuild into an existing ``--out`` that fails on its second chip wrote the first
-    chip's new image beside the previous manifests. Images now render into a staging folder first."""
+    """Hostile round 5 (B14): a rebuild into an existing ``--out`` that fails on its second chip wrote
+    the first chip's new image beside the previous manifests. Images now render into a staging
+    folder first."""
     out = tmp_path / "out"
     build_dataset(generated_voc, out, tasks=("detection",), grid=56)
     before = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}

@@ -333,3 +333,16 @@ def test_final_loss_is_the_last_steps(generated_base_model, generated_counting_m
     rows = [json.loads(x) for x in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
     assert sorted(losses) == [1, 3] and res.final_loss == pytest.approx(losses[3])
+
+
+def test_aux_loss_scale_keeps_aux_weights_independent_of_grad_accum():
+    """Hostile round 5 (B10): with --loss-mean token and --grad-accum N the auxiliary losses weighed N times
+    too much (the model's loss is divided over the accumulated batch, the per-batch auxiliary means were
+    not)."""
+    from training.train import aux_loss_scale
+
+    assert aux_loss_scale("token", training=True, grad_accum=4) == 0.25
+    assert aux_loss_scale("token", training=True, grad_accum=1) == 1.0
+    assert aux_loss_scale("token", training=False, grad_accum=4) == 1.0  # evaluation is not accumulated
+    assert aux_loss_scale("answer", training=True, grad_accum=4) == 1.0  # the Trainer divides this one
+    assert aux_loss_scale("token", training=True, grad_accum=0) == 1.0
