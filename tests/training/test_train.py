@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -346,3 +348,44 @@ def test_aux_loss_scale_keeps_aux_weights_independent_of_grad_accum():
     assert aux_loss_scale("token", training=False, grad_accum=4) == 1.0  # evaluation is not accumulated
     assert aux_loss_scale("answer", training=True, grad_accum=4) == 1.0  # the Trainer divides this one
     assert aux_loss_scale("token", training=True, grad_accum=0) == 1.0
+
+
+_UNDER_FILE_SIZE_LIMIT = (
+    "import resource, runpy, signal, sys\n"
+    "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))\n"
+    "sys.argv = [sys.argv[1]] + sys.argv[2:]\n"
+    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
+)
+
+
+def _run_with_a_full_disk(*args: str) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` under RLIMIT_FSIZE 150 kB: writes past it fail with EFBIG, as on a full
+    disk."""
+    return subprocess.run(
+        [sys.executable, "-c", _UNDER_FILE_SIZE_LIMIT, *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_a_full_disk_in_train_and_base_is_one_line(
+    generated_base_model, generated_counting_manifest, tmp_path
+):
+    """Hostile round 5: a full disk in ``train`` (a checkpoint) and in ``python -m training base`` gave
+    tracebacks, and ``base`` left a half-written model."""
+    out = tmp_path / "stage1"
+    data = generated_counting_manifest(n=4, size=56, seed=3)
+    proc = _run_with_a_full_disk(
+        "fusarbatch.cli", "train", "--stage", "0", "--data", str(data),
+        "--base-model", str(generated_base_model), "--out", str(out),
+        "--max-steps", "2", "--save-steps", "1", "--batch-size", "2", "--grad-accum", "1",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "disk full: file-size limit reached" in last and str(out) in last, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    base = tmp_path / "base"
+    proc = _run_with_a_full_disk("training", "base", "--out", str(base), "--preset", "demo")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "disk full: file-size limit reached" in last and str(base) in last, proc.stderr[-2000:]
+    assert not base.exists() and not list(tmp_path.glob(".base.tmp-*"))
