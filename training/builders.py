@@ -9,9 +9,10 @@ Sources (``/work/shared/data`` layout, see its README):
   the class name; ``val`` is the standard SOC test set at 15 degrees depression).
 
 Every chip is rendered by :func:`fusarbatch.render.render` -- the function that renders tiles at inference --
-with ``units="dn"`` (8-bit magnitude chips), resized to 504 x 504 (bicubic). Boxes are clipped to the chip
-(some ground-truth boxes run past the edge) and scaled per axis to the 504 grid. Rendered images are stored as
-lossless PNG (grey ``L`` when the three channels are equal, which is always the case for grey rendering).
+with ``units="dn"`` (8-bit magnitude chips), resized to ``grid`` x ``grid`` (``--grid``, default 504;
+bicubic). Boxes are clipped to the chip (some ground-truth boxes run past the edge) and scaled per axis to
+that grid. Rendered images are stored as lossless PNG (grey ``L`` when the three channels are equal, which
+is always the case for grey rendering).
 
 Tasks (prompts and answer formats: :mod:`fusarbatch.model.prompts`):
 
@@ -30,7 +31,12 @@ The chips carry no geolocation, so records have no AlphaEarth anchors (``aef: nu
 tokens unmodulated).
 
 Outputs in ``out``: ``images/*.png``, ``stage1_<split>.jsonl`` (captions), ``stage2_<split>.jsonl`` (tasks),
-``README.md`` (what was built, from what, and that captions are template-generated).
+``README.md`` (what was built, from what, and that captions are template-generated). A build is staged
+(images in a ``.build.partial-<pid>-*`` folder, manifests and README under ``.<name>.partial-<pid>`` names)
+and switched in only when every chip rendered and every file was written: a failed or killed build leaves an
+existing one as it was (a later build removes the staging of a dead process). Manifests of an earlier build
+that this build does not write again (another ``--split`` or ``--task`` set) are removed, since the images
+they name were rendered again.
 """
 
 from __future__ import annotations
@@ -53,8 +59,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fusarbatch.errors import UsageError
-from fusarbatch.files import check_regular
+from fusarbatch.errors import FusarbatchError, UsageError, disk_full
+from fusarbatch.files import check_regular, read_capped
 from fusarbatch.model.prompts import (
     GRID,
     Box,
@@ -144,7 +150,9 @@ def load_class_map(path: str | Path) -> dict[str, str]:
     or a plain mapping)."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        # a FIFO would block and /dev/zero would fill the memory
+        raw = read_capped(p, "class map", UsageError, 1 << 20, "give the classes.json file")
+        data = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise UsageError(f"class map {p}: unreadable ({exc})") from None
     mapping = data.get("folder_to_class", data) if isinstance(data, dict) else None
@@ -404,6 +412,8 @@ def load_chip(chip: Chip) -> tuple[np.ndarray, tuple[Box, ...]]:
     """The chip's grey DN values ``(y, x)`` (RGB-stored grey is converted to luminance) and its boxes, with
     the chip's dihedral augmentation applied."""
     try:
+        # a FIFO would block the image reader forever
+        check_regular(chip.path, "chip image", UsageError, "remove it or replace it with the image file")
         with Image.open(chip.path) as im:
             values = np.asarray(im.convert("L"), dtype=np.float32)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -663,12 +673,15 @@ def build_dataset(
         classes = sorted({c.label for c in chips if c.label} | {b.label for c in chips for b in c.boxes})
     all_chips = list(_augmented(chips, augment))
     images_dir = dst / "images"
-    dst.mkdir(parents=True, exist_ok=True)
-    # Images are rendered into a staging folder and moved into images/ only once every chip has rendered: a
-    # chip that fails leaves an existing build (its images and manifests) as it was.
-    staging = Path(tempfile.mkdtemp(prefix=".images.partial-", dir=dst))
+    _prepare_out(dst)
     by_file: dict[str, list[Triplet]] = {}
     summary = BuildSummary(out=dst)
+    pid = os.getpid()
+    staged: dict[Path, Path] = {}  # final path -> staged path (manifests, README)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".build.partial-{pid}-", dir=dst))
+    except OSError as exc:
+        raise _write_error(exc, dst) from None
     try:
         for i, chip in enumerate(all_chips):
             image, boxes = render_chip(chip, grid)
@@ -683,21 +696,98 @@ def build_dataset(
                 by_file.setdefault(f"{stage}_{chip.split}.jsonl", []).append(rec)
             if progress is not None:
                 progress(i + 1, len(all_chips))
+        # manifests and README under temporary names in dst (manifest paths are relative to their folder)
+        for fname, records in sorted(by_file.items()):
+            staged[dst / fname] = dst / f".{fname}.partial-{pid}"
+            write_manifest(staged[dst / fname], records)
+            summary.manifests[fname] = dict(Counter(r.task for r in records))
+        staged[dst / "README.md"] = dst / f".README.md.partial-{pid}"
+        _write_readme(staged[dst / "README.md"], src, kind, chips, all_chips, classes, augment, summary, grid)
+        # switch: check every target first, so that the moves below cannot stop half way
+        images = sorted(staging.iterdir())
+        _check_targets([images_dir / f.name for f in images] + list(staged), images_dir)
         images_dir.mkdir(exist_ok=True)
-        for staged in staging.iterdir():
-            os.replace(staged, images_dir / staged.name)
+        for f in images:
+            os.replace(f, images_dir / f.name)
+        for final, tmp in staged.items():
+            os.replace(tmp, final)
+        staged.clear()
+        for old in sorted(dst.glob("stage[12]_*.jsonl")):
+            if old.name not in by_file and old.is_file():
+                log.info("removed %s: an earlier build's manifest, its images were rendered again", old)
+                old.unlink()
+    except OSError as exc:
+        raise _write_error(exc, dst) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for fname, records in sorted(by_file.items()):
-        write_manifest(dst / fname, records)
-        summary.manifests[fname] = dict(Counter(r.task for r in records))
-    _write_readme(dst, src, kind, chips, all_chips, classes, augment, summary, grid)
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
     log.info("built %d image(s) and %s in %s", summary.images, summary.manifests, dst)
     return summary
 
 
+def _write_error(exc: OSError, dst: Path) -> FusarbatchError:
+    """One line for an ``OSError`` while writing a build into ``dst`` (a full disk says so)."""
+    full = disk_full(exc, f"the dataset in {dst}")
+    if full is not None:
+        return FusarbatchError(full)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return UsageError(
+        f"--out {dst}: cannot write{where}: {exc.strerror or exc}; choose another --out or fix it"
+    )
+
+
+def _prepare_out(dst: Path) -> None:
+    """Create ``dst`` and remove the staging that a killed build (its process gone) left in it.
+
+    :raises UsageError: ``dst`` is not a folder or cannot be created.
+    """
+    if dst.exists() and not dst.is_dir():
+        raise UsageError(f"--out {dst}: exists and is not a folder; choose another --out")
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(exc, dst) from None
+    for stale in dst.glob(".*.partial-*"):
+        m = re.search(r"\.partial-(\d+)", stale.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        log.info("removing %s, left by a build that did not finish", stale)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a PID that cannot be signalled for lack of rights exists)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def _check_targets(targets: Sequence[Path], images_dir: Path) -> None:
+    """Refuse to switch a build in when ``images/`` or one of the files it replaces is in the way (a folder,
+    or ``images/`` a file or dangling link), before anything is moved.
+
+    :raises UsageError: names the path in the way.
+    """
+    if images_dir.is_symlink() or (images_dir.exists() and not images_dir.is_dir()):
+        raise UsageError(f"{images_dir}: not a folder; remove it and build again")
+    for t in targets:
+        if t.is_dir() and not t.is_symlink():
+            raise UsageError(f"{t}: a folder where the build writes a file; remove it and build again")
+    for d in (images_dir if images_dir.is_dir() else images_dir.parent, images_dir.parent):
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise UsageError(f"{d}: not writable; fix its permissions or choose another --out")
+
+
 def _write_readme(
-    dst: Path,
+    path: Path,
     src: Path,
     kind: str,
     chips: Sequence[Chip],
@@ -728,4 +818,4 @@ def _write_readme(
         lines.append(
             f"| {fname} | " + " | ".join(str(counts.get(t, 0)) for t in ("caption", *TASK_NAMES)) + " |"
         )
-    (dst / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")

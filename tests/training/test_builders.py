@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fusarbatch.errors import UsageError
+from fusarbatch.errors import FusarbatchError, UsageError
 from fusarbatch.model import parse_detection, parse_grounding
 from fusarbatch.model.prompts import Box, grounding_cells
 from fusarbatch.render import render
@@ -308,3 +308,86 @@ def test_failed_rebuild_leaves_the_previous_build_as_it_was(generated_voc, tmp_p
     after = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     assert after == before
     assert [p.name for p in out.iterdir() if p.name.startswith(".images.partial-")] == []
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_rebuild_that_cannot_switch_in_changes_nothing(generated_voc, tmp_path):
+    """Hostile round 6: a folder where the rebuild writes an image or a manifest, or a full disk, stopped the
+    switch half way (new images beside old manifests) with a traceback. Every target is now checked before
+    anything moves, and OSErrors are one line."""
+    import resource
+    import signal
+
+    out = tmp_path / "out"
+    build_dataset(generated_voc, out, tasks=("detection",), grid=56)
+    before = _files(out)
+    for in_the_way in (out / "images" / "generated_voc__000003.png", out / "stage2_val.jsonl"):
+        in_the_way.unlink()
+        in_the_way.mkdir()
+        (in_the_way / "keep").write_text("x")
+        with pytest.raises(UsageError, match="a folder where the build writes a file; remove it"):
+            build_dataset(generated_voc, out, tasks=("detection",), grid=112)
+        shutil.rmtree(in_the_way)
+        in_the_way.write_bytes(before[str(in_the_way.relative_to(out))])
+        assert _files(out) == before
+        assert not [p for p in out.iterdir() if ".partial-" in p.name]
+    # a full disk (RLIMIT_FSIZE: writes fail with EFBIG) while the images are staged
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
+    try:
+        with pytest.raises(FusarbatchError, match=r"^disk full: file-size limit reached .* the dataset in "):
+            build_dataset(generated_voc, out, tasks=("detection",), grid=112)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert _files(out) == before
+    assert not [p for p in out.iterdir() if ".partial-" in p.name]
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UsageError, match=r"a_file: exists and is not a folder; choose another --out"):
+        build_dataset(generated_voc, tmp_path / "a_file", tasks=("detection",))
+
+
+def test_stale_staging_is_removed_and_old_manifests_do_not_outlive_their_images(generated_voc, tmp_path):
+    """A killed build's staging (its PID gone) is removed by the next build, a live one's kept; manifests of
+    an earlier build that this one does not write again are removed (they named re-rendered images)."""
+    import subprocess
+
+    out = tmp_path / "out"
+    build_dataset(generated_voc, out, tasks=("detection",), grid=56)
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        (out / f".build.partial-{gone.pid}-abc").mkdir()
+        (out / f".build.partial-{gone.pid}-abc" / "x.png").write_bytes(b"x")
+        (out / f".stage2_train.jsonl.partial-{gone.pid}").write_text("{}")
+        (out / f".build.partial-{proc.pid}-def").mkdir()
+        build_dataset(generated_voc, out, tasks=("detection",), grid=56, splits=("val",))
+        left = sorted(p.name for p in out.iterdir() if ".partial-" in p.name)
+        assert left == [f".build.partial-{proc.pid}-def"]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sorted(p.name for p in out.glob("stage*.jsonl")) == ["stage2_val.jsonl"]
+
+
+def test_fifos_in_class_folders_and_class_maps_are_one_line_errors(tmp_path):
+    """Hostile round 6: a FIFO chip image in a class folder, or a FIFO / endless class map, hung the build."""
+    import os
+
+    root = tmp_path / "generated_folders"
+    (root / "train" / "0").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(root / "train" / "0" / "a.png")
+    os.mkfifo(root / "train" / "0" / "b.png")
+    with pytest.raises(UsageError, match=r"b\.png: a FIFO \(named pipe\), not a regular file; remove it"):
+        build_dataset(root, tmp_path / "out")
+    assert not (tmp_path / "out" / "images").exists()
+    os.mkfifo(tmp_path / "classes.fifo")
+    with pytest.raises(UsageError, match=r"class map .*classes\.fifo: .*FIFO"):
+        build_dataset(root, tmp_path / "out2", class_map=tmp_path / "classes.fifo")
+    with pytest.raises(UsageError, match=r"class map /dev/zero: .*not a regular file"):
+        build_dataset(root, tmp_path / "out3", class_map="/dev/zero")
