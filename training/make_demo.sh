@@ -2,7 +2,7 @@
 # Rebuild the packaged demo model (fusarbatch/model/demo_model/) from real SAR data with the shipped commands
 # only, and evaluate it against its baselines. Wall times go to $WORK/times.tsv, logs to $WORK/*.log.
 #
-#   DATA=/work/shared/data WORK=out/demo4 training/make_demo.sh
+#   DATA=/work/shared/data WORK=out/demo6 training/make_demo.sh
 #
 # DATA holds ssdd/, mstar_soc10/ and mstar_composite_detection/ (see their SOURCE.txt); they may not be
 # committed and are read from DATA. Set EXPORT=0 to leave the packaged model alone, SKIP_EVAL=1 to train
@@ -26,6 +26,27 @@ export HF_HUB_OFFLINE=1
 # One torch thread: on a shared 2-core machine two OpenMP threads per process oversubscribe the cores (a training
 # step ran 6x slower under load). Override with OMP_NUM_THREADS=2 on an idle machine.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+STEPS0V=${STEPS0V:-3000} STEPS0=${STEPS0:-4000} STEPS0D=${STEPS0D:-2000} STEPS1=${STEPS1:-150} STEPS2=${STEPS2:-400}
+LR0D=${LR0D:-1e-3} LR1=${LR1:-2e-4} LR2=${LR2:-2e-4}
+
+# the settings are checked before anything runs (a bad one would otherwise stop the script hours in)
+die() { echo "make_demo.sh: $*" >&2; exit 2; }
+for v in STEPS0V STEPS0 STEPS0D STEPS1 STEPS2; do
+  [[ ${!v} =~ ^[1-9][0-9]{0,6}$ ]] || die "$v=${!v}: give a whole number of steps from 1 to 9999999"
+done
+for v in LR0D LR1 LR2; do
+  [[ ${!v} =~ ^([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][-+]?[0-9]+)?$ ]] && awk -v x="${!v}" 'BEGIN { exit !(x > 0 && x < 1) }' \
+    || die "$v=${!v}: give a learning rate in (0, 1), e.g. 2e-4"
+done
+[[ $GRID =~ ^[1-9][0-9]*$ ]] && (( GRID % 28 == 0 && GRID <= 8176 )) || die "GRID=$GRID: give a multiple of 28, e.g. 336"
+[ -d "$DATA" ] || die "DATA=$DATA: no such folder; give the folder that holds ssdd/, mstar_soc10/ and mstar_composite_detection/"
+[ -x "$BIN/fusarbatch" ] || die "BIN=$BIN: no fusarbatch there; run 'make venv' first or set BIN"
+
+any() {  # any PATH...: whether one of the paths (a glob's expansion, or the pattern itself when none) exists
+  local f
+  for f in "$@"; do [ -e "$f" ] && return 0; done
+  return 1
+}
 mkdir -p "$WORK"
 touch "$WORK/times.tsv"
 
@@ -40,12 +61,19 @@ step() {  # step NAME COMMAND...: run, log, record the wall time
 
 train() {  # train NAME fusarbatch-train-args...: skipped when done, resumed when interrupted
   local name=$1; shift
-  local out="$WORK/$name"
+  local out="$WORK/$name" base="" prev="" a
+  for a in "$@"; do [ "$prev" = --base-model ] && base=$a; prev=$a; done
   if [ -f "$out/fusarbatch_train.json" ] && grep -q '"wall_s"' "$out/fusarbatch_train.json"; then
+    # done only if it was trained on this base, and after it (else its results would mix two lineages)
+    if ! "$BIN/python" -c 'import json, os, sys; r = json.load(open(sys.argv[1])).get("base_model") or ""
+sys.exit(os.path.realpath(r) != os.path.realpath(sys.argv[2]))' "$out/fusarbatch_train.json" "$base" \
+       || [ "$base/fusarbatch_train.json" -nt "$out/fusarbatch_train.json" ]; then
+      die "$name: $out was trained on another or an older $base; remove $out and run again"
+    fi
     echo "$name: done already ($out)"; return
   fi
   local resume=()
-  if compgen -G "$out/checkpoint-*" > /dev/null; then resume=(--resume); fi
+  if any "$out"/checkpoint-*; then resume=(--resume); fi
   step "$name" "$BIN/fusarbatch" train --out "$out" "$@" "${resume[@]}"
 }
 
@@ -53,7 +81,7 @@ train() {  # train NAME fusarbatch-train-args...: skipped when done, resumed whe
 [ -f "$WORK/base/config.json" ] || step base "$BIN/python" -m training base --out "$WORK/base" --preset demo --seed 0
 build() {  # build NAME ARGS...: skipped when its folder holds manifests
   local name=$1; shift
-  compgen -G "$WORK/data/$name/stage*_*.jsonl" > /dev/null || step "data_$name" "$BIN/python" -m training build "$@" \
+  any "$WORK/data/$name"/stage*_*.jsonl || step "data_$name" "$BIN/python" -m training build "$@" \
     --out "$WORK/data/$name" --grid "$GRID"
 }
 build ssdd "$DATA/ssdd" --name ssdd --split train --augment dihedral
@@ -70,22 +98,22 @@ CAPTIONS=(--data "$WORK/data/ssdd/stage1_train.jsonl" --data "$WORK/data/composi
 # answers of an untrained language model did not learn to see ships: training/RESULTS.md); (b) the language
 # model on every task, reading the frozen tower
 train stage0v --stage 0 --vision-only --base-model "$WORK/base" --batch-size 16 --lr 2e-3 \
-  --max-steps "${STEPS0V:-3000}" --save-steps 250 --log-steps 25 --target-loss-weight 1 --probe-loss-weight 1 \
+  --max-steps "$STEPS0V" --save-steps 250 --log-steps 25 --target-loss-weight 1 --probe-loss-weight 1 \
   "${TASKS[@]}"
 train stage0 --stage 0 --freeze-vision --base-model "$WORK/stage0v" --batch-size 8 --grad-accum 1 --lr 2e-3 \
-  --loss-mean answer --position-loss-weight 1 --max-steps "${STEPS0:-4000}" --save-steps 250 --log-steps 10 \
+  --loss-mean answer --position-loss-weight 1 --max-steps "$STEPS0" --save-steps 250 --log-steps 10 \
   "${TASKS[@]}"
 # (c) detection only, from (b): the mix leaves boxes behind the short answers (one box is ~31 tokens); a
 # detection-only continuation at a lower rate took SSDD F1@0.25 from 3.8 % to 9.8 % after stages 1 + 2
 # (training/RESULTS.md, session 5)
 train stage0det --stage 0 --freeze-vision --base-model "$WORK/stage0" --task detection --batch-size 8 \
-  --grad-accum 1 --lr "${LR0D:-1e-3}" --loss-mean answer --position-loss-weight 1 --max-steps "${STEPS0D:-2000}" \
+  --grad-accum 1 --lr "$LR0D" --loss-mean answer --position-loss-weight 1 --max-steps "$STEPS0D" \
   --save-steps 250 --log-steps 10 "${TASKS[@]}"
 
 # 3. the paper's stages on top: 1 (captions: TLM + LoRA), 2 (tasks: LoRA, TLM frozen)
 C12=(--base-model "$WORK/stage0det" --batch-size 8 --grad-accum 1 --save-steps 100 --log-steps 10)
-train stage1 --stage 1 "${C12[@]}" --lr "${LR1:-2e-4}" --max-steps "${STEPS1:-150}" "${CAPTIONS[@]}"
-train stage2 --stage 2 --init "$WORK/stage1" "${C12[@]}" --lr "${LR2:-2e-4}" --max-steps "${STEPS2:-400}" "${TASKS[@]}"
+train stage1 --stage 1 "${C12[@]}" --lr "$LR1" --max-steps "$STEPS1" "${CAPTIONS[@]}"
+train stage2 --stage 2 --init "$WORK/stage1" "${C12[@]}" --lr "$LR2" --max-steps "$STEPS2" "${TASKS[@]}"
 
 if [ "${SKIP_EVAL:-0}" = 1 ]; then echo "trained; evaluation and export skipped (SKIP_EVAL=1)"; exit 0; fi
 
