@@ -99,12 +99,17 @@ def aux_loss_scale(loss_mean: str, *, training: bool, grad_accum: int) -> float:
     """Factor on the stage-0 auxiliary losses so that they weigh the same whatever ``--grad-accum``.
 
     With ``loss_mean="token"`` the model's loss is already divided over the whole accumulated batch
-    (``num_items_in_batch``) and the Trainer does not divide by ``grad_accum``, so the per-batch auxiliary
-    means must be divided here; with ``"answer"`` the Trainer divides the summed loss itself.
+    (``num_items_in_batch``) and the Trainer does not divide it by the number of batches, so the per-batch
+    auxiliary means must be divided here; with ``"answer"`` the Trainer divides the summed loss itself.
     Evaluation passes (``training=False``) are not accumulated.
 
+    :param grad_accum: the batches of the *current* accumulation window (the Trainer's
+        ``current_gradient_accumulation_steps``): fewer than ``--grad-accum`` in an epoch's last window.
     :returns: ``1 / grad_accum`` for a token-mean training pass, else 1.0.
+    :raises ValueError: ``loss_mean`` is not ``token`` or ``answer``.
     """
+    if loss_mean not in LOSS_MEANS:
+        raise ValueError(f"loss_mean {loss_mean!r}: choose one of {', '.join(LOSS_MEANS)}")
     if loss_mean == "token" and training:
         return 1.0 / max(int(grad_accum), 1)
     return 1.0
@@ -242,7 +247,7 @@ class TrainConfig:
         for name, w in (*vision_weights, ("--position-loss-weight", self.position_loss_weight)):
             if not (math.isfinite(w) and 0 <= w <= MAX_LOSS_WEIGHT):
                 raise UsageError(
-                    f"{name} {w:g}: give a number in [0, {MAX_LOSS_WEIGHT:g}] (larger weights drown the "
+                    f"{name} {w!r}: give a number in [0, {MAX_LOSS_WEIGHT:g}] (larger weights drown the "
                     "answer loss and overflow the gradients)"
                 )
         for name, w in vision_weights:
@@ -526,10 +531,17 @@ def _trainer_class() -> type:
             self._visual_tokens = None
             if aux_terms:
                 # token mean: the model's loss is already divided over the accumulated batch and the Trainer
-                # does not divide by grad_accum, so the per-batch auxiliary means are divided here (else they
-                # would weigh grad_accum times more than with --loss-mean answer)
+                # does not divide it by the batches of the window, so the per-batch auxiliary means are
+                # divided here (else they would weigh that many times more than with --loss-mean answer). The
+                # window is the Trainer's current one: an epoch's last holds fewer than --grad-accum batches.
+                # Without num_items_in_batch the Trainer divides the whole loss itself.
+                window = getattr(
+                    self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+                )
                 scale = aux_loss_scale(
-                    self.loss_mean, training=model.training, grad_accum=self.args.gradient_accumulation_steps
+                    self.loss_mean,
+                    training=model.training,
+                    grad_accum=window if num_items_in_batch is not None else 1,
                 )
                 loss = loss + scale * torch.stack(aux_terms).sum()
             if not torch.isfinite(loss.detach()).all():

@@ -260,6 +260,9 @@ def test_stage0_usage_errors(generated_base_model, generated_counting_manifest, 
         with pytest.raises(UsageError, match=r"weight 1e\+37: give a number in \[0, 10000\]"):
             train(_config(generated_base_model, data, tmp_path / "b4", stage=0, **{name: 1e37}))
     assert not (tmp_path / "b4").exists()
+    # the value as given, not rounded to "10000" (hostile round 6, D16)
+    with pytest.raises(UsageError, match=r"--position-loss-weight 10000\.001: give a number in \[0, 10000\]"):
+        train(_config(generated_base_model, data, tmp_path / "b4", stage=0, position_loss_weight=10000.001))
     # a 1-layer language model has no layer between its input and its output for the probe (IndexError before)
     from fusarbatch.model import build_tiny_model
 
@@ -340,14 +343,37 @@ def test_final_loss_is_the_last_steps(generated_base_model, generated_counting_m
 def test_aux_loss_scale_keeps_aux_weights_independent_of_grad_accum():
     """Hostile round 5 (B10): with --loss-mean token and --grad-accum N the auxiliary losses weighed N times
     too much (the model's loss is divided over the accumulated batch, the per-batch auxiliary means were
-    not)."""
+    not). ``grad_accum`` is the batches of the current window (hostile round 6, D7)."""
     from training.train import aux_loss_scale
 
     assert aux_loss_scale("token", training=True, grad_accum=4) == 0.25
+    assert aux_loss_scale("token", training=True, grad_accum=2) == 0.5  # an epoch's short last window
     assert aux_loss_scale("token", training=True, grad_accum=1) == 1.0
     assert aux_loss_scale("token", training=False, grad_accum=4) == 1.0  # evaluation is not accumulated
     assert aux_loss_scale("answer", training=True, grad_accum=4) == 1.0  # the Trainer divides this one
     assert aux_loss_scale("token", training=True, grad_accum=0) == 1.0
+    for bad in ("sum", "Token", ""):
+        with pytest.raises(ValueError, match="loss_mean"):
+            aux_loss_scale(bad, training=True, grad_accum=4)
+
+
+def test_aux_losses_weigh_the_same_in_a_short_accumulation_window(
+    generated_base_model, generated_counting_manifest, tmp_path
+):
+    """Hostile round 6 (D7): the auxiliary losses were divided by --grad-accum, not by the batches the window
+    really holds: on 2 records (batch 1) --grad-accum 1000 gave them 1/1000 of their weight, --grad-accum 2
+    1/2. The one step of each run sees the same 2 batches: the same loss and the same weights."""
+    data = generated_counting_manifest(n=2, seed=4)
+    kw = {"stage": 0, "loss_mean": "token", "target_loss_weight": 1.0, "batch_size": 1, "max_steps": 1}
+    for accum in (2, 1000):
+        train(_config(generated_base_model, data, tmp_path / f"accum{accum}", grad_accum=accum, **kw))
+    logs = [(tmp_path / f"accum{a}" / "train_log.jsonl").read_text().splitlines() for a in (2, 1000)]
+    losses = [[row["loss"] for row in map(json.loads, lines) if "loss" in row] for lines in logs]
+    assert len(losses[0]) == 1
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-7)
+    a, b = (load_file(str(tmp_path / f"accum{n}" / "model.safetensors")) for n in (2, 1000))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
 _UNDER_FILE_SIZE_LIMIT = (
@@ -389,3 +415,4 @@ def test_a_full_disk_in_train_and_base_is_one_line(
     last = proc.stderr.strip().splitlines()[-1]
     assert "disk full: file-size limit reached" in last and str(base) in last, proc.stderr[-2000:]
     assert not base.exists() and not list(tmp_path.glob(".base.tmp-*"))
+
