@@ -747,6 +747,8 @@ def train(config: TrainConfig) -> TrainResult:
             f"--data: the records mix input sizes {sizes} (coordinate_size); build every manifest with the "
             "same --grid"
         )
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder; choose another --out")
     latest = _latest_checkpoint(out) if out.is_dir() else None
     if cfg.resume and latest is None:
         raise UsageError(f"--resume: no checkpoint-* folder in {out}")
@@ -766,7 +768,12 @@ def train(config: TrainConfig) -> TrainResult:
             "stage 1 with --no-stage1-lora trains only the TLM, but no record has anchors (aef): "
             "nothing to learn"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"--out {out}: cannot create the folder ({exc.strerror or exc}); choose another --out"
+        ) from None
     device = _device(cfg.device)
     hf_logging.disable_progress_bar()
     set_seed(cfg.seed)

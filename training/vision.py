@@ -205,8 +205,11 @@ RESUME_KEYS = (
 
 
 def _check_resume_config(ckpt: Path, cfg: Any, info_file: str, keys: Sequence[str] = RESUME_KEYS) -> None:
+    """:class:`UsageError` unless ``cfg`` repeats the checkpoint's settings ``keys`` and its ``--base-model``
+    and ``--init`` (compared as resolved paths: the frozen weights the checkpoint was trained on)."""
     try:
-        saved = json.loads((ckpt / info_file).read_text(encoding="utf-8"))["config"]
+        info = json.loads((ckpt / info_file).read_text(encoding="utf-8"))
+        saved = info["config"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(
             f"--resume: checkpoint {ckpt} is incomplete ({info_file}: {type(exc).__name__}); delete that "
@@ -218,6 +221,11 @@ def _check_resume_config(ckpt: Path, cfg: Any, info_file: str, keys: Sequence[st
         for k in keys
         if k in saved and saved[k] != now[k]
     ]
+    for flag, key in (("--base-model", "base_model"), ("--init", "init")):
+        given = getattr(cfg, key, None)
+        path = None if given is None else str(Path(given).resolve())
+        if key in info and info[key] != path:
+            differ.append(f"{flag} {path or 'none'} (checkpoint: {info[key] or 'none'})")
     if differ:
         raise UsageError(
             f"--resume from {ckpt}: {'; '.join(differ)}; repeat the checkpoint's settings, or start a new "

@@ -376,6 +376,41 @@ def test_aux_losses_weigh_the_same_in_a_short_accumulation_window(
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_out_a_file_and_resume_on_another_base_model_are_usage_errors(
+    generated_base_model, generated_counting_manifest, tmp_path
+):
+    """Hostile round 6: ``--out`` a regular file was a FileExistsError traceback (D10); ``--resume`` with
+    another ``--base-model`` ran on it silently (D11)."""
+    from fusarbatch.model import build_tiny_model
+
+    data = generated_counting_manifest(n=4)
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(UsageError, match=r"--out .*a_file: exists and is not a folder; choose another --out"):
+        train(_config(generated_base_model, data, tmp_path / "a_file"))
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UsageError, match=r"--out .*dangling: cannot create the folder"):
+        train(_config(generated_base_model, data, tmp_path / "dangling"))
+    args = ["train", "--stage", "1", "--data", str(data), "--base-model", str(generated_base_model)]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a_file")])
+    assert isinstance(res.exception, UsageError) and "exists and is not a folder" in str(res.exception)
+
+    out = tmp_path / "s1"
+    kw = {"max_steps": 1, "save_steps": 1, "batch_size": 2}
+    train(_config(generated_base_model, data, out, **kw))
+    other = build_tiny_model(tmp_path / "other_base", seed=1, init_std=0.02, embed_std=0.3)
+    kw |= {"max_steps": 2, "resume": True}
+    with pytest.raises(UsageError) as caught:
+        train(_config(other, data, out, **kw))
+    message = str(caught.value)
+    assert "\n" not in message and "--resume from" in message
+    assert f"--base-model {other.resolve()} (checkpoint: {generated_base_model.resolve()})" in message
+    assert json.loads((out / "fusarbatch_train.json").read_text())["base_model"] == str(
+        generated_base_model.resolve()
+    )
+    assert train(_config(generated_base_model, data, out, **kw)).steps == 2  # the same base model resumes
+
+
 _UNDER_FILE_SIZE_LIMIT = (
     "import resource, runpy, signal, sys\n"
     "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
