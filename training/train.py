@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -700,6 +701,28 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def _remove_incomplete_checkpoint(ckpt: Path) -> Path | None:
+    """Remove ``ckpt`` when it is a folder without a readable ``trainer_state.json`` (a save that failed or
+    was cut short); returns it when removed."""
+    if not ckpt.is_dir() or ckpt.is_symlink():
+        return None
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+        return None
+    except (OSError, ValueError):
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return ckpt
+
+
+def _rerun_advice(out: Path) -> str:
+    """What to rerun after a failed write in ``out``: with ``--resume`` when a checkpoint is left, else
+    without it (a plain rerun is refused while a checkpoint is there, a resume while none is)."""
+    latest = _latest_checkpoint(out) if out.is_dir() else None
+    if latest is not None:
+        return f"rerun with --resume (it continues from {latest.name}; earlier outputs are kept)"
+    return "rerun without --resume (there is no checkpoint to resume from)"
+
+
 def _trim_log(path: Path, step: int) -> None:
     """Keep the lines of ``train_log.jsonl`` up to ``step``, the one training restarts from (a resume drops
     the later, replayed ones); unreadable lines are dropped."""
@@ -728,6 +751,7 @@ def train(config: TrainConfig) -> TrainResult:
     from training.data import Collator, TripletDataset
     from training.manifest import read_manifests
     from training.plot import plot_loss
+    from training.staging import fresh_staging, move_into
 
     cfg = config.resolved()
     if cfg.vision_only:
@@ -872,26 +896,40 @@ def train(config: TrainConfig) -> TrainResult:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # progress goes to the log (JsonlProgress), not raw dicts
+    from fusarbatch.errors import FusarbatchError, disk_full
+
     try:
         result = trainer.train(resume_from_checkpoint=str(latest) if cfg.resume and latest else None)
     except Exception as exc:
-        from fusarbatch.errors import FusarbatchError, disk_full
-
-        full = disk_full(exc, f"a checkpoint in {out}")
-        if full is not None:
-            raise FusarbatchError(full) from None
-        raise
+        if disk_full(exc) is None:
+            raise
+        # the checkpoint being written has no trainer_state.json (the Trainer writes it last): a --resume
+        # would refuse it, so it goes; the message says how to go on from what is left
+        removed = _remove_incomplete_checkpoint(out / f"checkpoint-{trainer.state.global_step}")
+        gone = f" (the incomplete {removed.name} was removed)" if removed is not None else ""
+        full = disk_full(exc, f"a checkpoint in {out}", fix=_rerun_advice(out) + gone)
+        raise FusarbatchError(full) from None
     wall = time.perf_counter() - started
     info["wall_s"] = round(wall, 1)
     info["train_runtime_s"] = round(float(result.metrics.get("train_runtime", 0.0)), 1)
     trainer.train_info = info
-    trainer.save_model(str(out))
+    # written into a staging folder first: --out holds the final model's files only once all are written
+    partial = fresh_staging(out)
     losses = _read_losses(out / LOG_FILE)
-    plot_loss(
-        losses,
-        out / LOSS_PNG,
-        title=f"stage {cfg.stage}: {len(records)} records, {trainer.state.global_step} steps",
-    )
+    try:
+        trainer.save_model(str(partial))
+        plot_loss(
+            losses,
+            partial / LOSS_PNG,
+            title=f"stage {cfg.stage}: {len(records)} records, {trainer.state.global_step} steps",
+        )
+    except Exception as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        full = disk_full(exc, f"the final model in {out}", fix=_rerun_advice(out))
+        if full is not None:
+            raise FusarbatchError(full) from None
+        raise
+    move_into(partial, out)
     final = losses[-1][1] if losses else None
     log.info("stage %d done in %.0f s: %s (final loss %s)", cfg.stage, wall, out, final)
     return TrainResult(

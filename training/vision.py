@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -262,6 +261,7 @@ def pretrain_vision(config: Any) -> Any:
     from training.manifest import read_manifests
     from training.objectives import probe_loss, target_loss
     from training.plot import plot_loss
+    from training.staging import fresh_staging, move_into
     from training.train import (
         AUX_MODULES,
         LOG_FILE,
@@ -395,8 +395,11 @@ def pretrain_vision(config: Any) -> Any:
         # written under a temporary name first: a checkpoint appears only once complete (a kill leaves a
         # .partial folder), the final model's files move into --out only once all are written
         final = folder
-        folder = final.with_name(f".{final.name}.partial") if with_state else final / ".model.partial"
-        shutil.rmtree(folder, ignore_errors=True)
+        if with_state:
+            folder = final.with_name(f".{final.name}.partial")
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            folder = fresh_staging(final)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fusar.base_model.save_pretrained(folder)
@@ -423,9 +426,7 @@ def pretrain_vision(config: Any) -> Any:
             shutil.rmtree(final, ignore_errors=True)
             folder.rename(final)
         else:
-            for f in folder.iterdir():
-                os.replace(f, final / f.name)
-            folder.rmdir()
+            move_into(folder, final)
 
     fusar.visual.train()
     t_log = time.perf_counter()

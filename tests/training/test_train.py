@@ -444,6 +444,10 @@ def test_a_full_disk_in_train_and_base_is_one_line(
     last = proc.stderr.strip().splitlines()[-1]
     assert "disk full: file-size limit reached" in last and str(out) in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+    # hostile round 6 (D9): the checkpoint it was writing held only config.json, and a rerun was refused
+    # with or without --resume; it is removed, and the message says what to rerun
+    assert not list(out.glob("checkpoint-*")), sorted(p.name for p in out.iterdir())
+    assert "free space, then rerun without --resume" in last and "checkpoint-1 was removed" in last, last
     base = tmp_path / "base"
     proc = _run_with_a_full_disk("training", "base", "--out", str(base), "--preset", "demo")
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -451,3 +455,38 @@ def test_a_full_disk_in_train_and_base_is_one_line(
     assert "disk full: file-size limit reached" in last and str(base) in last, proc.stderr[-2000:]
     assert not base.exists() and not list(tmp_path.glob(".base.tmp-*"))
 
+
+def test_a_full_disk_at_the_final_save_or_a_later_checkpoint_says_how_to_go_on(
+    generated_base_model, generated_counting_manifest, tmp_path
+):
+    """Hostile round 6: a full disk while saving the final model was a SafetensorError traceback that left
+    --out with config.json and no weights (D8); one at a checkpoint after an earlier one left the incomplete
+    folder, which made --resume refuse to run (D9)."""
+    data = generated_counting_manifest(n=4, size=56, seed=3)
+    common = ["--stage", "0", "--data", str(data), "--base-model", str(generated_base_model)]
+    common += ["--batch-size", "2", "--grad-accum", "1"]
+    out = tmp_path / "final"
+    proc = _run_with_a_full_disk(
+        "fusarbatch.cli", "train", *common, "--out", str(out), "--max-steps", "1", "--save-steps", "0"
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "disk full: file-size limit reached" in last and f"the final model in {out}" in last, last
+    assert "then rerun without --resume" in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["train_log.jsonl"]  # no half model, no staging folder
+
+    out = tmp_path / "resumed"
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", *common, "--out", str(out), "--max-steps", "1", "--save-steps", "1"])
+    assert res.exit_code == 0, res.output
+    again = ["train", *common, "--out", str(out), "--max-steps", "2", "--save-steps", "1", "--resume"]
+    proc = _run_with_a_full_disk("fusarbatch.cli", *again)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"a checkpoint in {out}" in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "then rerun with --resume (it continues from checkpoint-1" in last, last
+    assert "the incomplete checkpoint-2 was removed" in last, last
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    res = runner.invoke(app, again)  # what the message says, with space again
+    assert res.exit_code == 0, res.output
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file() and (out / "model.safetensors").is_file()
