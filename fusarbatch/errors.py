@@ -67,11 +67,14 @@ def as_os_error(exc: BaseException) -> BaseException:
     return OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else exc
 
 
-def disk_full(exc: BaseException, writing: str = "the outputs") -> str | None:
+def disk_full(
+    exc: BaseException, writing: str = "the outputs", fix: str = "rerun (earlier outputs are kept)"
+) -> str | None:
     """One line when ``exc`` (or an exception in its cause/context chain) is a write that failed for lack of
-    space: ``disk full (No space left on device: '<path>') while writing <writing>; ...``, ``disk quota
-    exceeded (...)`` or ``disk full: file-size limit reached (File too large)`` (``RLIMIT_FSIZE``,
-    ``ulimit -f``); else ``None``. Safetensors' write errors count (:func:`as_os_error`)."""
+    space: ``disk full (No space left on device: '<path>') while writing <writing>; free space, then
+    <fix>``, ``disk quota exceeded (...)`` or ``disk full: file-size limit reached (File too large)``
+    (``RLIMIT_FSIZE``, ``ulimit -f``); else ``None``. Safetensors' write errors count
+    (:func:`as_os_error`)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -81,9 +84,6 @@ def disk_full(exc: BaseException, writing: str = "the outputs") -> str | None:
             where = f": {failed.filename!r}" if failed.filename else ""
             what = _DISK_FULL[failed.errno]
             head = "disk full: file-size limit reached" if failed.errno == errno.EFBIG else what
-            return (
-                f"{head} ({failed.strerror}{where}) while writing {writing}; free space, then rerun "
-                "(earlier outputs are kept)"
-            )
+            return f"{head} ({failed.strerror}{where}) while writing {writing}; free space, then {fix}"
         current = current.__cause__ or current.__context__
     return None

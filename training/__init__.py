@@ -13,6 +13,7 @@ nothing in :mod:`fusarbatch` imports it except the ``train`` and ``eval`` comman
 - :mod:`training.baselines` -- majority answers, median box, shuffled images, CFAR;
 - :mod:`training.evaluate`, :mod:`training.eval_tables` -- ``fusarbatch eval`` and its tables;
 - :mod:`training.plot` -- loss curves (PNG, Pillow);
+- :mod:`training.staging` -- final model files written into a staging folder, moved in once complete;
 - ``python -m training`` -- ``build`` (datasets), ``generated`` (anchor task), ``base`` (a tiny base model),
   ``export`` (a merged model folder).
 """

@@ -111,6 +111,81 @@ def generated(
         typer.echo(f"{split}: {path}")
 
 
+BASE_INFO_FILE = "fusarbatch_base.json"
+"""What ``base`` writes beside the model: an ``--out`` holding it may be replaced by a new ``base``."""
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user's counts: signal 0 is then refused)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
+    return True
+
+
+def _remove_stale_builds(target: Path) -> None:
+    """Remove the ``.NAME.tmp-PID`` (and ``.NAME.tmp-PID-old``) folders next to ``target`` left by a ``base``
+    that was killed: those whose process is gone, and this process's own; a live build's stay."""
+    import os
+    import re
+
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-(\d+)(-old)?")
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return  # no parent folder yet (created below) or unreadable: nothing of ours there
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if found is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = int(found.group(1))
+        if pid == os.getpid() or not _process_alive(pid):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _base_target(out: Path) -> Path:
+    """The real path ``base`` writes to, or a one-line :class:`UsageError` for an ``--out`` it must not
+    replace: a symbolic link, the current folder or one above it, a file, or a folder that is neither empty
+    nor a model written by an earlier ``base`` (holding :data:`BASE_INFO_FILE`)."""
+    from fusarbatch.errors import UsageError
+
+    if out.is_symlink():
+        raise UsageError(
+            f"--out {out}: a symbolic link; give the folder it should be written to (a new or empty one, "
+            "or an earlier base model), not a link"
+        )
+    try:
+        target = out.resolve()
+        here = Path.cwd().resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop among the parents
+        raise UsageError(f"--out {out}: cannot resolve the path ({exc}); choose another --out") from None
+    if target == here or target in here.parents:
+        raise UsageError(
+            f"--out {out}: the current folder or one above it ({target}); give a new folder for the model"
+        )
+    if not target.exists():
+        return target
+    if not target.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder; choose another --out")
+    try:
+        names = {p.name for p in target.iterdir()}
+    except OSError as exc:
+        raise UsageError(
+            f"--out {out}: cannot read the folder ({exc.strerror or exc}); choose another --out"
+        ) from None
+    if names and BASE_INFO_FILE not in names:
+        raise UsageError(
+            f"--out {out}: a folder that holds other files (it is neither empty nor a base model with "
+            f"{BASE_INFO_FILE}); nothing was replaced; give a new or empty folder"
+        )
+    return target
+
+
 @app.command()
 def base(
     out: Annotated[Path, typer.Option("--out", help="Folder for the base model.")],
@@ -118,7 +193,8 @@ def base(
     seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1)] = 0,
 ) -> None:
     """Write a tiny, randomly initialised Qwen2.5-VL base model (offline; fusarbatch/model/tiny.py). Built
-    under a temporary name next to ``--out``, then renamed: a failed build leaves no half-written model."""
+    under a temporary name next to ``--out``, then renamed: a failed build leaves no half-written model. An
+    existing ``--out`` is replaced only when it is empty or an earlier base model (fusarbatch_base.json)."""
     import os
 
     from fusarbatch.errors import UsageError, as_os_error, disk_full
@@ -126,13 +202,14 @@ def base(
 
     if preset not in BASE_PRESETS:
         raise UsageError(f"--preset {preset!r}: choose {', '.join(BASE_PRESETS)}")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder; choose another --out")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    target = _base_target(out)
+    _remove_stale_builds(target)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    old = target.parent / f".{target.name}.tmp-{os.getpid()}-old"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
         d = build_tiny_model(tmp, seed=seed, **BASE_PRESETS[preset])
-        (d / "fusarbatch_base.json").write_text(
+        (d / BASE_INFO_FILE).write_text(
             json.dumps(
                 {
                     "builder": "fusarbatch.model.tiny.build_tiny_model",
@@ -145,6 +222,17 @@ def base(
             + "\n",
             encoding="utf-8",
         )
+        # the earlier model (checked by _base_target) is moved aside, not deleted, until the new one is in
+        # place; a kill in between leaves it as .NAME.tmp-PID-old, which the next base removes
+        if target.exists():
+            _base_target(out)  # still empty or a base model
+            target.rename(old)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if old.exists() and not target.exists():
+                old.rename(target)
+            raise
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         cause = as_os_error(exc)
@@ -154,11 +242,9 @@ def base(
         if isinstance(cause, OSError):
             raise UsageError(f"--out {out}: cannot write ({cause.strerror or cause})") from None
         raise
-    if out.is_dir():
-        shutil.rmtree(out)
-    d = tmp.rename(out)
-    cfg = json.loads((d / "config.json").read_text())
-    typer.echo(f"tiny base model ({preset}, seed {seed}, vocab {cfg['text_config']['vocab_size']}) in {d}")
+    shutil.rmtree(old, ignore_errors=True)
+    cfg = json.loads((target / "config.json").read_text())
+    typer.echo(f"tiny base model ({preset}, seed {seed}, vocab {cfg['text_config']['vocab_size']}) in {out}")
 
 
 @app.command()

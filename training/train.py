@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,12 +100,17 @@ def aux_loss_scale(loss_mean: str, *, training: bool, grad_accum: int) -> float:
     """Factor on the stage-0 auxiliary losses so that they weigh the same whatever ``--grad-accum``.
 
     With ``loss_mean="token"`` the model's loss is already divided over the whole accumulated batch
-    (``num_items_in_batch``) and the Trainer does not divide by ``grad_accum``, so the per-batch auxiliary
-    means must be divided here; with ``"answer"`` the Trainer divides the summed loss itself.
+    (``num_items_in_batch``) and the Trainer does not divide it by the number of batches, so the per-batch
+    auxiliary means must be divided here; with ``"answer"`` the Trainer divides the summed loss itself.
     Evaluation passes (``training=False``) are not accumulated.
 
+    :param grad_accum: the batches of the *current* accumulation window (the Trainer's
+        ``current_gradient_accumulation_steps``): fewer than ``--grad-accum`` in an epoch's last window.
     :returns: ``1 / grad_accum`` for a token-mean training pass, else 1.0.
+    :raises ValueError: ``loss_mean`` is not ``token`` or ``answer``.
     """
+    if loss_mean not in LOSS_MEANS:
+        raise ValueError(f"loss_mean {loss_mean!r}: choose one of {', '.join(LOSS_MEANS)}")
     if loss_mean == "token" and training:
         return 1.0 / max(int(grad_accum), 1)
     return 1.0
@@ -242,7 +248,7 @@ class TrainConfig:
         for name, w in (*vision_weights, ("--position-loss-weight", self.position_loss_weight)):
             if not (math.isfinite(w) and 0 <= w <= MAX_LOSS_WEIGHT):
                 raise UsageError(
-                    f"{name} {w:g}: give a number in [0, {MAX_LOSS_WEIGHT:g}] (larger weights drown the "
+                    f"{name} {w!r}: give a number in [0, {MAX_LOSS_WEIGHT:g}] (larger weights drown the "
                     "answer loss and overflow the gradients)"
                 )
         for name, w in vision_weights:
@@ -526,10 +532,17 @@ def _trainer_class() -> type:
             self._visual_tokens = None
             if aux_terms:
                 # token mean: the model's loss is already divided over the accumulated batch and the Trainer
-                # does not divide by grad_accum, so the per-batch auxiliary means are divided here (else they
-                # would weigh grad_accum times more than with --loss-mean answer)
+                # does not divide it by the batches of the window, so the per-batch auxiliary means are
+                # divided here (else they would weigh that many times more than with --loss-mean answer). The
+                # window is the Trainer's current one: an epoch's last holds fewer than --grad-accum batches.
+                # Without num_items_in_batch the Trainer divides the whole loss itself.
+                window = getattr(
+                    self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+                )
                 scale = aux_loss_scale(
-                    self.loss_mean, training=model.training, grad_accum=self.args.gradient_accumulation_steps
+                    self.loss_mean,
+                    training=model.training,
+                    grad_accum=window if num_items_in_batch is not None else 1,
                 )
                 loss = loss + scale * torch.stack(aux_terms).sum()
             if not torch.isfinite(loss.detach()).all():
@@ -688,6 +701,28 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def _remove_incomplete_checkpoint(ckpt: Path) -> Path | None:
+    """Remove ``ckpt`` when it is a folder without a readable ``trainer_state.json`` (a save that failed or
+    was cut short); returns it when removed."""
+    if not ckpt.is_dir() or ckpt.is_symlink():
+        return None
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+        return None
+    except (OSError, ValueError):
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return ckpt
+
+
+def _rerun_advice(out: Path) -> str:
+    """What to rerun after a failed write in ``out``: with ``--resume`` when a checkpoint is left, else
+    without it (a plain rerun is refused while a checkpoint is there, a resume while none is)."""
+    latest = _latest_checkpoint(out) if out.is_dir() else None
+    if latest is not None:
+        return f"rerun with --resume (it continues from {latest.name}; earlier outputs are kept)"
+    return "rerun without --resume (there is no checkpoint to resume from)"
+
+
 def _trim_log(path: Path, step: int) -> None:
     """Keep the lines of ``train_log.jsonl`` up to ``step``, the one training restarts from (a resume drops
     the later, replayed ones); unreadable lines are dropped."""
@@ -716,6 +751,7 @@ def train(config: TrainConfig) -> TrainResult:
     from training.data import Collator, TripletDataset
     from training.manifest import read_manifests
     from training.plot import plot_loss
+    from training.staging import fresh_staging, move_into
 
     cfg = config.resolved()
     if cfg.vision_only:
@@ -735,6 +771,8 @@ def train(config: TrainConfig) -> TrainResult:
             f"--data: the records mix input sizes {sizes} (coordinate_size); build every manifest with the "
             "same --grid"
         )
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder; choose another --out")
     latest = _latest_checkpoint(out) if out.is_dir() else None
     if cfg.resume and latest is None:
         raise UsageError(f"--resume: no checkpoint-* folder in {out}")
@@ -754,7 +792,12 @@ def train(config: TrainConfig) -> TrainResult:
             "stage 1 with --no-stage1-lora trains only the TLM, but no record has anchors (aef): "
             "nothing to learn"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"--out {out}: cannot create the folder ({exc.strerror or exc}); choose another --out"
+        ) from None
     device = _device(cfg.device)
     hf_logging.disable_progress_bar()
     set_seed(cfg.seed)
@@ -853,26 +896,40 @@ def train(config: TrainConfig) -> TrainResult:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # progress goes to the log (JsonlProgress), not raw dicts
+    from fusarbatch.errors import FusarbatchError, disk_full
+
     try:
         result = trainer.train(resume_from_checkpoint=str(latest) if cfg.resume and latest else None)
     except Exception as exc:
-        from fusarbatch.errors import FusarbatchError, disk_full
-
-        full = disk_full(exc, f"a checkpoint in {out}")
-        if full is not None:
-            raise FusarbatchError(full) from None
-        raise
+        if disk_full(exc) is None:
+            raise
+        # the checkpoint being written has no trainer_state.json (the Trainer writes it last): a --resume
+        # would refuse it, so it goes; the message says how to go on from what is left
+        removed = _remove_incomplete_checkpoint(out / f"checkpoint-{trainer.state.global_step}")
+        gone = f" (the incomplete {removed.name} was removed)" if removed is not None else ""
+        full = disk_full(exc, f"a checkpoint in {out}", fix=_rerun_advice(out) + gone)
+        raise FusarbatchError(full) from None
     wall = time.perf_counter() - started
     info["wall_s"] = round(wall, 1)
     info["train_runtime_s"] = round(float(result.metrics.get("train_runtime", 0.0)), 1)
     trainer.train_info = info
-    trainer.save_model(str(out))
+    # written into a staging folder first: --out holds the final model's files only once all are written
+    partial = fresh_staging(out)
     losses = _read_losses(out / LOG_FILE)
-    plot_loss(
-        losses,
-        out / LOSS_PNG,
-        title=f"stage {cfg.stage}: {len(records)} records, {trainer.state.global_step} steps",
-    )
+    try:
+        trainer.save_model(str(partial))
+        plot_loss(
+            losses,
+            partial / LOSS_PNG,
+            title=f"stage {cfg.stage}: {len(records)} records, {trainer.state.global_step} steps",
+        )
+    except Exception as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        full = disk_full(exc, f"the final model in {out}", fix=_rerun_advice(out))
+        if full is not None:
+            raise FusarbatchError(full) from None
+        raise
+    move_into(partial, out)
     final = losses[-1][1] if losses else None
     log.info("stage %d done in %.0f s: %s (final loss %s)", cfg.stage, wall, out, final)
     return TrainResult(

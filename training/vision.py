@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -205,8 +204,11 @@ RESUME_KEYS = (
 
 
 def _check_resume_config(ckpt: Path, cfg: Any, info_file: str, keys: Sequence[str] = RESUME_KEYS) -> None:
+    """:class:`UsageError` unless ``cfg`` repeats the checkpoint's settings ``keys`` and its ``--base-model``
+    and ``--init`` (compared as resolved paths: the frozen weights the checkpoint was trained on)."""
     try:
-        saved = json.loads((ckpt / info_file).read_text(encoding="utf-8"))["config"]
+        info = json.loads((ckpt / info_file).read_text(encoding="utf-8"))
+        saved = info["config"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(
             f"--resume: checkpoint {ckpt} is incomplete ({info_file}: {type(exc).__name__}); delete that "
@@ -218,6 +220,11 @@ def _check_resume_config(ckpt: Path, cfg: Any, info_file: str, keys: Sequence[st
         for k in keys
         if k in saved and saved[k] != now[k]
     ]
+    for flag, key in (("--base-model", "base_model"), ("--init", "init")):
+        given = getattr(cfg, key, None)
+        path = None if given is None else str(Path(given).resolve())
+        if key in info and info[key] != path:
+            differ.append(f"{flag} {path or 'none'} (checkpoint: {info[key] or 'none'})")
     if differ:
         raise UsageError(
             f"--resume from {ckpt}: {'; '.join(differ)}; repeat the checkpoint's settings, or start a new "
@@ -254,6 +261,7 @@ def pretrain_vision(config: Any) -> Any:
     from training.manifest import read_manifests
     from training.objectives import probe_loss, target_loss
     from training.plot import plot_loss
+    from training.staging import fresh_staging, move_into
     from training.train import (
         AUX_MODULES,
         LOG_FILE,
@@ -387,8 +395,11 @@ def pretrain_vision(config: Any) -> Any:
         # written under a temporary name first: a checkpoint appears only once complete (a kill leaves a
         # .partial folder), the final model's files move into --out only once all are written
         final = folder
-        folder = final.with_name(f".{final.name}.partial") if with_state else final / ".model.partial"
-        shutil.rmtree(folder, ignore_errors=True)
+        if with_state:
+            folder = final.with_name(f".{final.name}.partial")
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            folder = fresh_staging(final)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fusar.base_model.save_pretrained(folder)
@@ -415,9 +426,7 @@ def pretrain_vision(config: Any) -> Any:
             shutil.rmtree(final, ignore_errors=True)
             folder.rename(final)
         else:
-            for f in folder.iterdir():
-                os.replace(f, final / f.name)
-            folder.rmdir()
+            move_into(folder, final)
 
     fusar.visual.train()
     t_log = time.perf_counter()

@@ -260,6 +260,9 @@ def test_stage0_usage_errors(generated_base_model, generated_counting_manifest, 
         with pytest.raises(UsageError, match=r"weight 1e\+37: give a number in \[0, 10000\]"):
             train(_config(generated_base_model, data, tmp_path / "b4", stage=0, **{name: 1e37}))
     assert not (tmp_path / "b4").exists()
+    # the value as given, not rounded to "10000" (hostile round 6, D16)
+    with pytest.raises(UsageError, match=r"--position-loss-weight 10000\.001: give a number in \[0, 10000\]"):
+        train(_config(generated_base_model, data, tmp_path / "b4", stage=0, position_loss_weight=10000.001))
     # a 1-layer language model has no layer between its input and its output for the probe (IndexError before)
     from fusarbatch.model import build_tiny_model
 
@@ -340,14 +343,72 @@ def test_final_loss_is_the_last_steps(generated_base_model, generated_counting_m
 def test_aux_loss_scale_keeps_aux_weights_independent_of_grad_accum():
     """Hostile round 5 (B10): with --loss-mean token and --grad-accum N the auxiliary losses weighed N times
     too much (the model's loss is divided over the accumulated batch, the per-batch auxiliary means were
-    not)."""
+    not). ``grad_accum`` is the batches of the current window (hostile round 6, D7)."""
     from training.train import aux_loss_scale
 
     assert aux_loss_scale("token", training=True, grad_accum=4) == 0.25
+    assert aux_loss_scale("token", training=True, grad_accum=2) == 0.5  # an epoch's short last window
     assert aux_loss_scale("token", training=True, grad_accum=1) == 1.0
     assert aux_loss_scale("token", training=False, grad_accum=4) == 1.0  # evaluation is not accumulated
     assert aux_loss_scale("answer", training=True, grad_accum=4) == 1.0  # the Trainer divides this one
     assert aux_loss_scale("token", training=True, grad_accum=0) == 1.0
+    for bad in ("sum", "Token", ""):
+        with pytest.raises(ValueError, match="loss_mean"):
+            aux_loss_scale(bad, training=True, grad_accum=4)
+
+
+def test_aux_losses_weigh_the_same_in_a_short_accumulation_window(
+    generated_base_model, generated_counting_manifest, tmp_path
+):
+    """Hostile round 6 (D7): the auxiliary losses were divided by --grad-accum, not by the batches the window
+    really holds: on 2 records (batch 1) --grad-accum 1000 gave them 1/1000 of their weight, --grad-accum 2
+    1/2. The one step of each run sees the same 2 batches: the same loss and the same weights."""
+    data = generated_counting_manifest(n=2, seed=4)
+    kw = {"stage": 0, "loss_mean": "token", "target_loss_weight": 1.0, "batch_size": 1, "max_steps": 1}
+    for accum in (2, 1000):
+        train(_config(generated_base_model, data, tmp_path / f"accum{accum}", grad_accum=accum, **kw))
+    logs = [(tmp_path / f"accum{a}" / "train_log.jsonl").read_text().splitlines() for a in (2, 1000)]
+    losses = [[row["loss"] for row in map(json.loads, lines) if "loss" in row] for lines in logs]
+    assert len(losses[0]) == 1
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-7)
+    a, b = (load_file(str(tmp_path / f"accum{n}" / "model.safetensors")) for n in (2, 1000))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_out_a_file_and_resume_on_another_base_model_are_usage_errors(
+    generated_base_model, generated_counting_manifest, tmp_path
+):
+    """Hostile round 6: ``--out`` a regular file was a FileExistsError traceback (D10); ``--resume`` with
+    another ``--base-model`` ran on it silently (D11)."""
+    from fusarbatch.model import build_tiny_model
+
+    data = generated_counting_manifest(n=4)
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(UsageError, match=r"--out .*a_file: exists and is not a folder; choose another --out"):
+        train(_config(generated_base_model, data, tmp_path / "a_file"))
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UsageError, match=r"--out .*dangling: cannot create the folder"):
+        train(_config(generated_base_model, data, tmp_path / "dangling"))
+    args = ["train", "--stage", "1", "--data", str(data), "--base-model", str(generated_base_model)]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a_file")])
+    assert isinstance(res.exception, UsageError) and "exists and is not a folder" in str(res.exception)
+
+    out = tmp_path / "s1"
+    kw = {"max_steps": 1, "save_steps": 1, "batch_size": 2}
+    train(_config(generated_base_model, data, out, **kw))
+    other = build_tiny_model(tmp_path / "other_base", seed=1, init_std=0.02, embed_std=0.3)
+    kw |= {"max_steps": 2, "resume": True}
+    with pytest.raises(UsageError) as caught:
+        train(_config(other, data, out, **kw))
+    message = str(caught.value)
+    assert "\n" not in message and "--resume from" in message
+    assert f"--base-model {other.resolve()} (checkpoint: {generated_base_model.resolve()})" in message
+    assert json.loads((out / "fusarbatch_train.json").read_text())["base_model"] == str(
+        generated_base_model.resolve()
+    )
+    assert train(_config(generated_base_model, data, out, **kw)).steps == 2  # the same base model resumes
 
 
 _UNDER_FILE_SIZE_LIMIT = (
@@ -383,9 +444,49 @@ def test_a_full_disk_in_train_and_base_is_one_line(
     last = proc.stderr.strip().splitlines()[-1]
     assert "disk full: file-size limit reached" in last and str(out) in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+    # hostile round 6 (D9): the checkpoint it was writing held only config.json, and a rerun was refused
+    # with or without --resume; it is removed, and the message says what to rerun
+    assert not list(out.glob("checkpoint-*")), sorted(p.name for p in out.iterdir())
+    assert "free space, then rerun without --resume" in last and "checkpoint-1 was removed" in last, last
     base = tmp_path / "base"
     proc = _run_with_a_full_disk("training", "base", "--out", str(base), "--preset", "demo")
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "disk full: file-size limit reached" in last and str(base) in last, proc.stderr[-2000:]
     assert not base.exists() and not list(tmp_path.glob(".base.tmp-*"))
+
+
+def test_a_full_disk_at_the_final_save_or_a_later_checkpoint_says_how_to_go_on(
+    generated_base_model, generated_counting_manifest, tmp_path
+):
+    """Hostile round 6: a full disk while saving the final model was a SafetensorError traceback that left
+    --out with config.json and no weights (D8); one at a checkpoint after an earlier one left the incomplete
+    folder, which made --resume refuse to run (D9)."""
+    data = generated_counting_manifest(n=4, size=56, seed=3)
+    common = ["--stage", "0", "--data", str(data), "--base-model", str(generated_base_model)]
+    common += ["--batch-size", "2", "--grad-accum", "1"]
+    out = tmp_path / "final"
+    proc = _run_with_a_full_disk(
+        "fusarbatch.cli", "train", *common, "--out", str(out), "--max-steps", "1", "--save-steps", "0"
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "disk full: file-size limit reached" in last and f"the final model in {out}" in last, last
+    assert "then rerun without --resume" in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["train_log.jsonl"]  # no half model, no staging folder
+
+    out = tmp_path / "resumed"
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", *common, "--out", str(out), "--max-steps", "1", "--save-steps", "1"])
+    assert res.exit_code == 0, res.output
+    again = ["train", *common, "--out", str(out), "--max-steps", "2", "--save-steps", "1", "--resume"]
+    proc = _run_with_a_full_disk("fusarbatch.cli", *again)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"a checkpoint in {out}" in last and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "then rerun with --resume (it continues from checkpoint-1" in last, last
+    assert "the incomplete checkpoint-2 was removed" in last, last
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    res = runner.invoke(app, again)  # what the message says, with space again
+    assert res.exit_code == 0, res.output
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file() and (out / "model.safetensors").is_file()

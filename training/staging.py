@@ -1,0 +1,32 @@
+"""Outputs that appear only once complete: files are written into a staging folder inside the output folder,
+then moved in (``os.replace``, one rename per file on the same file system). A failed or killed save leaves
+the staging folder, never a model with some of its files; the next save removes it first."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+PARTIAL_MODEL_DIR = ".model.partial"
+"""The staging folder, inside the output folder, of a final model's files."""
+
+
+def fresh_staging(final: Path, name: str = PARTIAL_MODEL_DIR) -> Path:
+    """``final / name``, emptied (a killed save's leftovers removed): where to write before
+    :func:`move_into`."""
+    partial = final / name
+    shutil.rmtree(partial, ignore_errors=True)
+    return partial
+
+
+def move_into(partial: Path, final: Path) -> None:
+    """Move every entry of the complete staging folder ``partial`` into ``final`` (replacing the same-named
+    ones: a folder is removed first, ``os.replace`` does not replace a non-empty one), then remove
+    ``partial``."""
+    for entry in sorted(partial.iterdir()):
+        dest = final / entry.name
+        if entry.is_dir() and dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(entry, dest)
+    partial.rmdir()
