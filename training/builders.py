@@ -257,14 +257,11 @@ def scan_voc(
         ann_dir = img_dir = r
     pairs: dict[str, tuple[Path, Path]] = {}
     for xml in sorted(ann_dir.glob("*.xml")):
-        img = next(
-            (
-                img_dir / f"{xml.stem}{ext}"
-                for ext in (".jpg", ".jpeg", ".png", ".tif")
-                if (img_dir / f"{xml.stem}{ext}").is_file()
-            ),
-            None,
-        )
+        candidates = [img_dir / f"{xml.stem}{ext}" for ext in (".jpg", ".jpeg", ".png", ".tif")]
+        for c in candidates:
+            if c.exists() and not c.is_file():  # a FIFO would hang the reader; a folder is not an image
+                check_regular(c, "chip image", UsageError, "remove it or replace it with the image file")
+        img = next((c for c in candidates if c.is_file()), None)
         if img is None:
             log.warning("VOC %s: no image for %s, skipped", r, xml.name)
             continue
@@ -277,10 +274,11 @@ def scan_voc(
         # the first in the order train, val, test, then the others by name (trainval never hides val)
         files = sorted(base.glob("*.txt"), key=lambda f: (_SPLIT_ORDER.get(f.stem, 9), f.stem))
         for f in files:
-            if not f.is_file() or not f.stem:  # a FIFO or a folder named like a split file; ".txt"
+            if f.is_dir() or not f.stem:  # a folder named like a split file; ".txt"
                 continue
             try:
-                text = f.read_text(encoding="utf-8")
+                # a FIFO would hang, a device never end: one line instead of a split silently missing
+                text = read_capped(f, "split file", UsageError, 64 << 20, "give ids, one per line").decode()
             except (OSError, UnicodeDecodeError) as exc:
                 raise UsageError(
                     f"split file {f}: unreadable ({type(exc).__name__}); give ids, one per line"
@@ -749,14 +747,22 @@ def _prepare_out(dst: Path) -> None:
     except OSError as exc:
         raise _write_error(exc, dst) from None
     for stale in dst.glob(".*.partial-*"):
-        m = re.search(r"\.partial-(\d+)", stale.name)
-        if m is None or _alive(int(m.group(1))):
+        # only this builder's own names (a user's .photos.partial-2023 stays)
+        m = _STAGING_NAME.fullmatch(stale.name)
+        if m is None or _alive(int(m.group(1) or m.group(2))):
             continue
         log.info("removing %s, left by a build that did not finish", stale)
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
+
+
+_STAGING_NAME = re.compile(
+    r"\.build\.partial-(\d+)-\w+|\.(?:stage[12]_[^/]+\.jsonl|README\.md)\.partial-(\d+)"
+)
+"""The staging names of :func:`build_dataset`: ``.build.partial-PID-*``, ``.stage1_x.jsonl.partial-PID``,
+``.README.md.partial-PID``."""
 
 
 def _alive(pid: int) -> bool:

@@ -38,8 +38,10 @@ for v in LR0D LR1 LR2; do
   [[ ${!v} =~ ^([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][-+]?[0-9]+)?$ ]] && awk -v x="${!v}" 'BEGIN { exit !(x > 0 && x < 1) }' \
     || die "$v=${!v}: give a learning rate in (0, 1), e.g. 2e-4"
 done
-[[ $GRID =~ ^[1-9][0-9]*$ ]] && (( GRID % 28 == 0 && GRID <= 8176 )) || die "GRID=$GRID: give a multiple of 28, e.g. 336"
-[ -d "$DATA" ] || die "DATA=$DATA: no such folder; give the folder that holds ssdd/, mstar_soc10/ and mstar_composite_detection/"
+[[ $GRID =~ ^[1-9][0-9]{0,3}$ ]] && (( GRID % 28 == 0 && GRID <= 8176 )) || die "GRID=$GRID: give a multiple of 28, e.g. 336"
+for d in ssdd mstar_soc10 mstar_composite_detection; do
+  [ -d "$DATA/$d" ] || die "DATA=$DATA: no $d/ in it; give the folder that holds ssdd/, mstar_soc10/ and mstar_composite_detection/"
+done
 [ -x "$BIN/fusarbatch" ] || die "BIN=$BIN: no fusarbatch there; run 'make venv' first or set BIN"
 
 any() {  # any PATH...: whether one of the paths (a glob's expansion, or the pattern itself when none) exists
@@ -61,14 +63,21 @@ step() {  # step NAME COMMAND...: run, log, record the wall time
 
 train() {  # train NAME fusarbatch-train-args...: skipped when done, resumed when interrupted
   local name=$1; shift
-  local out="$WORK/$name" base="" prev="" a
-  for a in "$@"; do [ "$prev" = --base-model ] && base=$a; prev=$a; done
+  local out="$WORK/$name" base="" init="" prev="" a
+  for a in "$@"; do
+    [ "$prev" = --base-model ] && base=$a
+    [ "$prev" = --init ] && init=$a
+    prev=$a
+  done
   if [ -f "$out/fusarbatch_train.json" ] && grep -q '"wall_s"' "$out/fusarbatch_train.json"; then
-    # done only if it was trained on this base, and after it (else its results would mix two lineages)
-    if ! "$BIN/python" -c 'import json, os, sys; r = json.load(open(sys.argv[1])).get("base_model") or ""
-sys.exit(os.path.realpath(r) != os.path.realpath(sys.argv[2]))' "$out/fusarbatch_train.json" "$base" \
-       || [ "$base/fusarbatch_train.json" -nt "$out/fusarbatch_train.json" ]; then
-      die "$name: $out was trained on another or an older $base; remove $out and run again"
+    # done only if it was trained on this base (and --init), and after them (else results mix two lineages)
+    if ! "$BIN/python" -c 'import json, os, sys; r = json.load(open(sys.argv[1]))
+same = lambda k, v: os.path.realpath(r.get(k) or "") == os.path.realpath(v) if v else not r.get(k)
+sys.exit(not (same("base_model", sys.argv[2]) and same("init", sys.argv[3])))' \
+         "$out/fusarbatch_train.json" "$base" "$init" \
+       || [ "$base/fusarbatch_train.json" -nt "$out/fusarbatch_train.json" ] \
+       || { [ -n "$init" ] && [ "$init/fusarbatch_train.json" -nt "$out/fusarbatch_train.json" ]; }; then
+      die "$name: $out was trained on another or an older $base${init:+ / $init}; remove $out and run again"
     fi
     echo "$name: done already ($out)"; return
   fi

@@ -20,11 +20,28 @@ def fresh_staging(final: Path, name: str = PARTIAL_MODEL_DIR) -> Path:
     return partial
 
 
-def move_into(partial: Path, final: Path) -> None:
+def move_into(partial: Path, final: Path, last: str = "fusarbatch_train.json") -> None:
     """Move every entry of the complete staging folder ``partial`` into ``final`` (replacing the same-named
     ones: a folder is removed first, ``os.replace`` does not replace a non-empty one), then remove
-    ``partial``."""
-    for entry in sorted(partial.iterdir()):
+    ``partial``. Every destination is checked before the first move, and ``last`` (the file that marks a run
+    done) moves last, so that a failure leaves no model that looks complete.
+
+    :raises FusarbatchError: a folder stands where a file goes (or a file where a folder goes); nothing moved.
+    """
+    from fusarbatch.errors import FusarbatchError
+
+    entries = sorted(partial.iterdir(), key=lambda e: (e.name == last, e.name))
+    for entry in entries:
+        dest = final / entry.name
+        if dest.is_symlink() or not dest.exists():
+            continue
+        if entry.is_dir() != dest.is_dir():
+            kind = "a folder" if dest.is_dir() else "a file"
+            raise FusarbatchError(
+                f"{dest}: {kind} in the way of the model's {entry.name}; remove it, then rerun (the finished "
+                f"model waits in {partial})"
+            )
+    for entry in entries:
         dest = final / entry.name
         if entry.is_dir() and dest.is_dir() and not dest.is_symlink():
             shutil.rmtree(dest)

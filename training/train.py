@@ -773,6 +773,12 @@ def train(config: TrainConfig) -> TrainResult:
         )
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder; choose another --out")
+    if out.is_dir():
+        for p in out.glob("checkpoint-*"):
+            if not p.is_dir():  # the Trainer would fail to save its checkpoint there, steps into the run
+                raise UsageError(
+                    f"--out {out}: {p.name} is not a checkpoint folder; remove it or choose another --out"
+                )
     latest = _latest_checkpoint(out) if out.is_dir() else None
     if cfg.resume and latest is None:
         raise UsageError(f"--resume: no checkpoint-* folder in {out}")

@@ -391,3 +391,22 @@ def test_fifos_in_class_folders_and_class_maps_are_one_line_errors(tmp_path):
         build_dataset(root, tmp_path / "out2", class_map=tmp_path / "classes.fifo")
     with pytest.raises(UsageError, match=r"class map /dev/zero: .*not a regular file"):
         build_dataset(root, tmp_path / "out3", class_map="/dev/zero")
+
+
+def test_a_users_partial_named_files_stay_and_fifo_split_files_fail(generated_voc, tmp_path):
+    """Hostile round 7: the stale-staging sweep removed any ``.*.partial-<number>`` (a user's
+    ``.photos.partial-2023``); a FIFO split file silently dropped its split."""
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".photos.partial-2023").mkdir()
+    (out / ".photos.partial-2023" / "p.jpg").write_text("precious")
+    (out / ".notes.partial-2024").write_text("mine")
+    build_dataset(generated_voc, out, tasks=("counting",), grid=56)
+    assert (out / ".photos.partial-2023" / "p.jpg").read_text() == "precious"
+    assert (out / ".notes.partial-2024").read_text() == "mine"
+    (generated_voc / "ImageSets" / "val.txt").unlink()
+    os.mkfifo(generated_voc / "ImageSets" / "val.txt")
+    with pytest.raises(UsageError, match=r"val\.txt: a FIFO \(named pipe\), not a regular file"):
+        build_dataset(generated_voc, tmp_path / "out2", tasks=("counting",), grid=56)

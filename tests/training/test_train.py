@@ -490,3 +490,19 @@ def test_a_full_disk_at_the_final_save_or_a_later_checkpoint_says_how_to_go_on(
     res = runner.invoke(app, again)  # what the message says, with space again
     assert res.exit_code == 0, res.output
     assert (out / "checkpoint-2" / "trainer_state.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_a_file_named_like_a_checkpoint_is_a_usage_error(
+    generated_base_model, generated_counting_manifest, tmp_path
+):
+    """Hostile round 7: a file ``checkpoint-1`` in --out made the Trainer fail with a traceback at its first
+    save, steps into the run."""
+    from fusarbatch.errors import UsageError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint-1").write_text("junk")
+    data = generated_counting_manifest(n=4, size=56, seed=2)
+    cfg = TrainConfig(stage=0, data=[data], base_model=generated_base_model, out=out, max_steps=1)
+    with pytest.raises(UsageError, match=r"checkpoint-1 is not a checkpoint folder; remove it"):
+        train(cfg)
