@@ -34,8 +34,21 @@ def _det(boxes, label):
     return json.dumps([{"bbox_2d": list(b), "label": label} for b in boxes]) if boxes else "None"
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Bit-identical scores for identical answers in one batch: with several OpenMP threads the two rows'
+    reductions may split differently (scores differed in the 10th digit with OMP_NUM_THREADS unset), and
+    equal scores are what this test's tie semantics need."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_model_answers_on_its_grid_and_is_scored_under_the_label_asked(
-    tmp_path, generated_fixed_answer_model
+    tmp_path, generated_fixed_answer_model, one_torch_thread
 ):
     """The 336-grid model answers its two boxes (labelled "ship") to records on a 504 grid asking for
     "vessel" (meta label). Scored under the label asked and scaled 336 -> 504, record 1 is two true
