@@ -115,24 +115,13 @@ BASE_INFO_FILE = "fusarbatch_base.json"
 """What ``base`` writes beside the model: an ``--out`` holding it may be replaced by a new ``base``."""
 
 
-def _process_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (one of another user's counts: signal 0 is then refused)."""
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return pid > 0
-    return True
-
-
 def _remove_stale_builds(target: Path) -> None:
     """Remove the ``.NAME.tmp-PID`` (and ``.NAME.tmp-PID-old``) folders next to ``target`` left by a ``base``
     that was killed: those whose process is gone, and this process's own; a live build's stay."""
     import os
     import re
+
+    from training.staging import process_alive
 
     pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-(\d+)(-old)?")
     try:
@@ -144,7 +133,7 @@ def _remove_stale_builds(target: Path) -> None:
         if found is None or entry.is_symlink() or not entry.is_dir():
             continue
         pid = int(found.group(1))
-        if pid == os.getpid() or not _process_alive(pid):
+        if pid == os.getpid() or not process_alive(pid):
             shutil.rmtree(entry, ignore_errors=True)
 
 

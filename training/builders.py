@@ -79,6 +79,7 @@ from fusarbatch.model.prompts import (
 from fusarbatch.model.tiny import MSTAR_KINDS as _MSTAR_KINDS
 from fusarbatch.render import render
 from training.manifest import Triplet, write_manifest
+from training.staging import process_alive
 
 __all__ = [
     "CELL_NAMES",
@@ -749,7 +750,7 @@ def _prepare_out(dst: Path) -> None:
     for stale in dst.glob(".*.partial-*"):
         # only this builder's own names (a user's .photos.partial-2023 stays)
         m = _STAGING_NAME.fullmatch(stale.name)
-        if m is None or _alive(int(m.group(1) or m.group(2))):
+        if m is None or process_alive(int(m.group(1) or m.group(2))):
             continue
         log.info("removing %s, left by a build that did not finish", stale)
         if stale.is_dir() and not stale.is_symlink():
@@ -763,17 +764,6 @@ _STAGING_NAME = re.compile(
 )
 """The staging names of :func:`build_dataset`: ``.build.partial-PID-*``, ``.stage1_x.jsonl.partial-PID``,
 ``.README.md.partial-PID``."""
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (a PID that cannot be signalled for lack of rights exists)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
 
 
 def _check_targets(targets: Sequence[Path], images_dir: Path) -> None:

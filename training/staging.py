@@ -12,6 +12,19 @@ PARTIAL_MODEL_DIR = ".model.partial"
 """The staging folder, inside the output folder, of a final model's files."""
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists, so that its staging is not stale (a PID that cannot be signalled for
+    lack of rights exists; 0 or a PID too large for ``kill`` counts as alive: nothing is removed on a
+    guess)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
 def fresh_staging(final: Path, name: str = PARTIAL_MODEL_DIR) -> Path:
     """``final / name``, emptied (a killed save's leftovers removed): where to write before
     :func:`move_into`."""
