@@ -25,6 +25,21 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def make_out_dir(out: Path) -> None:
+    """Create the output folder ``out`` (and its parents).
+
+    :raises UsageError: it cannot be created (a file or a dangling link in the way, no permission): one line.
+    """
+    from fusarbatch.errors import UsageError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"--out {out}: cannot create the folder ({exc.strerror or exc}); choose another --out"
+        ) from None
+
+
 def fresh_staging(final: Path, name: str = PARTIAL_MODEL_DIR) -> Path:
     """``final / name``, emptied (a killed save's leftovers removed): where to write before
     :func:`move_into`."""

@@ -751,7 +751,7 @@ def train(config: TrainConfig) -> TrainResult:
     from training.data import Collator, TripletDataset
     from training.manifest import read_manifests
     from training.plot import plot_loss
-    from training.staging import fresh_staging, move_into
+    from training.staging import fresh_staging, make_out_dir, move_into
 
     cfg = config.resolved()
     if cfg.vision_only:
@@ -798,12 +798,7 @@ def train(config: TrainConfig) -> TrainResult:
             "stage 1 with --no-stage1-lora trains only the TLM, but no record has anchors (aef): "
             "nothing to learn"
         )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(
-            f"--out {out}: cannot create the folder ({exc.strerror or exc}); choose another --out"
-        ) from None
+    make_out_dir(out)
     device = _device(cfg.device)
     hf_logging.disable_progress_bar()
     set_seed(cfg.seed)

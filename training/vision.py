@@ -261,7 +261,7 @@ def pretrain_vision(config: Any) -> Any:
     from training.manifest import read_manifests
     from training.objectives import probe_loss, target_loss
     from training.plot import plot_loss
-    from training.staging import fresh_staging, move_into
+    from training.staging import fresh_staging, make_out_dir, move_into
     from training.train import (
         AUX_MODULES,
         LOG_FILE,
@@ -312,12 +312,7 @@ def pretrain_vision(config: Any) -> Any:
     n_trainable = sum(p.numel() for p in fusar.visual.parameters())
     _check_grid(grid, fusar.processor.image_processor)
     check_patchify(load_image(images[0].path, grid), fusar.processor)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(
-            f"--out {out}: cannot create the folder ({exc.strerror}); choose another --out"
-        ) from None
+    make_out_dir(out)
     merge = int(fusar.visual.spatial_merge_size)
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
     total = int(cfg.max_steps or math.ceil(float(cfg.epochs or 1.0) * steps_per_epoch))
@@ -395,11 +390,7 @@ def pretrain_vision(config: Any) -> Any:
         # written under a temporary name first: a checkpoint appears only once complete (a kill leaves a
         # .partial folder), the final model's files move into --out only once all are written
         final = folder
-        if with_state:
-            folder = final.with_name(f".{final.name}.partial")
-            shutil.rmtree(folder, ignore_errors=True)
-        else:
-            folder = fresh_staging(final)
+        folder = fresh_staging(final.parent, f".{final.name}.partial") if with_state else fresh_staging(final)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fusar.base_model.save_pretrained(folder)
